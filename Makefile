@@ -1,0 +1,34 @@
+# make install: create .venv/ and install everything (torch, VISSL with modern deps, this package).
+# make demo:    install if needed, then run the embedded digits demo (DATA=path for your own folder).
+# make test:    install if needed, then run the test suite.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo_output
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt setuptools wheel
+	$(PIP) install -c constraints.txt torch torchvision
+	# VISSL 0.1.6 then ClassyVision 0.7.0 (which replaces the copy inside the VISSL wheel),
+	# without their 2021 pins; their modern needs come from setup.py below.
+	$(PIP) install --no-deps -c constraints.txt vissl==0.1.6
+	$(PIP) install --no-deps -c constraints.txt classy_vision==0.7.0
+	$(PIP) install -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m convit_ssl.cli demo --out $(DEMO_OUT) $(if $(DATA),--data $(DATA))
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info

@@ -1,0 +1,50 @@
+"""Relative geometry of a patch grid, as GPSA consumes it.
+
+For a grid of H rows and W columns, patches are numbered row-major
+(n = y * W + x). `relative_offsets` returns r with shape (N, N, 3), N = H * W,
+where r[i, j] = [dx, dy, dx^2 + dy^2] and (dx, dy) = (x_j - x_i, y_j - y_i),
+the offset of key j from query i in patches. This is the order and sign used
+by the official ConViT code and timm (whose version handles square grids only).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+
+
+def grid_coordinates(grid: Tuple[int, int]) -> torch.Tensor:
+    """(N, 2) float32 tensor of the (x, y) coordinates of each patch, row-major."""
+    height, width = grid
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32),
+        torch.arange(width, dtype=torch.float32),
+        indexing="ij",
+    )
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+
+
+def _relative_offsets(grid: Tuple[int, int]) -> torch.Tensor:
+    coords = grid_coordinates(grid)
+    delta = coords[None, :, :] - coords[:, None, :]  # (N, N, 2): key minus query
+    return torch.cat([delta, delta.pow(2).sum(-1, keepdim=True)], dim=-1)
+
+
+@lru_cache(maxsize=64)
+def relative_offsets(
+    grid: Tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Cached (N, N, 3) relative encoding of `grid` on `device` in `dtype`.
+
+    Built outside inference mode so that the cached tensor can also serve
+    training forwards (an inference tensor cannot be saved for backward).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        return _relative_offsets(tuple(grid)).to(device=device, dtype=dtype)
+
+
+def pairwise_distances(grid: Tuple[int, int]) -> torch.Tensor:
+    """(N, N) Euclidean distance between patches, in patches (float32)."""
+    return _relative_offsets(grid)[..., 2].sqrt()

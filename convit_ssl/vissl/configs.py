@@ -1,0 +1,45 @@
+"""Finding and composing convit_ssl's VISSL configs.
+
+VISSL's Hydra plugin searches `file://configs` (relative to the current
+directory) and `pkg://configs` (VISSL's own tree). convit_ssl adds its own
+tree to the search path explicitly, so `config=NAME` works from any working
+directory, from a source checkout (repo/configs) or a regular install
+(site-packages/convit_ssl/configs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence, Tuple
+
+# A file that exists only in convit_ssl's config tree, to tell it apart from
+# VISSL's top-level `configs` package that sits beside ours in site-packages.
+MARKER = Path("config") / "convit_ssl" / "README.md"
+
+
+def config_root() -> Path:
+    """The directory that holds convit_ssl's `config/` tree."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "configs", package.parent / "configs"):
+        if (candidate / MARKER).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"convit_ssl's configs were not found in {package / 'configs'} (installed) "
+        f"or {package.parent / 'configs'} (source checkout); reinstall the package"
+    )
+
+
+def compose(overrides: Sequence[str]) -> Tuple[Any, Any]:
+    """Compose VISSL's defaults with `overrides` (e.g. ``config=NAME``, ``config.X=Y``)
+    and return VISSL's (args, config) AttrDicts, without writing anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from vissl.utils.hydra_config import convert_to_attrdict
+
+    overrides = list(overrides)
+    if not any(o.split("=", 1)[0] == "config" for o in overrides):
+        raise ValueError("no config given: pass config=NAME (for example config=test/convit_ssl/supervised_micro_synthetic)")
+    searchpath = f"hydra.searchpath=[file://{config_root()}]"
+    with initialize_config_module(config_module="vissl.config", version_base="1.3"):
+        cfg = hydra_compose("defaults", overrides=[searchpath, *overrides])
+    return convert_to_attrdict(cfg, dump_config=False)

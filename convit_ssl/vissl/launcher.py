@@ -1,0 +1,89 @@
+"""`run(overrides)`: VISSL's tools/run_distributed_engines.py, with convit_ssl's
+configs on the search path and its checks before any process is spawned.
+
+VISSL spawns one process per rank; each re-imports `__main__`, and every
+entry point imports `convit_ssl` at top level, so the compat shims and the
+trunk registration exist in every rank. SLURM jobs are submitted as a
+`ConViTSlurmJob`, a subclass of VISSL's job whose unpickling imports
+convit_ssl on the compute nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
+from vissl.utils.hydra_config import save_attrdict_to_disk
+
+from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.validate import validate
+
+
+class ConViTSlurmJob(_ResumableSlurmJob):
+    """VISSL's resumable SLURM job, pickled by reference to this module."""
+
+    def checkpoint(self):  # requeue as the same class
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(ConViTSlurmJob(engine_name=self.engine_name, config=self.config))
+
+
+def launch_on_slurm(config: Any, engine_name: str):
+    """Submit with submitit exactly as VISSL's `launch_distributed_on_slurm`, with
+    every `config.SLURM` setting passed through."""
+    import submitit
+    from vissl.utils.io import makedir
+
+    slurm = config.SLURM
+    if not slurm.PARTITION:
+        raise ValueError("config.SLURM.PARTITION must be set when config.SLURM.USE_SLURM=true")
+    makedir(slurm.LOG_FOLDER)
+    executor = submitit.AutoExecutor(folder=slurm.LOG_FOLDER)
+    executor.update_parameters(
+        name=slurm.NAME,
+        slurm_comment=slurm.COMMENT,
+        slurm_partition=slurm.PARTITION,
+        slurm_constraint=slurm.CONSTRAINT,
+        timeout_min=slurm.TIME_HOURS * 60 + slurm.TIME_MINUTES,
+        nodes=config.DISTRIBUTED.NUM_NODES,
+        cpus_per_task=slurm.NUM_CPU_PER_PROC * config.DISTRIBUTED.NUM_PROC_PER_NODE,
+        tasks_per_node=1,
+        gpus_per_node=config.DISTRIBUTED.NUM_PROC_PER_NODE,
+        mem_gb=slurm.MEM_GB,
+        slurm_additional_parameters=slurm.ADDITIONAL_PARAMETERS,
+    )
+    job = executor.submit(ConViTSlurmJob(engine_name=engine_name, config=config))
+    print(f"SUBMITTED: {job.job_id}")
+    return job
+
+
+def save_config(config: Any) -> None:
+    """Write train_config.yaml as VISSL does. VISSL saves before it turns
+    FSDP's compute_dtype into a torch dtype, which YAML cannot represent; we
+    validate first, so the string is restored for the dump."""
+    import torch
+
+    fsdp = config.MODEL.FSDP_CONFIG
+    dtype = fsdp["compute_dtype"]
+    fsdp["compute_dtype"] = "float32" if dtype == torch.float32 else "float16"
+    try:
+        save_attrdict_to_disk(config)
+    finally:
+        fsdp["compute_dtype"] = dtype
+
+
+def run(overrides: Sequence[str]) -> None:
+    """Compose, validate, save train_config.yaml, then launch locally or on SLURM."""
+    from vissl.hooks import default_hook_generator
+
+    args, config = compose(overrides)
+    validate(config)
+    save_config(config)
+    if config.SLURM.USE_SLURM:
+        launch_on_slurm(config, args.engine_name)
+    else:
+        logging.getLogger(__name__).info("launching %s", args.engine_name)
+        launch_distributed(
+            cfg=config, node_id=args.node_id, engine_name=args.engine_name, hook_generator=default_hook_generator
+        )

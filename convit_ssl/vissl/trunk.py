@@ -1,0 +1,145 @@
+"""The VISSL trunk: `MODEL.TRUNK.NAME: convit_ssl`, configured by `MODEL.TRUNK.CONVIT_SSL`.
+
+VISSL already registers a trunk named `convit` (class `ConViT`), so ours is
+registered as `convit_ssl` with class name `ConViTSSLTrunk`. The trunk *is*
+the pure-PyTorch ConViT (features only, no classifier), so its state-dict keys
+are timm's ConViT keys; VISSL heads do the classification.
+
+Config block (upper case, each key optional except ARCH; null = the arch default):
+
+    MODEL.TRUNK.CONVIT_SSL:
+      ARCH: convit_tiny            # see convit_ssl.models.list_models()
+      IMAGE_SIZE: 224              # int or [height, width]: the position-embedding grid
+      PATCH_SIZE: 16
+      IN_CHANS: 3
+      WIDTH: null                  # total width; or HEAD_DIM (channels per head)
+      HEAD_DIM: null
+      DEPTH: null
+      NUM_HEADS: null
+      NUM_GPSA_LAYERS: null
+      MLP_RATIO: null
+      QKV_BIAS: null
+      POS_DROP_RATE: null
+      PROJ_DROP_RATE: null
+      ATTN_DROP_RATE: null
+      DROP_PATH_RATE: null
+      LOCALITY_STRENGTH: null
+      USE_POS_EMBED: null
+      NORM_EPS: null
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from convit_ssl.models import ConViT, model_kwargs
+
+TRUNK_NAME = "convit_ssl"
+CONFIG_BLOCK = "CONVIT_SSL"
+
+# config key -> (create_model argument, accepted types)
+_NUMBER = (int, float)
+CONFIG_KEYS: Dict[str, tuple] = {
+    "IMAGE_SIZE": ("img_size", (int, list, tuple)),
+    "PATCH_SIZE": ("patch_size", (int,)),
+    "IN_CHANS": ("in_chans", (int,)),
+    "WIDTH": ("width", (int,)),
+    "HEAD_DIM": ("head_dim", (int,)),
+    "DEPTH": ("depth", (int,)),
+    "NUM_HEADS": ("num_heads", (int,)),
+    "NUM_GPSA_LAYERS": ("num_gpsa_layers", (int,)),
+    "MLP_RATIO": ("mlp_ratio", _NUMBER),
+    "QKV_BIAS": ("qkv_bias", (bool,)),
+    "POS_DROP_RATE": ("pos_drop_rate", _NUMBER),
+    "PROJ_DROP_RATE": ("proj_drop_rate", _NUMBER),
+    "ATTN_DROP_RATE": ("attn_drop_rate", _NUMBER),
+    "DROP_PATH_RATE": ("drop_path_rate", _NUMBER),
+    "LOCALITY_STRENGTH": ("locality_strength", _NUMBER),
+    "USE_POS_EMBED": ("use_pos_embed", (bool,)),
+    "NORM_EPS": ("norm_eps", _NUMBER),
+}
+
+
+def trunk_kwargs(block: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Map a `MODEL.TRUNK.CONVIT_SSL` block to `ConViT` keyword arguments.
+
+    Raises ValueError naming an unknown key or a value of the wrong type, and
+    KeyError for an unknown ARCH; the model's own checks (width divisible by
+    heads, image size divisible by patch size, ...) run in `validate_trunk_config`.
+    """
+    where = f"MODEL.TRUNK.{CONFIG_BLOCK}"
+    if not block:
+        raise ValueError(f"{where} is missing: set at least {where}.ARCH (one of the convit_ssl architectures)")
+    block = dict(block)
+    unknown = sorted(set(block) - set(CONFIG_KEYS) - {"ARCH"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: ARCH, {', '.join(CONFIG_KEYS)}")
+    arch = block.get("ARCH")
+    if not arch:
+        raise ValueError(f"{where}.ARCH is not set")
+    overrides: Dict[str, Any] = {"num_classes": 0}
+    for key, value in block.items():
+        if key == "ARCH" or value is None:
+            continue
+        name, types = CONFIG_KEYS[key]
+        bad_bool = isinstance(value, bool) and bool not in types
+        if not isinstance(value, types) or bad_bool:
+            raise ValueError(f"{where}.{key} = {value!r} has type {type(value).__name__}; expected {_type_names(types)}")
+        if name == "img_size" and isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) for v in value):
+                raise ValueError(f"{where}.IMAGE_SIZE = {value!r}; expected an int or [height, width]")
+            value = tuple(value)
+        overrides[name] = value
+    try:
+        return model_kwargs(arch, **overrides)
+    except KeyError as e:
+        raise KeyError(f"{where}.ARCH: {e.args[0]}") from e
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def _type_names(types: tuple) -> str:
+    return " or ".join({"int": "int", "float": "float", "bool": "bool", "list": "[h, w]", "tuple": "[h, w]"}[t.__name__] for t in types)
+
+
+def validate_trunk_config(model_config: Mapping[str, Any]) -> ConViT:
+    """Build the trunk on the meta device to run every config check without
+    allocating weights; raises ValueError/KeyError naming the problem."""
+    kwargs = trunk_kwargs(model_config["TRUNK"].get(CONFIG_BLOCK))
+    try:
+        with torch.device("meta"):
+            return ConViT(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"MODEL.TRUNK.{CONFIG_BLOCK}: {e}") from e
+
+
+class ConViTSSLTrunk(ConViT):
+    """ConViT as a VISSL trunk: `forward(x, out_feat_keys) -> List[Tensor]`.
+
+    Without feature names it returns ``[lastCLS]`` (B, width); with names it
+    returns those features in order (see `ConViT.forward_features`).
+    """
+
+    def __init__(self, model_config: Mapping[str, Any], model_name: str) -> None:
+        kwargs = trunk_kwargs(model_config["TRUNK"].get(CONFIG_BLOCK))
+        try:
+            super().__init__(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"MODEL.TRUNK.{CONFIG_BLOCK}: {e}") from e
+        self.model_name = model_name
+
+    def forward(self, x: torch.Tensor, out_feat_keys: Optional[List[str]] = None) -> List[torch.Tensor]:  # type: ignore[override]
+        if not out_feat_keys:
+            return [self.forward_tokens(x)[:, 0]]
+        return self.forward_features(x, out_feat_keys)
+
+
+def register() -> None:
+    """Register the trunk with VISSL (idempotent)."""
+    from vissl.models.trunks import MODEL_TRUNKS_REGISTRY, register_model_trunk
+
+    if MODEL_TRUNKS_REGISTRY.get(TRUNK_NAME) is ConViTSSLTrunk:
+        return
+    register_model_trunk(TRUNK_NAME)(ConViTSSLTrunk)
