@@ -11,7 +11,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
-CONFIG_FILES = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml"))
+CONFIG_FILES = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*") if p.suffix in (".yaml", ".md"))
 
 setup(
     name="convit_ssl",

@@ -1,0 +1,47 @@
+"""The `convit-ssl` command.
+
+    convit-ssl run config=NAME [hydra overrides]    # = tools/run_distributed_engines.py
+    convit-ssl demo [--out DIR] [--data DIR]         # the embedded demo (make demo)
+    convit-ssl models                                # list architectures
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import convit_ssl  # noqa: F401  (compat shims + trunk registration; ranks re-import __main__)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        # Hydra overrides pass through untouched (argparse would mangle `config=...`).
+        from convit_ssl.vissl.launcher import run
+
+        run(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(prog="convit-ssl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run a VISSL config: convit-ssl run config=NAME [overrides]")
+    demo = sub.add_parser("demo", help="supervised training, linear probe and fine-tune on an image folder")
+    demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
+    demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
+    sub.add_parser("models", help="list the architectures create_model accepts")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from convit_ssl.demo import run_demo
+
+        run_demo(args.out, args.data, args.epochs)
+    elif args.command == "models":
+        from convit_ssl.models import ARCHITECTURES
+
+        for name, spec in ARCHITECTURES.items():
+            print(f"{name:<18} " + " ".join(f"{k}={v}" for k, v in spec.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

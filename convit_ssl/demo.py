@@ -1,0 +1,122 @@
+"""`make demo` / `convit-ssl demo`: supervised training, a linear probe on the
+frozen trunk, and a fine-tune, each a real VISSL run on CPU.
+
+With no data it exports scikit-learn's bundled handwritten digits to an image
+folder; with `--data DIR` (holding `train/<class>/*` and `val/<class>/*`) it
+runs on the user's own images. Each stage runs in its own process (VISSL
+initialises a process group per run), with its progress lines echoed and its
+full log in `<out>/<stage>/log.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+STAGES = ("supervised", "linear", "finetune")
+_PROGRESS = re.compile(r"\[ep: (\d+)\] iter: (\d+);.*?loss: ([\d.]+)")
+_METER = re.compile(r"name: (train|test)_accuracy_list_meter, value: (.*)$")
+
+
+def _class_count(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_dir())
+
+
+def _data_overrides(train: Path, val: Path) -> List[str]:
+    return [
+        f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
+        f"config.DATA.TEST.DATA_PATHS=[{val}]", f"config.DATA.TEST.LABEL_PATHS=[{val}]",
+    ]
+
+
+def final_accuracies(checkpoint_dir: Path) -> Dict[str, List[float]]:
+    """Last train/test top-1 accuracies (one per head) from VISSL's metrics.json."""
+    result: Dict[str, List[float]] = {}
+    with open(checkpoint_dir / "metrics.json") as f:
+        for line in f:
+            record = json.loads(line)
+            for split in ("train", "test"):
+                meter = record.get(f"{split}_accuracy_list_meter")
+                if meter:
+                    top1 = meter["top_1"]
+                    result[split] = [top1[k] for k in sorted(top1, key=int)]
+    return result
+
+
+def final_checkpoint(checkpoint_dir: Path) -> Path:
+    found = sorted(checkpoint_dir.glob("model_final_checkpoint_phase*.torch"),
+                   key=lambda p: int(re.findall(r"phase(\d+)", p.name)[0]))
+    if not found:
+        raise FileNotFoundError(f"no final checkpoint in {checkpoint_dir}; see {checkpoint_dir / 'log.txt'}")
+    return found[-1]
+
+
+def _run_stage(name: str, overrides: Sequence[str], out: Path) -> float:
+    stage_dir = out / name
+    command = [sys.executable, "-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
+    print(f"\n== {name}: {' '.join(command[3:])}", flush=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    start = time.time()
+    tail: List[str] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-40:]
+            progress = _PROGRESS.search(line)
+            meter = _METER.search(line)
+            if progress:
+                print(f"   epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}", flush=True)
+            elif meter:
+                print(f"   {meter.group(1)} top-1: {meter.group(2)}", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {name!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+    return time.time() - start
+
+
+def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optional[int] = None) -> Dict[str, dict]:
+    """Run the three stages; print and return a summary."""
+    out = Path(out).resolve()
+    if data is None:
+        from convit_ssl.data import export_digits
+
+        train, val = export_digits(out / "digits")
+        print(f"exported scikit-learn digits to {train.parent} (train {sum(1 for _ in train.rglob('*.png'))}, "
+              f"val {sum(1 for _ in val.rglob('*.png'))} images)")
+    else:
+        train, val = Path(data).resolve() / "train", Path(data).resolve() / "val"
+        for folder in (train, val):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--data {data}: expected {folder} with one sub-folder per class")
+    classes = _class_count(train)
+    common = _data_overrides(train, val)
+    if classes != 10:
+        common += [f"config.MODEL.HEAD.PARAMS=[[mlp,{{dims:[96,{classes}]}}]]"]
+    epoch_override = [f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else []
+
+    times = {"supervised": _run_stage("supervised", ["config=demo/convit_ssl/digits_supervised", *common, *epoch_override], out)}
+    pretrained = final_checkpoint(out / "supervised")
+    weights = f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"
+    linear = ["config=demo/convit_ssl/digits_linear", *common, weights]
+    if classes != 10:
+        linear += [f"config.MODEL.HEAD.PARAMS=[[eval_mlp,{{in_channels:96,dims:[96,{classes}]}}],"
+                   f"[eval_mlp,{{in_channels:192,dims:[192,{classes}]}}]]"]
+    times["linear"] = _run_stage("linear", linear, out)
+    times["finetune"] = _run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common, weights], out)
+
+    summary = {name: {"seconds": round(times[name], 1), **final_accuracies(out / name)} for name in STAGES}
+    print(f"\n== summary ({classes} classes, chance {100 / classes:.1f}%)")
+    labels = {"supervised": "supervised training", "linear": "linear probes (frozen trunk: lastCLS, concatPOOL2)",
+              "finetune": "fine-tune from the supervised checkpoint"}
+    for name in STAGES:
+        s = summary[name]
+        test = ", ".join(f"{a:.1f}%" for a in s.get("test", []))
+        print(f"   {labels[name]:<52} val top-1 {test:<16} ({s['seconds']:.0f} s)")
+    print(f"   checkpoints and logs (log.txt, metrics.json, tb_logs/): {out}/{{{','.join(STAGES)}}}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
