@@ -10,6 +10,7 @@ full log in `<out>/<stage>/log.txt`.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -35,9 +36,9 @@ def _data_overrides(train: Path, val: Path) -> List[str]:
     ]
 
 
-def final_accuracies(checkpoint_dir: Path) -> Dict[str, List[float]]:
-    """Last train/test top-1 accuracies (one per head) from VISSL's metrics.json."""
-    result: Dict[str, List[float]] = {}
+def final_accuracies(checkpoint_dir: Path) -> Dict[str, Dict[str, float]]:
+    """Last train/test top-1 accuracy of each head ({head: percent}) from VISSL's metrics.json."""
+    result: Dict[str, Dict[str, float]] = {}
     with open(checkpoint_dir / "metrics.json") as f:
         for line in f:
             record = json.loads(line)
@@ -45,7 +46,7 @@ def final_accuracies(checkpoint_dir: Path) -> Dict[str, List[float]]:
                 meter = record.get(f"{split}_accuracy_list_meter")
                 if meter:
                     top1 = meter["top_1"]
-                    result[split] = [top1[k] for k in sorted(top1, key=int)]
+                    result[split] = dict(top1)
     return result
 
 
@@ -55,6 +56,14 @@ def final_checkpoint(checkpoint_dir: Path) -> Path:
     if not found:
         raise FileNotFoundError(f"no final checkpoint in {checkpoint_dir}; see {checkpoint_dir / 'log.txt'}")
     return found[-1]
+
+
+def _format_meter(text: str) -> str:
+    """"{'top_1': {0: 93.3}}" or "{'top_1': {'lastCLS': 93.3, ...}}" -> "93.3%" or "lastCLS 93.3%, ..."."""
+    top1 = ast.literal_eval(text).get("top_1", {})
+    if len(top1) == 1:
+        return f"{next(iter(top1.values())):.1f}%"
+    return ", ".join(f"{name} {value:.1f}%" for name, value in top1.items())
 
 
 def _run_stage(name: str, overrides: Sequence[str], out: Path) -> float:
@@ -73,7 +82,7 @@ def _run_stage(name: str, overrides: Sequence[str], out: Path) -> float:
             if progress:
                 print(f"   epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}", flush=True)
             elif meter:
-                print(f"   {meter.group(1)} top-1: {meter.group(2)}", flush=True)
+                print(f"   {'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"stage {name!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
     return time.time() - start
@@ -111,12 +120,13 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
 
     summary = {name: {"seconds": round(times[name], 1), **final_accuracies(out / name)} for name in STAGES}
     print(f"\n== summary ({classes} classes, chance {100 / classes:.1f}%)")
-    labels = {"supervised": "supervised training", "linear": "linear probes (frozen trunk: lastCLS, concatPOOL2)",
+    labels = {"supervised": "supervised training", "linear": "linear probes on the frozen trunk",
               "finetune": "fine-tune from the supervised checkpoint"}
     for name in STAGES:
         s = summary[name]
-        test = ", ".join(f"{a:.1f}%" for a in s.get("test", []))
-        print(f"   {labels[name]:<52} val top-1 {test:<16} ({s['seconds']:.0f} s)")
+        test = s.get("test", {})
+        shown = ", ".join(f"{v:.1f}%" if len(test) == 1 else f"{k} {v:.1f}%" for k, v in test.items())
+        print(f"   {labels[name]:<44} val top-1 {shown}  ({s['seconds']:.0f} s)")
     print(f"   checkpoints and logs (log.txt, metrics.json, tb_logs/): {out}/{{{','.join(STAGES)}}}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

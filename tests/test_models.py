@@ -318,6 +318,18 @@ def test_every_parameter_receives_a_gradient():
     assert len(names) > len(zero) * 5
 
 
+def test_geometry_cached_in_inference_mode_serves_training():
+    """The relative-offset cache is filled outside inference mode: a grid first
+    seen under torch.inference_mode() can then be trained on."""
+    torch.manual_seed(0)
+    model = create_model("convit_tiny", img_size=32, patch_size=8, depth=2, num_gpsa_layers=1, num_classes=3)
+    x = torch.randn(1, 3, 40, 72)  # a 5x9 grid no other test uses
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert model.blocks[0].attn.pos_proj.weight.grad.abs().sum().item() > 0
+
+
 # ---------------------------------------------------------------- 5./6. input sizes, resampling
 def test_non_square_input():
     torch.manual_seed(0)

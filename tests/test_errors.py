@@ -1,0 +1,68 @@
+"""Bad input fails before any process is spawned, with a message naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import folder_overrides, run_engine
+from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.validate import validate
+
+MICRO = "config=test/convit_ssl/supervised_micro_synthetic"
+TRUNK = "config.MODEL.TRUNK.CONVIT_SSL"
+
+
+def _check(*overrides):
+    _, config = compose([MICRO, *overrides])
+    validate(config)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ([f"+{TRUNK}.FOO=1"], ValueError, r"unknown key\(s\) \['FOO'\] in MODEL\.TRUNK\.CONVIT_SSL"),
+    ([f"{TRUNK}.WIDTH=50"], ValueError, r"width 50 is not divisible by num_heads 4"),
+    ([f"{TRUNK}.IMAGE_SIZE=30"], ValueError, r"image size 30x30 is not divisible by the patch size 8"),
+    ([f"{TRUNK}.DEPTH=abc"], ValueError, r"DEPTH = 'abc' has type str; expected int"),
+    ([f"{TRUNK}.ARCH=convit_huge"], KeyError, r"unknown architecture 'convit_huge'; available: convit_base"),
+    ([f"{TRUNK}.NUM_GPSA_LAYERS=3"], ValueError, r"num_gpsa_layers must be in 0\.\.2"),
+])
+def test_bad_trunk_config(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _check(*overrides)
+
+
+def test_unknown_feature_name():
+    ops = "config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[[lastFOO,[Identity,[]]]]"
+    with pytest.raises(ValueError, match=r"unknown feature name 'lastFOO'; valid names: lastCLS"):
+        _check("config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=true",
+               "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY=true", ops)
+
+
+def test_missing_data_folder(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=r"dataset 'folder_train' \(disk_folder\): data folder .*nope.* does not exist"):
+        _, config = compose(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(missing)])
+        validate(config)
+
+
+def test_folder_without_path_names_the_fix():
+    _, config = compose(["config=test/convit_ssl/supervised_micro_folder"])
+    with pytest.raises(FileNotFoundError, match=r"set config\.DATA\.TRAIN\.DATA_PATHS=\[<folder>\]"):
+        validate(config)
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no images in the class folders"):
+        _, config = compose(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(tmp_path)])
+        validate(config)
+
+
+def test_script_reports_before_spawning(tmp_path):
+    """Through the real entry point: non-zero exit, the message, nothing written."""
+    checkpoint_dir = tmp_path / "ck"
+    proc = run_engine([MICRO, f"{TRUNK}.WIDTH=50", f"config.CHECKPOINT.DIR={checkpoint_dir}"],
+                      cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "width 50 is not divisible by num_heads 4" in proc.stdout
+    assert not checkpoint_dir.exists()
