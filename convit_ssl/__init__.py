@@ -18,6 +18,7 @@ if importlib.util.find_spec("vissl") is not None:
     from convit_ssl.vissl import register as _register_vissl
 
     _register_vissl()
+    compat.patch_atomic_checkpoints()
 
 __version__ = "0.1.0"
 __all__ = ["ConViT", "create_model", "list_models", "__version__"]

@@ -82,6 +82,50 @@ def shim_collections_abcs() -> None:
             _APPLIED.append(f"collections.{name}")
 
 
+def _atomic_save_checkpoint(checkpoint_folder, state, checkpoint_file="checkpoint.torch"):
+    """ClassyVision's save_checkpoint, written to a temporary file and renamed into place."""
+    import os
+
+    import torch
+    from iopath.common.file_io import g_pathmgr
+
+    g_pathmgr.mkdirs(checkpoint_folder)
+    full_filename = f"{checkpoint_folder}/{checkpoint_file}"
+    if "://" in str(checkpoint_folder):  # remote storage has no rename: upstream behaviour
+        with g_pathmgr.open(full_filename, "wb") as f:
+            torch.save(state, f)
+        return full_filename
+    partial = f"{full_filename}.partial-{os.getpid()}"
+    try:
+        with open(partial, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, full_filename)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    return full_filename
+
+
+def patch_atomic_checkpoints() -> None:
+    """classy_vision/generic/util.py:349 says "write checkpoint atomically" but
+    writes the final file in place (and vissl/utils/checkpoint.py:17 imports it):
+    a run killed while saving leaves a truncated checkpoint that auto-resume
+    then fails to load. Write to a temporary file and rename. Needs ClassyVision,
+    so it runs after the import-time shims (VISSL is imported by then)."""
+    import classy_vision.generic.util as classy_util
+
+    if getattr(classy_util.save_checkpoint, "__name__", "") == "_atomic_save_checkpoint":
+        return
+    classy_util.save_checkpoint = _atomic_save_checkpoint
+    vissl_checkpoint = sys.modules.get("vissl.utils.checkpoint")
+    if vissl_checkpoint is not None:
+        vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
+    _APPLIED.append("atomic save_checkpoint")
+
+
 def apply() -> List[str]:
     """Apply every shim (idempotent); return the names restored so far."""
     shim_pkg_resources()

@@ -74,3 +74,24 @@ def test_vissl_trunk_registered():
     register()  # idempotent
     assert MODEL_TRUNKS_REGISTRY["convit_ssl"] is ConViTSSLTrunk
     assert MODEL_TRUNKS_REGISTRY["convit"] is not ConViTSSLTrunk  # VISSL's own stays
+
+
+def test_checkpoint_save_is_atomic(tmp_path):
+    import classy_vision.generic.util as classy_util
+    import torch
+    import vissl.utils.checkpoint as vissl_checkpoint
+
+    assert vissl_checkpoint.save_checkpoint is classy_util.save_checkpoint
+    save = vissl_checkpoint.save_checkpoint
+    save(str(tmp_path), {"x": torch.ones(3)}, "ok.torch")
+    assert torch.load(tmp_path / "ok.torch", weights_only=True)["x"].sum() == 3
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    (tmp_path / "old.torch").write_bytes(b"previous checkpoint")
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save(str(tmp_path), {"x": torch.ones(3), "bad": Unpicklable()}, "old.torch")
+    assert (tmp_path / "old.torch").read_bytes() == b"previous checkpoint"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.torch", "old.torch"]  # no partial file

@@ -30,7 +30,8 @@ def test_config_composes(name):
     if config.MODEL.TRUNK.NAME == TRUNK_NAME:
         model = validate_trunk_config(config.MODEL)
         feature_map = config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP
-        model.parse_feature_names([item[0] for item in feature_map])
+        if feature_map:
+            model.parse_feature_names([item[0] for item in feature_map])
 
 
 def test_no_config_shadows_vissl():

@@ -219,6 +219,8 @@ class ConViT(nn.Module):
     def parse_feature_names(self, names: Sequence[str]) -> Dict[str, Tuple[str, List[int]]]:
         """Validate names; map each to (kind, block indices) with kind in
         CLS / POOL / BLK / MAP. Raises ValueError naming an unknown or out-of-range name."""
+        if not names:
+            raise ValueError(f"no feature names given; valid names: {FEATURE_NAMES_HELP}")
         parsed: Dict[str, Tuple[str, List[int]]] = {}
         last = self.depth - 1
         for name in names:

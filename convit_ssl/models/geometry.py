@@ -32,17 +32,17 @@ def _relative_offsets(grid: Tuple[int, int]) -> torch.Tensor:
     return torch.cat([delta, delta.pow(2).sum(-1, keepdim=True)], dim=-1)
 
 
-@lru_cache(maxsize=64)
-def relative_offsets(
-    grid: Tuple[int, int], device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Cached (N, N, 3) relative encoding of `grid` on `device` in `dtype`.
+def relative_offsets(grid: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Cached (N, N, 3) relative encoding of `grid` on `device` in `dtype`."""
+    return _cached_offsets((int(grid[0]), int(grid[1])), torch.device(device), dtype)
 
-    Built outside inference mode so that the cached tensor can also serve
-    training forwards (an inference tensor cannot be saved for backward).
-    """
+
+@lru_cache(maxsize=64)
+def _cached_offsets(grid: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Built outside inference mode so that the cached tensor can also serve
+    # training forwards (an inference tensor cannot be saved for backward).
     with torch.inference_mode(False), torch.no_grad():
-        return _relative_offsets(tuple(grid)).to(device=device, dtype=dtype)
+        return _relative_offsets(grid).to(device=device, dtype=dtype)
 
 
 def pairwise_distances(grid: Tuple[int, int]) -> torch.Tensor:
