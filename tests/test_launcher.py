@@ -1,0 +1,92 @@
+"""The `convit-ssl` command and the SLURM path (VISSL's settings pass through,
+and the job imports convit_ssl on the compute node)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.launcher import ConViTSlurmJob, launch_on_slurm
+
+
+def test_cli_run_trains(tmp_path):
+    checkpoint_dir = tmp_path / "ck"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "convit_ssl.cli", "run", "config=test/convit_ssl/supervised_micro_synthetic",
+         f"config.CHECKPOINT.DIR={checkpoint_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (checkpoint_dir / "model_final_checkpoint_phase0.torch").is_file()
+
+
+def test_cli_lists_models(capsys):
+    from convit_ssl.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "convit_small_plus" in out and "deit_base" in out
+
+
+def test_slurm_job_imports_convit_ssl_when_unpickled():
+    """A fresh interpreter that unpickles the job (as submitit does on a node)
+    gets the convit_ssl trunk registered, so VISSL can build it."""
+    _, config = compose(["config=test/convit_ssl/supervised_micro_synthetic"])
+    payload = pickle.dumps(ConViTSlurmJob(engine_name="train", config=config))
+    code = (
+        "import pickle, sys\n"
+        "job = pickle.loads(sys.stdin.buffer.read())\n"
+        "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
+        "print(type(job).__name__, 'convit_ssl' in MODEL_TRUNKS_REGISTRY, job.config.MODEL.TRUNK.NAME)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode().split() == ["ConViTSlurmJob", "True", "convit_ssl"]
+    # On requeue the job resubmits itself as the same class.
+    assert type(pickle.loads(payload).checkpoint().function) is ConViTSlurmJob
+
+
+def test_slurm_settings_pass_through(tmp_path, monkeypatch):
+    import submitit
+
+    seen = {}
+
+    class FakeExecutor:
+        def __init__(self, folder):
+            seen["folder"] = folder
+
+        def update_parameters(self, **params):
+            seen.update(params)
+
+        def submit(self, job):
+            seen["job"] = job
+            return type("Job", (), {"job_id": "42"})()
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    _, config = compose([
+        "config=test/convit_ssl/supervised_micro_synthetic", "config.SLURM.USE_SLURM=true",
+        "config.SLURM.PARTITION=learnfair", "config.SLURM.NAME=convit", "config.SLURM.TIME_HOURS=3",
+        "config.SLURM.TIME_MINUTES=30", "config.SLURM.MEM_GB=100", "config.SLURM.CONSTRAINT=volta32gb",
+        "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.NUM_PROC_PER_NODE=8",
+        f"config.SLURM.LOG_FOLDER={tmp_path}/slurm",
+    ])
+    launch_on_slurm(config, "train")
+    assert seen["slurm_partition"] == "learnfair" and seen["name"] == "convit"
+    assert seen["timeout_min"] == 210 and seen["mem_gb"] == 100 and seen["slurm_constraint"] == "volta32gb"
+    assert seen["nodes"] == 2 and seen["gpus_per_node"] == 8 and seen["tasks_per_node"] == 1
+    assert seen["cpus_per_task"] == config.SLURM.NUM_CPU_PER_PROC * 8
+    assert isinstance(seen["job"], ConViTSlurmJob) and seen["job"].engine_name == "train"
+
+
+def test_slurm_needs_a_partition(tmp_path):
+    _, config = compose(["config=test/convit_ssl/supervised_micro_synthetic", "config.SLURM.USE_SLURM=true",
+                         f"config.SLURM.LOG_FOLDER={tmp_path}"])
+    with pytest.raises(ValueError, match="config.SLURM.PARTITION must be set"):
+        launch_on_slurm(config, "train")
