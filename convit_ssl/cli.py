@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import convit_ssl  # noqa: F401  (compat shims + trunk registration; ranks re-import __main__)
 
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError)
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -34,7 +36,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "demo":
         from convit_ssl.demo import run_demo
 
-        run_demo(args.out, args.data, args.epochs)
+        try:
+            run_demo(args.out, args.data, args.epochs)
+        except USER_ERRORS as e:
+            parser.exit(2, f"convit-ssl demo: error: {e}\n")
     elif args.command == "models":
         from convit_ssl.models import ARCHITECTURES
 

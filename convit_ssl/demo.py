@@ -88,6 +88,24 @@ def _run_stage(name: str, overrides: Sequence[str], out: Path) -> float:
     return time.time() - start
 
 
+def _claim_output(out: Path, train: Path, val: Path) -> None:
+    """Record which data `out` belongs to. Re-running into the same folder
+    resumes (VISSL's auto-resume skips finished stages); other data is refused."""
+    record = out / "demo_data.json"
+    data = {"train": str(train), "val": str(val)}
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous != data:
+            raise FileExistsError(
+                f"{out} holds a demo run on other data ({previous['train']}); choose another --out or remove it"
+            )
+        print(f"{out} holds an earlier demo run on the same data: finished stages are reused (remove it to start afresh)")
+    elif any((out / stage).exists() for stage in STAGES):
+        raise FileExistsError(f"{out} holds stage folders of an unknown run; choose another --out or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(data))
+
+
 def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optional[int] = None) -> Dict[str, dict]:
     """Run the three stages; print and return a summary."""
     out = Path(out).resolve()
@@ -102,6 +120,7 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
         for folder in (train, val):
             if not folder.is_dir():
                 raise FileNotFoundError(f"--data {data}: expected {folder} with one sub-folder per class")
+    _claim_output(out, train, val)
     classes = _class_count(train)
     common = _data_overrides(train, val)
     if classes != 10:
