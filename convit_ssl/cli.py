@@ -1,6 +1,7 @@
 """The `convit-ssl` command.
 
     convit-ssl run config=NAME [hydra overrides]    # = tools/run_distributed_engines.py
+    convit-ssl convert config=NAME input=IN output=OUT [key=value]   # = tools/convert_checkpoint.py
     convit-ssl demo [--out DIR] [--data DIR]         # the embedded demo (make demo)
     convit-ssl models                                # list architectures
 """
@@ -24,9 +25,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         run(argv[1:])
         return 0
+    if argv and argv[0] == "convert":
+        from convit_ssl.convert import main as convert_main
+
+        try:
+            convert_main(argv[1:])
+        except USER_ERRORS as e:
+            print(f"convit-ssl convert: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     parser = argparse.ArgumentParser(prog="convit-ssl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a VISSL config: convit-ssl run config=NAME [overrides]")
+    sub.add_parser("convert", help="convert a checkpoint: convit-ssl convert config=NAME input=IN output=OUT [key=value]")
     demo = sub.add_parser("demo", help="supervised training, linear probe and fine-tune on an image folder")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")

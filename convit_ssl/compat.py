@@ -84,28 +84,18 @@ def shim_collections_abcs() -> None:
 
 def _atomic_save_checkpoint(checkpoint_folder, state, checkpoint_file="checkpoint.torch"):
     """ClassyVision's save_checkpoint, written to a temporary file and renamed into place."""
-    import os
-
     import torch
     from iopath.common.file_io import g_pathmgr
+
+    from convit_ssl.checkpoints.io import atomic_torch_save
 
     g_pathmgr.mkdirs(checkpoint_folder)
     full_filename = f"{checkpoint_folder}/{checkpoint_file}"
     if "://" in str(checkpoint_folder):  # remote storage has no rename: upstream behaviour
         with g_pathmgr.open(full_filename, "wb") as f:
             torch.save(state, f)
-        return full_filename
-    partial = f"{full_filename}.partial-{os.getpid()}"
-    try:
-        with open(partial, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, full_filename)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
+    else:
+        atomic_torch_save(state, full_filename)
     return full_filename
 
 

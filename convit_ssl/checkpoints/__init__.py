@@ -1,0 +1,1 @@
+"""Checkpoint utilities of convit_ssl (pure functions over state dicts)."""

@@ -1,0 +1,98 @@
+"""The model a canonical (timm-keyed) trunk state dict describes, from tensor shapes."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Dict, Mapping, Optional
+
+from torch import Tensor
+
+from convit_ssl.checkpoints.io import CheckpointError
+from convit_ssl.models import ARCHITECTURES, list_models
+
+
+def _mlp_ratio(width: int, hidden: int) -> float:
+    """A ratio with int(width * ratio) == hidden (the model builds its MLP that way)."""
+    ratio = hidden / width
+    if int(width * ratio) != hidden:  # floating-point floor just below an integer
+        ratio = math.nextafter(ratio, math.inf)
+    if int(width * ratio) != hidden:
+        raise CheckpointError(f"no mlp_ratio gives an MLP width of {hidden} for width {width}")
+    return ratio
+
+
+def infer_model_kwargs(
+    trunk: Mapping[str, Tensor], arch: Optional[str] = None, num_heads: Optional[int] = None
+) -> Dict[str, Any]:
+    """`ConViT` keyword arguments (num_classes=0) of a model whose state dict is `trunk`.
+
+    From shapes: width (C of patch_embed.proj.weight (C, in, p, p)), in_chans,
+    patch_size, depth, num_gpsa_layers (leading blocks with a gate), mlp_ratio,
+    qkv_bias, use_pos_embed and img_size (p * sqrt(N) for pos_embed (1, N, C):
+    a square grid is assumed). The head count is the size of a GPSA gate; a
+    checkpoint without GPSA blocks needs `num_heads` or `arch`. With `arch`, its
+    width and heads are checked against the shapes (depth and GPSA count come
+    from the checkpoint, so tiny twins of an architecture are accepted).
+    """
+    try:
+        proj = trunk["patch_embed.proj.weight"]
+        trunk["cls_token"]
+    except KeyError as e:
+        raise CheckpointError(f"not a ConViT trunk: missing {e.args[0]!r}") from e
+    if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
+        raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(proj.shape)}; expected (width, in_chans, p, p)")
+    width, in_chans, patch_size = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
+    depth = len({int(m.group(1)) for k in trunk if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if depth == 0 or any(f"blocks.{i}.norm1.weight" not in trunk for i in range(depth)):
+        raise CheckpointError(f"block indices of the checkpoint are not 0..{depth - 1}")
+    kinds = [f"blocks.{i}.attn.gating_param" in trunk for i in range(depth)]
+    num_gpsa = sum(kinds)
+    if any(kinds[num_gpsa:]):
+        raise CheckpointError(f"GPSA blocks must precede the MHSA blocks; block kinds (True = GPSA): {kinds}")
+    if num_gpsa == depth:
+        raise CheckpointError(f"all {depth} blocks are GPSA: the class token would never join")
+    heads = {int(trunk[f"blocks.{i}.attn.gating_param"].shape[0]) for i in range(num_gpsa)}
+    if len(heads) > 1:
+        raise CheckpointError(f"GPSA blocks disagree on the number of heads: {sorted(heads)}")
+    if arch is not None:
+        if arch not in ARCHITECTURES:
+            raise CheckpointError(f"unknown architecture {arch!r}; available: {', '.join(list_models())}")
+        expected = ARCHITECTURES[arch]
+        found = {"width": width, "num_heads": next(iter(heads), expected["num_heads"])}
+        clash = [f"{k} {found[k]} (checkpoint) vs {expected[k]} ({arch})" for k in found if found[k] != expected[k]]
+        if clash:
+            raise CheckpointError(f"the checkpoint is not a {arch}: {', '.join(clash)}")
+        num_heads = num_heads or expected["num_heads"]
+    if heads:
+        inferred = heads.pop()
+        if num_heads is not None and num_heads != inferred:
+            raise CheckpointError(f"num_heads={num_heads} contradicts the {inferred} heads of the GPSA blocks")
+        num_heads = inferred
+    elif num_heads is None:
+        raise CheckpointError(
+            "the checkpoint has no GPSA block, so its number of heads is not visible in tensor shapes; "
+            f"set arch (one of {', '.join(list_models())})"
+        )
+    if width % num_heads:
+        raise CheckpointError(f"width {width} is not divisible by {num_heads} heads")
+    mlp_dims = {int(trunk[f"blocks.{i}.mlp.fc1.weight"].shape[0]) for i in range(depth)}
+    if len(mlp_dims) > 1:
+        raise CheckpointError(f"blocks disagree on the MLP width: {sorted(mlp_dims)}")
+    biases = {(f"blocks.{i}.attn.qk.bias" if kinds[i] else f"blocks.{i}.attn.qkv.bias") in trunk for i in range(depth)}
+    if len(biases) > 1:
+        raise CheckpointError("blocks disagree on qkv biases (some have qk.bias/qkv.bias, some not)")
+    kwargs: Dict[str, Any] = {
+        "patch_size": patch_size, "in_chans": in_chans, "num_classes": 0, "width": width, "depth": depth,
+        "num_heads": num_heads, "num_gpsa_layers": num_gpsa, "mlp_ratio": _mlp_ratio(width, mlp_dims.pop()),
+        "qkv_bias": biases.pop(), "use_pos_embed": "pos_embed" in trunk,
+    }
+    if "pos_embed" in trunk:
+        tokens = int(trunk["pos_embed"].shape[1])
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise CheckpointError(f"pos_embed has {tokens} positions, not a square grid; cannot infer img_size")
+        kwargs["img_size"] = side * patch_size
+    else:
+        raise CheckpointError("the checkpoint has no position embedding: its image size is not recorded")
+    return kwargs

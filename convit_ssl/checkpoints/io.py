@@ -1,0 +1,73 @@
+"""Safe loading and atomic saving of checkpoint files.
+
+Loading never executes pickled code (`torch.load(weights_only=True)`); every
+failure says what was found and what was expected. Saving writes a temporary
+file in the target folder and renames it into place, so an interrupted or
+failed save leaves nothing half-written, and an existing file is replaced
+only when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or dict that cannot be used as asked."""
+
+
+def load_checkpoint(path: PathLike) -> Any:
+    """`torch.load(path)` on CPU with weights_only=True, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
+                                else f"checkpoint {str(path)!r} is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refused to load {str(path)!r}: it holds pickled objects other than tensors, numbers, "
+            f"strings and containers ({reason}). convit_ssl loads checkpoints with weights_only=True and "
+            "never runs code from a file; re-save the weights as a plain state dict"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{str(path)!r} ({size} bytes) is not a readable torch checkpoint (truncated or corrupt?): "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        ) from e
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """torch.save to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj: Any, path: PathLike, overwrite: bool = False) -> Path:
+    """Atomically save `obj` to `path`; refuse to replace an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=true to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
+    atomic_torch_save(obj, path)
+    return path

@@ -1,0 +1,289 @@
+"""Config-driven checkpoint conversion (`tools/convert_checkpoint.py`, `convit-ssl convert`).
+
+    python tools/convert_checkpoint.py config=timm_to_vissl input=convit_small.pth output=convit_small.torch
+
+`config` names a YAML file in configs/convert/ (or is a path to one); any
+field can be overridden as key=value. Steps: load safely, name the source
+format (declared, or detected when `source_format: auto`; a declared format
+that the file contradicts is an error), read into canonical form, resample
+to a new image or patch size if asked, write the target format, verify it
+(strict load into the target implementation and the same random batch through
+source and target), and save atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from convit_ssl.checkpoints.formats import FORMATS, Weights, detect_format, read, write
+from convit_ssl.checkpoints.infer import infer_model_kwargs
+from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint, save_checkpoint
+from convit_ssl.models import ConViT
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ConvertConfig:
+    """Fields of a conversion config (configs/convert/*.yaml)."""
+
+    input: Optional[str] = None
+    output: Optional[str] = None
+    source_format: str = "auto"          # auto | vissl | timm | vissl_convit
+    target_format: Optional[str] = None  # vissl | timm | vissl_convit
+    arch: Optional[str] = None           # null: read the architecture from tensor shapes
+    keep_head: bool = True               # carry the classifier over (VISSL mlp/eval_mlp <-> timm head)
+    head_index: int = 0                  # which VISSL head becomes timm's head
+    bn_eps: float = 1e-5                 # eps of an eval_mlp head's BatchNorm (VISSL's HEAD.BATCHNORM_EPS)
+    norm_eps: Optional[float] = None     # LayerNorm eps of the weights (null: 1e-6, or 1e-5 for vissl_convit)
+    image_size: Optional[Any] = None     # int or [h, w]: resample the position embedding to this size
+    patch_size: Optional[int] = None     # new patch size: FlexiViT pseudo-inverse resize of the patch kernel
+    dtype: Optional[str] = None          # null keeps the checkpoint's dtype; float32 | float16 | bfloat16
+    verify: bool = True                  # compare source and target outputs on a random batch
+    verify_batch: int = 2
+    verify_tolerance: float = 1e-4       # max |source - target| (fp32) accepted
+    overwrite: bool = False
+    seed: int = 0
+    notes: List[str] = field(default_factory=list)
+
+
+def _check(cfg: ConvertConfig) -> None:
+    for name in ("input", "output", "target_format"):
+        if not getattr(cfg, name):
+            raise ValueError(f"{name} is not set (give {name}=...)")
+    if cfg.source_format != "auto" and cfg.source_format not in FORMATS:
+        raise ValueError(f"source_format {cfg.source_format!r} is not one of auto, {', '.join(FORMATS)}")
+    if cfg.target_format not in FORMATS:
+        raise ValueError(f"target_format {cfg.target_format!r} is not one of {', '.join(FORMATS)}")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)} (or null to keep)")
+
+
+def _grid(image_size: Any, patch: int) -> tuple:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if h % patch or w % patch:
+        raise ValueError(f"image_size {h}x{w} is not divisible by the patch size {patch}")
+    return h // patch, w // patch
+
+
+# ---------------------------------------------------------------- models
+def _our_model(trunk: Dict[str, torch.Tensor], head: Optional[Dict[str, torch.Tensor]], kwargs: Dict[str, Any]) -> nn.Module:
+    num_classes = 0 if head is None else head["weight"].shape[0]
+    model = ConViT(**{**kwargs, "num_classes": num_classes})
+    state = dict(trunk)
+    if head is not None:
+        state.update({f"head.{k}": v for k, v in head.items()})
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def _timm_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Module:
+    try:
+        from timm.models.convit import ConVit
+    except ImportError as e:
+        raise RuntimeError("verifying timm output needs timm installed (pip install timm), or verify=false") from e
+    heads = kwargs["num_heads"]
+    model = ConVit(
+        img_size=kwargs["img_size"], patch_size=kwargs["patch_size"], in_chans=kwargs["in_chans"],
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        embed_dim=kwargs["width"] // heads, depth=kwargs["depth"], num_heads=heads,
+        mlp_ratio=kwargs["mlp_ratio"], qkv_bias=kwargs["qkv_bias"], local_up_to_layer=kwargs["num_gpsa_layers"],
+        use_pos_embed=kwargs["use_pos_embed"], norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
+    )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]):
+    """The checkpoint run by its own implementation: timm for timm files,
+    VISSL's built-in trunk for vissl_convit files (ours serve vissl files)."""
+    if fmt == "timm":
+        state = write(Weights(weights.trunk, weights.head), "timm")
+        return _timm_model(state, kwargs)
+    if fmt == "vissl_convit":
+        from convit_ssl.vissl.builtin_convit import build_vissl_convit
+
+        builtin = build_vissl_convit(obj, kwargs)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            feats = builtin(x)
+            if weights.head is None:
+                return feats
+            return feats @ weights.head["weight"].float().T + weights.head["bias"].float()
+
+        return forward
+    raise AssertionError(f"no separate source implementation for {fmt}")
+
+
+def _target_forward(out: Dict[str, Any], fmt: str, kwargs: Dict[str, Any]) -> nn.Module:
+    """Load the converted object strictly into the target implementation."""
+    if fmt == "timm":
+        return _timm_model(out, kwargs)
+    back = read(out, fmt)
+    if fmt == "vissl":
+        return _our_model(back.trunk, back.head, kwargs)
+    return _source_forward(out, fmt, back, kwargs)
+
+
+# ---------------------------------------------------------------- convert
+def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
+    """Run one conversion; return a report (formats, model, notes, max difference, seconds)."""
+    _check(cfg)
+    start = time.perf_counter()
+    if Path(cfg.output).exists() and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.output!r} exists; pass overwrite=true to replace it")
+    obj = load_checkpoint(cfg.input)
+    detected = detect_format(obj)
+    if cfg.source_format not in ("auto", detected):
+        raise CheckpointError(f"{cfg.input!r} was declared {cfg.source_format} but holds a {detected} checkpoint")
+    fmt = detected
+    weights = read(obj, fmt, keep_head=cfg.keep_head, head_index=cfg.head_index, bn_eps=cfg.bn_eps)
+    kwargs = infer_model_kwargs(weights.trunk, cfg.arch)
+    if fmt == "vissl_convit":
+        from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
+
+        kwargs["norm_eps"] = VISSL_CONVIT_NORM_EPS if cfg.norm_eps is None else cfg.norm_eps
+        weights.notes.append(f"LayerNorm eps {kwargs['norm_eps']} (VISSL's built-in convit uses 1e-5): "
+                             "build the target model with norm_eps to match")
+    else:
+        kwargs["norm_eps"] = 1e-6 if cfg.norm_eps is None else cfg.norm_eps
+    source_kwargs = dict(kwargs)
+    if cfg.verify:
+        reference = _our_model(weights.trunk, weights.head, source_kwargs)
+        source = reference if fmt == "vissl" else _source_forward(obj, fmt, weights, source_kwargs)
+
+    weights = _resample(weights, kwargs, cfg)
+    if cfg.dtype is not None:
+        weights = Weights({k: v.to(DTYPES[cfg.dtype]) if v.is_floating_point() else v for k, v in weights.trunk.items()},
+                          None if weights.head is None else {k: v.to(DTYPES[cfg.dtype]) for k, v in weights.head.items()},
+                          weights.notes + [f"cast to {cfg.dtype}"])
+    out = write(weights, cfg.target_format)
+
+    report: Dict[str, Any] = {"source_format": fmt, "target_format": cfg.target_format,
+                              "model": {k: v for k, v in kwargs.items() if k != "num_classes"},
+                              "head_classes": None if weights.head is None else int(weights.head["weight"].shape[0]),
+                              "notes": weights.notes}
+    if cfg.verify:
+        report["max_abs_diff"] = _verify(source, reference, source_kwargs, out, kwargs, cfg, report)
+    save_checkpoint(out, cfg.output, overwrite=cfg.overwrite)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    log(_format_report(cfg, report))
+    return report
+
+
+def _resample(weights: Weights, kwargs: Dict[str, Any], cfg: ConvertConfig) -> Weights:
+    from convit_ssl.checkpoints.resample import resample_state_dict, resize_patch_embed_state_dict
+
+    trunk = weights.trunk
+    notes = list(weights.notes)
+    old_patch = kwargs["patch_size"]
+    old_grid = _grid(kwargs["img_size"], old_patch)
+    if cfg.patch_size is not None and cfg.patch_size != old_patch:
+        trunk = resize_patch_embed_state_dict(trunk, cfg.patch_size)
+        kwargs["patch_size"] = cfg.patch_size
+        notes.append(f"patch size {old_patch} -> {cfg.patch_size} (FlexiViT pseudo-inverse resize of the patch kernel)")
+    image_size = cfg.image_size if cfg.image_size is not None else None
+    if image_size is None and cfg.patch_size is not None:
+        image_size = [g * kwargs["patch_size"] for g in old_grid]  # same grid
+    if image_size is not None:
+        new_grid = _grid(image_size, kwargs["patch_size"])
+        if new_grid != old_grid and kwargs["use_pos_embed"]:
+            trunk = resample_state_dict(trunk, new_grid, old_grid)
+            notes.append(f"position embedding resampled {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]} (bicubic)")
+        kwargs["img_size"] = tuple(g * kwargs["patch_size"] for g in new_grid)
+    return Weights(trunk, weights.head, notes)
+
+
+def _pair(size: Any) -> tuple:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@torch.no_grad()
+def _verify(source, reference: ConViT, source_kwargs, out, kwargs, cfg: ConvertConfig, report: Dict[str, Any]) -> float:
+    """Random batches through the source implementation, the target implementation
+    (strict load of the converted object) and convit_ssl on the unconverted weights.
+
+    Without resampling, source and target are compared directly. With a new image
+    size, the target is compared with convit_ssl resampling the original position
+    embedding at forward time (timm and VISSL's trunk run at one size only). With a
+    new patch size the function changes by design: the target must load and be finite."""
+    target = _target_forward(out, cfg.target_format, kwargs)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    x_src = torch.randn(cfg.verify_batch, source_kwargs["in_chans"], *_pair(source_kwargs["img_size"]), generator=generator)
+    x_tgt = torch.randn(cfg.verify_batch, kwargs["in_chans"], *_pair(kwargs["img_size"]), generator=generator)
+    diffs: Dict[str, float] = {}
+    y_source = source(x_src).float()
+    if source is not reference:
+        diffs["source vs convit_ssl"] = (y_source - reference(x_src).float()).abs().max().item()
+    if kwargs["patch_size"] != source_kwargs["patch_size"]:
+        if not torch.isfinite(target(x_tgt)).all():
+            raise CheckpointError("verification failed: the converted model gives non-finite outputs")
+        report["verification"] = "strict load into the target; outputs not compared (the patch size changed)"
+    elif _pair(kwargs["img_size"]) == _pair(source_kwargs["img_size"]):
+        diffs["source vs target"] = (y_source - target(x_src).float()).abs().max().item()
+    else:
+        diffs["target vs convit_ssl resampling at forward time"] = (
+            target(x_tgt).float() - reference(x_tgt).float()).abs().max().item()
+    report.setdefault("verification", "strict load into the target; " + ", ".join(
+        f"max |{name}| = {value:.3g}" for name, value in diffs.items()))
+    worst = max(diffs.values(), default=0.0)
+    if worst > cfg.verify_tolerance:
+        raise CheckpointError(f"verification failed: {report['verification']} > tolerance {cfg.verify_tolerance}")
+    return worst
+
+
+def _format_report(cfg: ConvertConfig, report: Dict[str, Any]) -> str:
+    model = report["model"]
+    lines = [
+        f"converted {cfg.input} ({report['source_format']}) -> {cfg.output} ({report['target_format']})",
+        "  model: " + ", ".join(f"{k}={v}" for k, v in model.items()),
+        f"  head: {report['head_classes']} classes" if report["head_classes"] else "  head: none",
+    ]
+    lines += [f"  note: {note}" for note in report["notes"]]
+    lines.append(f"  verification: {report.get('verification', 'skipped (verify=false)')}")
+    lines.append(f"  {report['seconds']} s")
+    return "\n".join(lines)
+
+
+def load_config(overrides: Sequence[str]) -> ConvertConfig:
+    """`config=NAME` (configs/convert/NAME.yaml, or a YAML path) plus key=value overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from convit_ssl.vissl.configs import config_root
+
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"argument {item!r} is not key=value")
+        pairs.append(item.split("=", 1))
+    names = [v for k, v in pairs if k == "config"]
+    if len(names) != 1:
+        raise ValueError("give exactly one config=NAME (a file in configs/convert/ or a YAML path)")
+    folder = config_root() / "convert"
+    path = Path(names[0]) if names[0].endswith((".yaml", ".yml")) else folder / f"{names[0]}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise FileNotFoundError(f"conversion config {names[0]!r} not found ({path}); available: {', '.join(available)}")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(ConvertConfig), OmegaConf.load(path),
+            OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs if k != "config"]),
+        )
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        fields = ", ".join(f for f in ConvertConfig.__dataclass_fields__ if f != "notes")
+        raise ValueError(f"bad conversion config ({path.name} + overrides): {str(e).splitlines()[0]}; "
+                         f"fields: {fields}") from e
+
+
+def main(argv: Sequence[str]) -> Dict[str, Any]:
+    """Entry point of tools/convert_checkpoint.py and `convit-ssl convert`."""
+    return convert(load_config(argv))

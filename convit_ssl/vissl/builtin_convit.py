@@ -1,0 +1,50 @@
+"""VISSL's own built-in `convit` trunk, built to hold a given checkpoint: the
+reference implementation that conversions of `vissl_convit` files are verified against."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import torch
+from torch import nn
+
+from convit_ssl.checkpoints.formats import _vissl_model
+from convit_ssl.checkpoints.vissl_convit import vissl_convit_model_kwargs
+
+
+def vissl_convit_overrides(kwargs: Dict[str, Any], locality_dim: int) -> list:
+    """Hydra overrides that configure VISSL's `convit` trunk like the ConViT `kwargs`."""
+    vt, cv = "config.MODEL.TRUNK.VISION_TRANSFORMERS.", "config.MODEL.TRUNK.CONVIT."
+    return [
+        "config.MODEL.TRUNK.NAME=convit",
+        f"{vt}IMAGE_SIZE={kwargs['img_size']}", f"{vt}PATCH_SIZE={kwargs['patch_size']}",
+        f"{vt}HIDDEN_DIM={kwargs['width']}", f"{vt}NUM_HEADS={kwargs['num_heads']}",
+        f"{vt}NUM_LAYERS={kwargs['depth']}", f"{vt}MLP_DIM={int(kwargs['width'] * kwargs['mlp_ratio'])}",
+        f"{vt}QKV_BIAS={kwargs['qkv_bias']}", f"{vt}DROP_PATH_RATE=0", f"{vt}DROPOUT_RATE=0",
+        f"{vt}ATTENTION_DROPOUT_RATE=0", f"{cv}N_GPSA_LAYERS={kwargs['num_gpsa_layers']}",
+        f"{cv}LOCALITY_DIM={locality_dim}",
+    ]
+
+
+def build_vissl_convit(checkpoint: Any, kwargs: Dict[str, Any] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """VISSL's `convit` trunk loaded strictly with the trunk of `checkpoint`
+    (a VISSL checkpoint or a bare trunk state dict of that trunk), in eval mode
+    and float32. Returns x (B, C, H, W) -> class-token features (B, width)."""
+    from vissl.models.trunks.convit import ConViT as VisslConViT
+
+    from convit_ssl.vissl.configs import compose
+
+    trunk_state, _ = _vissl_model(checkpoint)
+    if kwargs is None:
+        kwargs = vissl_convit_model_kwargs(trunk_state)
+    locality_dim = trunk_state["blocks.0.attn.pos_proj.weight"].shape[1] // 3
+    _, cfg = compose(["config=test/convit_ssl/supervised_micro_synthetic",
+                      *vissl_convit_overrides(kwargs, locality_dim)])
+    model: nn.Module = VisslConViT(cfg.MODEL, "convit")
+    model.load_state_dict({k: v.float() for k, v in trunk_state.items()}, strict=True)
+    model.eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x, None)[0]  # VISSL returns (1, B, C) and requires out_feat_keys
+
+    return forward
