@@ -121,3 +121,17 @@ def test_finetune_from_checkpoint(supervised_folder_run, digits, tmp_path):
     assert changed, "fine-tuning did not update the trunk"
     # Started from the checkpoint, not from scratch: a small lr keeps weights close.
     assert (after["pos_embed"] - before["pos_embed"]).abs().max() < 0.05
+
+
+def test_finetune_at_new_resolution(supervised_folder_run, digits, tmp_path):
+    """A fine-tune config at 48 px pointed at a 32 px checkpoint just works:
+    the position embedding is resampled (4x4 -> 6x6) when the run starts."""
+    pretrained = supervised_folder_run / "model_final_checkpoint_phase0.torch"
+    checkpoint_dir = tmp_path / "ck"
+    proc = run_engine(["config=test/convit_ssl/finetune_micro_folder_48px", *folder_overrides(digits),
+                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
+                       f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    assert "pos_embed: 4x4 -> 6x6 patches" in proc.stdout
+    assert re.search(r"Loaded: trunk\.pos_embed\s+of shape: torch\.Size\(\[1, 36, 48\]\)", proc.stdout)
+    after = _trunk(checkpoint_dir / "model_final_checkpoint_phase0.torch")
+    assert after["pos_embed"].shape == (1, 36, 48)

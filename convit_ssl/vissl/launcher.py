@@ -18,6 +18,7 @@ from vissl.utils.hydra_config import save_attrdict_to_disk
 
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.weights_init import prepare_weights_init
 
 
 class ConViTSlurmJob(_ResumableSlurmJob):
@@ -74,11 +75,13 @@ def save_config(config: Any) -> None:
 
 
 def run(overrides: Sequence[str]) -> None:
-    """Compose, validate, save train_config.yaml, then launch locally or on SLURM."""
+    """Compose, validate, resample the weights-init file if its grid differs,
+    save train_config.yaml, then launch locally or on SLURM."""
     from vissl.hooks import default_hook_generator
 
     args, config = compose(overrides)
     validate(config)
+    prepare_weights_init(config)
     save_config(config)
     if config.SLURM.USE_SLURM:
         launch_on_slurm(config, args.engine_name)

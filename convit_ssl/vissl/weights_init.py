@@ -1,0 +1,88 @@
+"""Load-time resampling for `MODEL.WEIGHTS_INIT.PARAMS_FILE`.
+
+VISSL copies checkpoint tensors into the model only when shapes match, and its
+own position-embedding interpolation fires only for names containing
+`pos_embedding` (never ours, `pos_embed`). So before launching, convit_ssl
+reads the weights file once; if its position embedding was trained on another
+patch grid than the config's (MODEL.TRUNK.CONVIT_SSL IMAGE_SIZE / PATCH_SIZE),
+or its patch kernel has another patch size, it writes a resampled copy in the run's
+checkpoint folder (weights_init/) and points PARAMS_FILE at it, logging what it did. Any
+layout works (VISSL checkpoint, feature-eval prefixes, bare trunk, timm keys):
+every tensor named `pos_embed` / `*.pos_embed` and `*patch_embed.proj.weight`
+is adapted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from convit_ssl.checkpoints.io import atomic_torch_save, load_checkpoint
+from convit_ssl.checkpoints.resample import resize_patch_embed
+from convit_ssl.models import resample_pos_embed
+from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME, trunk_kwargs
+
+logger = logging.getLogger(__name__)
+
+
+def _adapt(node: Any, grid: Tuple[int, int], patch: int, path: str, changes: List[str]) -> Any:
+    """A copy of nested dicts `node` with position embeddings and patch kernels adapted."""
+    if not isinstance(node, dict):
+        return node
+    out: Dict[Any, Any] = {}
+    for key, value in node.items():
+        name = f"{path}.{key}" if path else str(key)
+        last = str(key).rsplit(".", 1)[-1]
+        if isinstance(value, torch.Tensor) and last == "pos_embed" and value.ndim == 3:
+            tokens = value.shape[1]
+            side = math.isqrt(tokens)
+            if tokens != grid[0] * grid[1]:
+                if side * side != tokens:
+                    raise ValueError(f"{name} has {tokens} positions, not a square grid: resample it with "
+                                     "tools/convert_checkpoint.py (image_size=...) before fine-tuning")
+                value = resample_pos_embed(value, grid, (side, side))
+                changes.append(f"{name}: {side}x{side} -> {grid[0]}x{grid[1]} patches")
+        elif isinstance(value, torch.Tensor) and str(key).endswith("patch_embed.proj.weight") and value.ndim == 4:
+            if value.shape[-1] != patch:
+                changes.append(f"{name}: patch {value.shape[-1]} -> {patch} (FlexiViT pseudo-inverse resize)")
+                value = resize_patch_embed(value, patch)
+        out[key] = _adapt(value, grid, patch, name, changes)
+    return out
+
+
+def prepare_weights_init(config: Any) -> Optional[str]:
+    """Resample config.MODEL.WEIGHTS_INIT.PARAMS_FILE for the configured grid if
+    needed; returns the path of the resampled copy (and sets it in the config),
+    or None when the file already fits or no file is set."""
+    model = config.MODEL
+    params_file = model.WEIGHTS_INIT.PARAMS_FILE
+    if model.TRUNK.NAME != TRUNK_NAME or not params_file:
+        return None
+    if not os.path.isfile(params_file):
+        raise FileNotFoundError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {params_file!r} does not exist")
+    kwargs = trunk_kwargs(model.TRUNK.get(CONFIG_BLOCK))
+    img = kwargs.get("img_size", 224)
+    height, width = (img, img) if isinstance(img, int) else img
+    patch = kwargs.get("patch_size", 16)
+    grid = (height // patch, width // patch)
+    changes: List[str] = []
+    adapted = _adapt(load_checkpoint(params_file), grid, patch, "", changes)
+    if not changes:
+        return None
+    # A sub-folder: VISSL treats any model_final_checkpoint* file in CHECKPOINT.DIR
+    # (the source name may be one) as a finished run.
+    folder = Path(config.CHECKPOINT.DIR) / "weights_init"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"resampled_{grid[0]}x{grid[1]}_p{patch}_{Path(params_file).name}"
+    atomic_torch_save(adapted, target)
+    for change in changes:
+        logger.info("weights init: resampled %s", change)
+    print(f"convit_ssl: {params_file} resampled for a {height}x{width} input with {patch} px patches "
+          f"({'; '.join(changes)}) -> {target}", flush=True)
+    model.WEIGHTS_INIT.PARAMS_FILE = str(target)
+    return str(target)
