@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from convit_ssl.checkpoints.formats import FORMATS, Weights, detect_format, read, write
-from convit_ssl.checkpoints.infer import infer_model_kwargs
+from convit_ssl.checkpoints.infer import check_trunk, infer_model_kwargs
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint, save_checkpoint
+from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
 from convit_ssl.models import ConViT
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -80,8 +81,15 @@ def _our_model(trunk: Dict[str, torch.Tensor], head: Optional[Dict[str, torch.Te
     state = dict(trunk)
     if head is not None:
         state.update({f"head.{k}": v for k, v in head.items()})
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    _strict_load(model, state)
     return model.eval()
+
+
+def _strict_load(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"strict load into {type(model).__name__} failed: {e}") from e
 
 
 def _timm_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Module:
@@ -97,7 +105,7 @@ def _timm_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Mo
         mlp_ratio=kwargs["mlp_ratio"], qkv_bias=kwargs["qkv_bias"], local_up_to_layer=kwargs["num_gpsa_layers"],
         use_pos_embed=kwargs["use_pos_embed"], norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
     )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    _strict_load(model, state)
     return model.eval()
 
 
@@ -140,15 +148,18 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output!r} exists; pass overwrite=true to replace it")
     obj = load_checkpoint(cfg.input)
+    if cfg.dtype is not None:  # cast first: verification then compares implementations on the same weights
+        obj = _cast(obj, DTYPES[cfg.dtype])
     detected = detect_format(obj)
     if cfg.source_format not in ("auto", detected):
         raise CheckpointError(f"{cfg.input!r} was declared {cfg.source_format} but holds a {detected} checkpoint")
     fmt = detected
     weights = read(obj, fmt, keep_head=cfg.keep_head, head_index=cfg.head_index, bn_eps=cfg.bn_eps)
     kwargs = infer_model_kwargs(weights.trunk, cfg.arch)
+    check_trunk(weights.trunk, kwargs)
+    if cfg.dtype is not None:
+        weights.notes.append(f"cast to {cfg.dtype} (verification runs both implementations on the cast weights)")
     if fmt == "vissl_convit":
-        from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
-
         kwargs["norm_eps"] = VISSL_CONVIT_NORM_EPS if cfg.norm_eps is None else cfg.norm_eps
         weights.notes.append(f"LayerNorm eps {kwargs['norm_eps']} (VISSL's built-in convit uses 1e-5): "
                              "build the target model with norm_eps to match")
@@ -159,11 +170,14 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
         reference = _our_model(weights.trunk, weights.head, source_kwargs)
         source = reference if fmt == "vissl" else _source_forward(obj, fmt, weights, source_kwargs)
 
+    if cfg.target_format == "vissl_convit" and kwargs["norm_eps"] != VISSL_CONVIT_NORM_EPS:
+        weights.notes.append(
+            f"VISSL's built-in trunk has LayerNorm eps {VISSL_CONVIT_NORM_EPS}, these weights {kwargs['norm_eps']}: "
+            "it computes a slightly different function; verified against convit_ssl at its eps")
+        if cfg.verify:
+            source = reference = _our_model(weights.trunk, weights.head, {**kwargs, "norm_eps": VISSL_CONVIT_NORM_EPS})
+        kwargs["norm_eps"] = VISSL_CONVIT_NORM_EPS
     weights = _resample(weights, kwargs, cfg)
-    if cfg.dtype is not None:
-        weights = Weights({k: v.to(DTYPES[cfg.dtype]) if v.is_floating_point() else v for k, v in weights.trunk.items()},
-                          None if weights.head is None else {k: v.to(DTYPES[cfg.dtype]) for k, v in weights.head.items()},
-                          weights.notes + [f"cast to {cfg.dtype}"])
     out = write(weights, cfg.target_format)
 
     report: Dict[str, Any] = {"source_format": fmt, "target_format": cfg.target_format,
@@ -176,6 +190,15 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
     report["seconds"] = round(time.perf_counter() - start, 3)
     log(_format_report(cfg, report))
     return report
+
+
+def _cast(node: Any, dtype: torch.dtype) -> Any:
+    """Floating-point tensors of a nested checkpoint cast to `dtype`."""
+    if isinstance(node, torch.Tensor):
+        return node.to(dtype) if node.is_floating_point() else node
+    if isinstance(node, dict):
+        return {k: _cast(v, dtype) for k, v in node.items()}
+    return node
 
 
 def _resample(weights: Weights, kwargs: Dict[str, Any], cfg: ConvertConfig) -> Weights:
@@ -194,6 +217,10 @@ def _resample(weights: Weights, kwargs: Dict[str, Any], cfg: ConvertConfig) -> W
         image_size = [g * kwargs["patch_size"] for g in old_grid]  # same grid
     if image_size is not None:
         new_grid = _grid(image_size, kwargs["patch_size"])
+        if new_grid[0] != new_grid[1] and cfg.target_format != "vissl":
+            raise CheckpointError(f"image_size {image_size} gives a {new_grid[0]}x{new_grid[1]} patch grid: "
+                                  f"{cfg.target_format} ConViTs take square grids only (convit_ssl's vissl format "
+                                  "takes any)")
         if new_grid != old_grid and kwargs["use_pos_embed"]:
             trunk = resample_state_dict(trunk, new_grid, old_grid)
             notes.append(f"position embedding resampled {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]} (bicubic)")

@@ -76,15 +76,17 @@ def infer_model_kwargs(
         )
     if width % num_heads:
         raise CheckpointError(f"width {width} is not divisible by {num_heads} heads")
-    mlp_dims = {int(trunk[f"blocks.{i}.mlp.fc1.weight"].shape[0]) for i in range(depth)}
-    if len(mlp_dims) > 1:
-        raise CheckpointError(f"blocks disagree on the MLP width: {sorted(mlp_dims)}")
+    hidden = [int(trunk[f"blocks.{i}.mlp.fc1.weight"].shape[0]) for i in range(depth)]
+    common = max(set(hidden), key=hidden.count)
+    odd = [f"blocks.{i}.mlp.fc1.weight ({h} rows)" for i, h in enumerate(hidden) if h != common]
+    if odd:
+        raise CheckpointError(f"blocks disagree on the MLP width: {', '.join(odd)}; the other blocks have {common}")
     biases = {(f"blocks.{i}.attn.qk.bias" if kinds[i] else f"blocks.{i}.attn.qkv.bias") in trunk for i in range(depth)}
     if len(biases) > 1:
         raise CheckpointError("blocks disagree on qkv biases (some have qk.bias/qkv.bias, some not)")
     kwargs: Dict[str, Any] = {
         "patch_size": patch_size, "in_chans": in_chans, "num_classes": 0, "width": width, "depth": depth,
-        "num_heads": num_heads, "num_gpsa_layers": num_gpsa, "mlp_ratio": _mlp_ratio(width, mlp_dims.pop()),
+        "num_heads": num_heads, "num_gpsa_layers": num_gpsa, "mlp_ratio": _mlp_ratio(width, common),
         "qkv_bias": biases.pop(), "use_pos_embed": "pos_embed" in trunk,
     }
     if "pos_embed" in trunk:
@@ -96,3 +98,23 @@ def infer_model_kwargs(
     else:
         raise CheckpointError("the checkpoint has no position embedding: its image size is not recorded")
     return kwargs
+
+
+def check_trunk(trunk: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> None:
+    """The trunk has exactly the keys and shapes of `ConViT(**kwargs)`, or a
+    CheckpointError lists the missing, unexpected and mis-shaped keys."""
+    import torch
+
+    from convit_ssl.models import ConViT
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ConViT(**{**kwargs, "num_classes": 0}).state_dict().items()}
+    missing = sorted(set(expected) - set(trunk))
+    unexpected = sorted(set(trunk) - set(expected))
+    shapes = sorted(f"{k} {tuple(trunk[k].shape)} (expected {expected[k]})"
+                    for k in set(expected) & set(trunk) if tuple(trunk[k].shape) != expected[k])
+    problems = [f"{label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", shapes)) if items]
+    if problems:
+        raise CheckpointError("the trunk does not match the ConViT its shapes describe: " + "; ".join(problems))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Union
@@ -18,6 +19,14 @@ from typing import Any, Union
 import torch
 
 PathLike = Union[str, os.PathLike]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(error: BaseException) -> str:
+    text = _ANSI.sub("", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class CheckpointError(ValueError):
@@ -33,7 +42,7 @@ def load_checkpoint(path: PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _first_line(e)
         raise CheckpointError(
             f"refused to load {str(path)!r}: it holds pickled objects other than tensors, numbers, "
             f"strings and containers ({reason}). convit_ssl loads checkpoints with weights_only=True and "
@@ -43,7 +52,7 @@ def load_checkpoint(path: PathLike) -> Any:
         size = path.stat().st_size
         raise CheckpointError(
             f"{str(path)!r} ({size} bytes) is not a readable torch checkpoint (truncated or corrupt?): "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            f"{_first_line(e)}"
         ) from e
 
 
