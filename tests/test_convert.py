@@ -465,7 +465,8 @@ def test_failed_save_leaves_no_partial_file(tmp_path, tiny, monkeypatch):
     (tmp_path / "out.torch").write_bytes(b"old")
 
     def broken_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
+        with open(f, "wb") as handle:  # torch.save is given the temporary file's name
+            handle.write(b"half a checkpoint")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(ckpt_io.torch, "save", broken_save)

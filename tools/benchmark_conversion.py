@@ -30,6 +30,7 @@ import torch
 from convit_ssl.convert import ConvertConfig, convert
 
 CHILD = {
+    "make": "import convit_ssl, torch, sys; torch.save(convit_ssl.create_model(sys.argv[1]).state_dict(), sys.argv[2])",
     "import": "import convit_ssl, torch",
     "baseline": "import convit_ssl, torch, sys; torch.save(torch.load(sys.argv[1], weights_only=True), sys.argv[2])",
     "convert": (
@@ -42,7 +43,9 @@ CHILD = {
 
 
 def peak_rss_mb(code: str, *args: str) -> float:
-    """Peak resident memory (MB) of a fresh Python running `code`."""
+    """Peak resident memory (MB) of a fresh Python running `code`. Linux carries a
+    forked child's high-water mark over from its parent, so these run while this
+    process is still small, and are compared with a child that only imports."""
     script = code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -58,11 +61,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out_base, out_conv = (Path(tmp) / n for n in ("timm.pth", "baseline.pth", "vissl.torch"))
-        model = convit_ssl.create_model(args.arch)
-        params = sum(p.numel() for p in model.parameters())
-        torch.save(model.state_dict(), src)
-        del model
+        peak_rss_mb(CHILD["make"], args.arch, str(src))
         size_mb = src.stat().st_size / 2**20
+        base_rss = peak_rss_mb(CHILD["import"])
+        peaks = {name: peak_rss_mb(CHILD[name], str(src), str(Path(tmp) / f"{name}.out")) - base_rss
+                 for name in ("baseline", "convert")}
+        with torch.device("meta"):
+            params = sum(p.numel() for p in convit_ssl.create_model(args.arch).parameters())
 
         times = {"baseline": [], "convert": []}
         cfg = ConvertConfig(input=str(src), output=str(out_conv), source_format="timm", target_format="vissl",
@@ -74,10 +79,6 @@ def main() -> None:
             start = time.perf_counter()
             convert(cfg, log=lambda s: None)
             times["convert"].append(time.perf_counter() - start)
-
-        base_rss = peak_rss_mb(CHILD["import"])
-        peaks = {name: peak_rss_mb(CHILD[name], str(src), str(Path(tmp) / f"{name}.out")) - base_rss
-                 for name in ("baseline", "convert")}
 
     best = {k: min(v) for k, v in times.items()}
     result = {
