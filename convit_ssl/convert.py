@@ -109,25 +109,26 @@ def _timm_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Mo
     return model.eval()
 
 
-def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]):
-    """The checkpoint run by its own implementation: timm for timm files,
-    VISSL's built-in trunk for vissl_convit files (ours serve vissl files)."""
+def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any], head_index: int = 0,
+                    bn_eps: float = 1e-5):
+    """The checkpoint run by its own implementation: timm's ConVit for timm files;
+    for VISSL files, the trunk (VISSL's built-in one for vissl_convit, ours for
+    vissl) followed by VISSL's own head module as stored (not our fold of it)."""
     if fmt == "timm":
-        state = write(Weights(weights.trunk, weights.head), "timm")
-        return _timm_model(state, kwargs)
+        return _timm_model(write(Weights(weights.trunk, weights.head), "timm"), kwargs)
     if fmt == "vissl_convit":
         from convit_ssl.vissl.builtin_convit import build_vissl_convit
 
-        builtin = build_vissl_convit(obj, kwargs)
+        trunk = build_vissl_convit(obj, kwargs)
+    else:
+        trunk = _our_model(weights.trunk, None, kwargs)
+    if weights.head is None:
+        return trunk
+    from convit_ssl.checkpoints.formats import _vissl_model
+    from convit_ssl.vissl.heads import build_vissl_head
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            feats = builtin(x)
-            if weights.head is None:
-                return feats
-            return feats @ weights.head["weight"].float().T + weights.head["bias"].float()
-
-        return forward
-    raise AssertionError(f"no separate source implementation for {fmt}")
+    head = build_vissl_head(_vissl_model(obj)[1], head_index, bn_eps)
+    return lambda x: head(trunk(x))
 
 
 def _target_forward(out: Dict[str, Any], fmt: str, kwargs: Dict[str, Any]) -> nn.Module:
@@ -135,8 +136,6 @@ def _target_forward(out: Dict[str, Any], fmt: str, kwargs: Dict[str, Any]) -> nn
     if fmt == "timm":
         return _timm_model(out, kwargs)
     back = read(out, fmt)
-    if fmt == "vissl":
-        return _our_model(back.trunk, back.head, kwargs)
     return _source_forward(out, fmt, back, kwargs)
 
 
@@ -168,7 +167,7 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
     source_kwargs = dict(kwargs)
     if cfg.verify:
         reference = _our_model(weights.trunk, weights.head, source_kwargs)
-        source = reference if fmt == "vissl" else _source_forward(obj, fmt, weights, source_kwargs)
+        source = _source_forward(obj, fmt, weights, source_kwargs, cfg.head_index, cfg.bn_eps)
 
     if cfg.target_format == "vissl_convit" and kwargs["norm_eps"] != VISSL_CONVIT_NORM_EPS:
         weights.notes.append(

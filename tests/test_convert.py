@@ -261,36 +261,44 @@ def test_timm_create_model_loads_converted_vissl(tmp_path, small_state):
 
 
 # --------------------------------------------------------------------------- 4. heads
-def _eval_mlp_heads(width: int = 48, seed: int = 7) -> Dict[str, torch.Tensor]:
+def _eval_mlp(width: int = 48, seed: int = 7) -> torch.nn.Module:
+    """VISSL's own eval_mlp head (BatchNorm2d + linear), with non-trivial statistics, in eval mode."""
+    from vissl.models.heads.linear_eval_mlp import LinearEvalMLP
+
+    from convit_ssl.vissl.configs import compose
+
+    _, cfg = compose(["config=test/convit_ssl/supervised_micro_synthetic"])
+    head = LinearEvalMLP(cfg.MODEL, in_channels=width, dims=[width, CLASSES])
     gen = torch.Generator().manual_seed(seed)
-    return {
-        "0.channel_bn.weight": 1 + 0.3 * torch.randn(width, generator=gen),
-        "0.channel_bn.bias": 0.2 * torch.randn(width, generator=gen),
-        "0.channel_bn.running_mean": 0.5 * torch.randn(width, generator=gen),
-        "0.channel_bn.running_var": 0.5 + torch.rand(width, generator=gen),
-        "0.channel_bn.num_batches_tracked": torch.tensor(123),
-        "0.clf.0.weight": 0.1 * torch.randn(CLASSES, width, generator=gen),
-        "0.clf.0.bias": 0.1 * torch.randn(CLASSES, generator=gen),
-    }
+    with torch.no_grad():
+        head.channel_bn.weight.copy_(1 + 0.3 * torch.randn(width, generator=gen))
+        head.channel_bn.bias.copy_(0.2 * torch.randn(width, generator=gen))
+        head.channel_bn.running_mean.copy_(0.5 * torch.randn(width, generator=gen))
+        head.channel_bn.running_var.copy_(0.5 + torch.rand(width, generator=gen))
+        for p in head.clf.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return head.eval()
+
+
+def _eval_mlp_heads(width: int = 48, seed: int = 7) -> Dict[str, torch.Tensor]:
+    return {f"0.{k}": v for k, v in _eval_mlp(width, seed).state_dict().items()}
 
 
 def test_eval_mlp_head_is_folded(tmp_path, tiny):
-    """timm head == BatchNorm (eval, running stats) then linear on the lastCLS feature."""
+    """timm head == VISSL's eval_mlp module (eval mode) on the lastCLS feature."""
     trunk, _ = _split(tiny)
-    heads = _eval_mlp_heads()
+    head = _eval_mlp()
+    heads = {f"0.{k}": v for k, v in head.state_dict().items()}
+    assert "0.clf.clf.0.weight" in heads  # VISSL's real layout
     torch.save(_vissl(trunk, heads, prefix="base_model."), tmp_path / "eval.torch")  # linear-eval layout
     report = _convert(tmp_path / "eval.torch", tmp_path / "out.pth", target_format="timm")
     assert report["max_abs_diff"] < 1e-5 and any("eval_mlp" in n for n in report["notes"])
     model = _tiny_model(_load(tmp_path / "out.pth"), num_classes=CLASSES)
     features = _tiny_model(trunk)
-    bn = torch.nn.BatchNorm1d(48, eps=1e-5)
-    bn.load_state_dict({k[len("0.channel_bn."):]: v for k, v in heads.items() if "channel_bn" in k})
-    linear = torch.nn.Linear(48, CLASSES)
-    linear.load_state_dict({"weight": heads["0.clf.0.weight"], "bias": heads["0.clf.0.bias"]})
     x = _images(32, 32)
     with torch.no_grad():
         feat = features.forward_features(x, ["lastCLS"])[0]
-        torch.testing.assert_close(model(x), linear(bn.eval()(feat)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(x), head(feat), rtol=0, atol=1e-5)
 
 
 def test_two_layer_head_needs_keep_head_false(tmp_path, tiny):

@@ -116,11 +116,13 @@ def vissl_head_to_linear(heads: Mapping[str, Tensor], index: int = 0, bn_eps: fl
     if not entries:
         present = sorted({k.split(".", 1)[0] for k in heads})
         raise CheckpointError(f"the checkpoint has no head {index}; heads present: {present or 'none'}")
-    weight, bias = entries.pop("clf.0.weight", None), entries.pop("clf.0.bias", None)
     bn = {k: entries.pop(k) for k in _EVAL_MLP_BN if k in entries}
     entries.pop("channel_bn.num_batches_tracked", None)
+    # mlp: clf = Sequential(Linear); eval_mlp: channel_bn + clf = MLP whose clf = Sequential(Linear)
+    linear = "clf.clf.0." if bn else "clf.0."
+    weight, bias = entries.pop(linear + "weight", None), entries.pop(linear + "bias", None)
     if weight is None or entries or (bn and len(bn) != len(_EVAL_MLP_BN)):
-        layers = sorted(set(entries) | ({"clf.0.weight"} if weight is None else set()))
+        layers = sorted(set(entries) | ({linear + "weight"} if weight is None else set()))
         raise CheckpointError(
             f"head {index} is not a single linear layer (mlp with dims [width, classes]) or an eval_mlp "
             f"(BatchNorm + linear): unexpected or missing {layers}. timm's head is one linear layer; "
