@@ -9,11 +9,23 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import torch
 
 import convit_ssl  # noqa: F401  (shims before anything imports VISSL)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = REPO / "tools" / "run_distributed_engines.py"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """One intra-op thread for in-process tests: the models are tiny and the
+    machine has 2 cores, where two threads contending with VISSL subprocesses
+    (their own processes, unaffected) slow everything several-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

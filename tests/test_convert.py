@@ -30,15 +30,6 @@ TINY = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2)
 CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: the models are small and the box has 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- helpers
 def _quiet(_: str) -> None:
     pass

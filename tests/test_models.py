@@ -34,17 +34,6 @@ from timm.models.convit import GPSA as TimmGPSA  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run this module's (small) models on one intra-op thread. On a 2-core box
-    shared with another busy process, two OpenMP threads make these tests
-    ~20x slower (barrier spinning); one thread costs nothing measurable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- helpers
 @torch.no_grad()
 def _perturb_(model: torch.nn.Module, seed: int) -> None:

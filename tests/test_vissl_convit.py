@@ -28,15 +28,6 @@ CONFIGS = [(36, 9, False, 144), (48, 4, True, 100)]
 LOCALITY_DIM = 10  # VISSL's default
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these models are tiny and the box has 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _vissl_trunk(width: int, heads: int, qkv_bias: bool, mlp_dim: int, seed: int = 0) -> torch.nn.Module:
     """VISSL's built-in convit trunk (3 blocks: 2 GPSA + 1 MHSA, 32 px, 8 px patches),
     perturbed to look trained, in eval mode."""

@@ -45,7 +45,6 @@ Facts about VISSL's trunk (checked against its source):
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
