@@ -19,6 +19,7 @@ if importlib.util.find_spec("vissl") is not None:
 
     _register_vissl()
     compat.patch_atomic_checkpoints()
+    compat.patch_posterize()
 
 __version__ = "0.1.0"
 __all__ = ["ConViT", "create_model", "list_models", "__version__"]

@@ -116,6 +116,33 @@ def patch_atomic_checkpoints() -> None:
     _APPLIED.append("atomic save_checkpoint")
 
 
+def _posterize(img, bits_to_keep, **__):
+    """timm's posterize, with 0 bits giving the black image older Pillow gave."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def patch_posterize() -> None:
+    """vissl/data/ssl_transforms/rand_auto_aug.py:272-275 passes bits_to_keep = 0
+    to PIL.ImageOps.posterize (RandAugment with increasing severity at high
+    magnitude), which Pillow >= 10 rejects ("bits must be between or equal to 1
+    and 8"); Pillow 9 returned a black image. Restore that result."""
+    import vissl.data.ssl_transforms.rand_auto_aug as rand_auto_aug
+
+    if rand_auto_aug.posterize is _posterize:
+        return
+    rand_auto_aug.posterize = _posterize
+    for name, op in list(rand_auto_aug.NAME_TO_OP.items()):
+        if getattr(op, "__name__", "") == "posterize":
+            rand_auto_aug.NAME_TO_OP[name] = _posterize
+    _APPLIED.append("RandAugment posterize(0 bits)")
+
+
 def apply() -> List[str]:
     """Apply every shim (idempotent); return the names restored so far."""
     shim_pkg_resources()

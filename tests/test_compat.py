@@ -95,3 +95,14 @@ def test_checkpoint_save_is_atomic(tmp_path):
         save(str(tmp_path), {"x": torch.ones(3), "bad": Unpicklable()}, "old.torch")
     assert (tmp_path / "old.torch").read_bytes() == b"previous checkpoint"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.torch", "old.torch"]  # no partial file
+
+
+def test_randaugment_posterize_zero_bits():
+    """VISSL's RandAugment (increasing severity) asks for 0 bits; Pillow >= 10 refuses."""
+    from PIL import Image
+    from vissl.data.ssl_transforms.rand_auto_aug import NAME_TO_OP
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert list(NAME_TO_OP["PosterizeIncreasing"](img, 0).getdata())[0] == (0, 0, 0)
+    assert list(NAME_TO_OP["PosterizeIncreasing"](img, 4).getdata())[0] == (192, 96, 48)
+    assert NAME_TO_OP["Posterize"](img, 8) is img

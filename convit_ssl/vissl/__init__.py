@@ -1,5 +1,14 @@
 """Everything that knows VISSL: the trunk adapter, config composition, checks, launcher."""
 
-from convit_ssl.vissl.trunk import TRUNK_NAME, ConViTSSLTrunk, register, trunk_kwargs
+from convit_ssl.vissl.trunk import TRUNK_NAME, ConViTSSLTrunk, trunk_kwargs
+
+
+def register() -> None:
+    """Register everything convit_ssl adds to VISSL: the trunk and the task (idempotent)."""
+    from convit_ssl.vissl import task, trunk
+
+    trunk.register()
+    task.register()
+
 
 __all__ = ["TRUNK_NAME", "ConViTSSLTrunk", "register", "trunk_kwargs"]

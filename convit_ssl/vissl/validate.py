@@ -69,8 +69,35 @@ def validate_data(config: Any) -> None:
             )
 
 
+def validate_task(config: Any) -> None:
+    """convit_ssl's sampler keys are refused under a task that would ignore them."""
+    from convit_ssl.data.subsets import MODES
+    from convit_ssl.vissl.task import TASK_NAME
+
+    train = config.DATA.TRAIN
+    repeats = train.get("REPEATED_AUGMENTATIONS", 1) or 1
+    subset = train.get("SUBSET") or {}
+    if (repeats != 1 or subset) and config.TRAINER.TASK_NAME != TASK_NAME:
+        raise ValueError(
+            f"config.DATA.TRAIN.REPEATED_AUGMENTATIONS / SUBSET need config.TRAINER.TASK_NAME={TASK_NAME} "
+            f"(got {config.TRAINER.TASK_NAME!r}, which would ignore them)"
+        )
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"config.DATA.TRAIN.REPEATED_AUGMENTATIONS must be an integer >= 1, got {repeats!r}")
+    unknown = sorted(set(subset) - {"FRACTION", "MODE", "SEED"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in config.DATA.TRAIN.SUBSET; valid: FRACTION, MODE, SEED")
+    if subset:
+        fraction = subset.get("FRACTION")
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"config.DATA.TRAIN.SUBSET.FRACTION must be in (0, 1], got {fraction!r}")
+        if subset.get("MODE", "first_per_class") not in MODES:
+            raise ValueError(f"config.DATA.TRAIN.SUBSET.MODE {subset.get('MODE')!r} is not one of {', '.join(MODES)}")
+
+
 def validate(config: Any) -> None:
     """All pre-launch checks for a VISSL config that uses the convit_ssl trunk."""
+    validate_task(config)
     model = config.MODEL
     if model.TRUNK.NAME == TRUNK_NAME:
         trunk = validate_trunk_config(model)

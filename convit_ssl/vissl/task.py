@@ -1,0 +1,117 @@
+"""The `convit_ssl_task` VISSL task: VISSL's own task plus two DeiT/ConViT
+recipe pieces that VISSL 0.1.6 lacks, both in the training sampler.
+
+- Repeated augmentation (Hoffer et al. 2020; DeiT): each sampled image appears
+  `DATA.TRAIN.REPEATED_AUGMENTATIONS` times in an epoch, the copies spread over
+  consecutive ranks (so each gets its own augmentation), and an epoch keeps
+  its usual length.
+- Data-efficiency subsets (ConViT paper section 4): `DATA.TRAIN.SUBSET` with
+  FRACTION, MODE (first_per_class, as the paper's code, or random_per_class)
+  and SEED trains on a class-balanced part of the training set.
+
+Select with `TRAINER.TASK_NAME: convit_ssl_task`; the launcher's checks refuse
+those keys under another task rather than ignore them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from vissl.data import build_dataloader
+from vissl.data.data_helper import StatefulDistributedSampler
+from vissl.trainer.train_task import SelfSupervisionTask
+
+from convit_ssl.data.subsets import subset_indices
+
+TASK_NAME = "convit_ssl_task"
+
+
+class ConViTSampler(StatefulDistributedSampler):
+    """VISSL's stateful sampler over `indices` (default: all), each index
+    `num_repeats` times, epoch length len(indices) // world size per rank.
+
+    The permutation depends on (seed, epoch) only, so every rank draws the same
+    one and takes every world-size-th element: consecutive copies of an image
+    land on different ranks. Resuming mid-epoch skips start_iter * batch_size.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, indices: Optional[np.ndarray] = None,
+                 num_repeats: int = 1, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+        super().__init__(dataset, batch_size=batch_size, seed=seed)
+        if num_replicas is not None:  # default: the process group's (as DistributedSampler)
+            self.num_replicas, self.rank = num_replicas, rank
+        if num_repeats < 1:
+            raise ValueError(f"REPEATED_AUGMENTATIONS must be >= 1, got {num_repeats}")
+        self.indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        if len(self.indices) < self.num_replicas:
+            raise ValueError(f"{len(self.indices)} training samples for {self.num_replicas} ranks")
+        self.num_repeats = num_repeats
+        self.num_samples = len(self.indices) // self.num_replicas
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = self.indices[torch.randperm(len(self.indices), generator=generator)]
+        stream = order.repeat_interleave(self.num_repeats)[: self.total_size]
+        mine = stream[self.rank:self.total_size:self.num_replicas]
+        assert len(mine) == self.num_samples
+        return iter(mine[self.start_iter * self.batch_size:].tolist())
+
+
+def _labels(dataset) -> np.ndarray:
+    """Per-sample labels of a VISSL dataset's first label source."""
+    if not getattr(dataset, "labels_init", False):
+        dataset.load_labels()
+    if not dataset.label_objs:
+        raise ValueError("DATA.TRAIN.SUBSET needs labels (LABEL_SOURCES) to balance the classes")
+    return np.asarray(dataset.label_objs[0])
+
+
+def make_sampler(dataset, dataset_config: Any, sampler_seed: int = 0) -> ConViTSampler:
+    """The training sampler for a DATA.TRAIN block with optional SUBSET / REPEATED_AUGMENTATIONS."""
+    indices = None
+    subset = dataset_config.get("SUBSET") or {}
+    if subset and subset.get("FRACTION", 1.0) < 1.0:
+        indices = subset_indices(_labels(dataset), float(subset["FRACTION"]),
+                                 subset.get("MODE", "first_per_class"), int(subset.get("SEED", 0)))
+        logging.info("training on a %s subset of %d / %d images (fraction %s)", subset.get("MODE", "first_per_class"),
+                     len(indices), len(dataset), subset["FRACTION"])
+    repeats = int(dataset_config.get("REPEATED_AUGMENTATIONS", 1) or 1)
+    sampler = ConViTSampler(dataset, dataset_config["BATCHSIZE_PER_REPLICA"], sampler_seed, indices, repeats)
+    logging.info("convit_ssl sampler: %d of %d images, repeated augmentation x%d, %d samples per rank per epoch",
+                 len(sampler.indices), len(dataset), repeats, sampler.num_samples)
+    return sampler
+
+
+class ConViTSSLTask(SelfSupervisionTask):
+    """VISSL's self_supervision_task with convit_ssl's training sampler."""
+
+    def build_dataloaders(self, pin_memory: bool, current_train_phase_idx=0):
+        """VISSL's loaders (same arguments as SelfSupervisionTask.build_dataloaders),
+        the training one with `make_sampler`."""
+        return {
+            split.lower(): build_dataloader(
+                dataset=self.datasets[split.lower()], dataset_config=self.config["DATA"][split],
+                num_dataloader_workers=self.config.DATA.NUM_DATALOADER_WORKERS, pin_memory=pin_memory,
+                multi_processing_method=self.config.MULTI_PROCESSING_METHOD, device=self.device,
+                sampler_seed=self.config["SEED_VALUE"], split=split.lower(),
+                **({"get_sampler": make_sampler} if split == "TRAIN" else {}),
+            )
+            for split in self.available_splits
+        }
+
+
+def register() -> None:
+    """Register the task with ClassyVision (idempotent)."""
+    from classy_vision.tasks import TASK_REGISTRY, register_task
+
+    if TASK_REGISTRY.get(TASK_NAME) is ConViTSSLTask:
+        return
+    register_task(TASK_NAME)(ConViTSSLTask)
