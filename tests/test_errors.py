@@ -66,3 +66,26 @@ def test_script_reports_before_spawning(tmp_path):
     assert proc.returncode != 0
     assert "width 50 is not divisible by num_heads 4" in proc.stdout
     assert not checkpoint_dir.exists()
+
+
+def test_dataset_catalog_resolves_and_checks_paths(digits, tmp_path):
+    """A dataset named in a catalog (VISSL_DATASET_CATALOG_PATH) needs no DATA_PATHS;
+    a catalog entry pointing nowhere is named with its path before anything starts."""
+    import json
+
+    from vissl.data.dataset_catalog import VisslDatasetCatalog, register_datasets
+
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps({
+        "folder_train": {"train": [str(digits / "train"), str(digits / "train")], "val": ["", ""]},
+        "folder_val": {"train": ["", ""], "val": [str(tmp_path / "missing_val"), str(tmp_path / "missing_val")]},
+    }))
+    register_datasets(str(catalog))
+    try:
+        _, config = compose(["config=test/convit_ssl/supervised_micro_folder"])
+        with pytest.raises(FileNotFoundError, match=r"dataset 'folder_val' \(disk_folder\): data folder .*missing_val"):
+            validate(config)
+        _, config = compose(["config=test/convit_ssl/supervised_micro_folder", "config.TEST_MODEL=false"])
+        validate(config)  # the train split resolves through the catalog
+    finally:
+        VisslDatasetCatalog.clear()
