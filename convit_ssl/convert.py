@@ -124,10 +124,10 @@ def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]
         trunk = _our_model(weights.trunk, None, kwargs)
     if weights.head is None:
         return trunk
-    from convit_ssl.checkpoints.formats import _vissl_model
+    from convit_ssl.checkpoints.formats import vissl_model_parts
     from convit_ssl.vissl.heads import build_vissl_head
 
-    head = build_vissl_head(_vissl_model(obj)[1], head_index, bn_eps)
+    head = build_vissl_head(vissl_model_parts(obj)[1], head_index, bn_eps)
     return lambda x: head(trunk(x))
 
 

@@ -64,7 +64,7 @@ def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in state_dict.items()}
 
 
-def _vissl_model(obj: Any) -> tuple:
+def vissl_model_parts(obj: Any) -> tuple:
     """(trunk, heads) of a VISSL checkpoint, its `classy_state_dict`, or a bare trunk."""
     if _is_state_dict(obj):
         return dict(obj), {}
@@ -99,7 +99,7 @@ def detect_format(obj: Any) -> str:
             if wrapper in obj and _is_state_dict(obj[wrapper]) and "classy_state_dict" not in obj:
                 return detect_format(obj[wrapper])
         if "classy_state_dict" in obj:
-            trunk, _ = _vissl_model(obj)
+            trunk, _ = vissl_model_parts(obj)
             if _TRUNK_MARKERS <= set(trunk):
                 return "vissl"
             if _VISSL_CONVIT_MARKERS <= set(trunk):
@@ -166,7 +166,7 @@ def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps
             if not keep_head:
                 notes.append("dropped the classifier head (keep_head=false)")
     else:
-        trunk, heads = _vissl_model(obj)
+        trunk, heads = vissl_model_parts(obj)
         if fmt == "vissl_convit":
             from convit_ssl.checkpoints.vissl_convit import vissl_convit_to_timm
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict
 import torch
 from torch import nn
 
-from convit_ssl.checkpoints.formats import _vissl_model
+from convit_ssl.checkpoints.formats import vissl_model_parts
 from convit_ssl.checkpoints.vissl_convit import vissl_convit_model_kwargs
 
 
@@ -34,7 +34,7 @@ def build_vissl_convit(checkpoint: Any, kwargs: Dict[str, Any] | None = None) ->
 
     from convit_ssl.vissl.configs import compose
 
-    trunk_state, _ = _vissl_model(checkpoint)
+    trunk_state, _ = vissl_model_parts(checkpoint)
     if kwargs is None:
         kwargs = vissl_convit_model_kwargs(trunk_state)
     locality_dim = trunk_state["blocks.0.attn.pos_proj.weight"].shape[1] // 3
