@@ -9,8 +9,9 @@ recipe pieces that VISSL 0.1.6 lacks, both in the training sampler.
   FRACTION, MODE (first_per_class, as the paper's code, or random_per_class)
   and SEED trains on a class-balanced part of the training set.
 
-Select with `TRAINER.TASK_NAME: convit_ssl_task`; the launcher's checks refuse
-those keys under another task rather than ignore them.
+It also takes `OPTIMIZER.layer_decay` (layer-wise lr decay, llrd.py). Select
+with `TRAINER.TASK_NAME: convit_ssl_task`; the launcher's checks refuse these
+keys under a task that would ignore them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vissl.data.data_helper import StatefulDistributedSampler
 from vissl.trainer.train_task import SelfSupervisionTask
 
 from convit_ssl.data.subsets import subset_indices
+from convit_ssl.vissl.llrd import LayerDecayTaskMixin
 
 TASK_NAME = "convit_ssl_task"
 
@@ -90,8 +92,9 @@ def make_sampler(dataset, dataset_config: Any, sampler_seed: int = 0) -> ConViTS
     return sampler
 
 
-class ConViTSSLTask(SelfSupervisionTask):
-    """VISSL's self_supervision_task with convit_ssl's training sampler."""
+class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
+    """VISSL's self_supervision_task with convit_ssl's training sampler and,
+    when `OPTIMIZER.layer_decay` is set, layer-wise lr decay (see llrd.py)."""
 
     def build_dataloaders(self, pin_memory: bool, current_train_phase_idx=0):
         """VISSL's loaders (same arguments as SelfSupervisionTask.build_dataloaders),

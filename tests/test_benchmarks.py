@@ -1,0 +1,326 @@
+"""The benchmark configs (benchmark/linear_image_classification, benchmark/fulltune):
+their heads, features and classes against a table; their tiny twins run end to
+end from a supervised checkpoint (linear probes, fine-tuning at a new
+resolution, with and without layer-wise lr decay); and layer-wise lr decay
+(convit_ssl/vissl/llrd.py) in process, checked against the rate every layer
+should get."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, folder_overrides, run_engine
+from convit_ssl.vissl import llrd
+from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.trunk import validate_trunk_config
+
+CONFIG_DIR = REPO / "configs" / "config"
+LINEAR = "benchmark/linear_image_classification"
+FULLTUNE = "benchmark/fulltune"
+TWINS = "test/convit_ssl/benchmark"
+WIDTH = 432  # ConViT-S
+
+# dataset folder -> (classes, data source, VISSL dataset name)
+DATASETS = {
+    "imagenet1k": (1000, "disk_folder", "imagenet1k_folder"),
+    "places205": (205, "disk_folder", "places205_folder"),
+    "inaturalist18": (8142, "disk_filelist", "inaturalist2018_filelist"),
+    "voc07": (20, "disk_filelist", "voc2007"),
+    "cifar10": (10, "torchvision_dataset", "CIFAR10"),
+    "cifar100": (100, "torchvision_dataset", "CIFAR100"),
+    "oxford_flowers": (102, "disk_folder", "oxford_flowers_folder"),
+    "oxford_pets": (37, "disk_folder", "oxford_pets_folder"),
+    "stanford_cars": (196, "disk_folder", "stanford_cars_folder"),
+    "dtd": (47, "disk_folder", "dtd_folder"),
+    "food101": (101, "disk_folder", "food101_folder"),
+    "stl10": (10, "torchvision_dataset", "STL10"),
+}
+LINEAR_CONFIGS = {
+    "imagenet1k": "eval_convit_small_linear_in1k_224",
+    "places205": "eval_convit_small_linear_places205_224",
+    "inaturalist18": "eval_convit_small_linear_inat18_224",
+    "cifar10": "eval_convit_small_linear_cifar10_224",
+    "cifar100": "eval_convit_small_linear_cifar100_224",
+    "oxford_flowers": "eval_convit_small_linear_flowers102_224",
+    "oxford_pets": "eval_convit_small_linear_pets_224",
+    "dtd": "eval_convit_small_linear_dtd_224",
+    "food101": "eval_convit_small_linear_food101_224",
+    "stl10": "eval_convit_small_linear_stl10_224",
+}
+SVM_CONFIGS = {"voc07": "eval_convit_small_svm_voc07_224"}
+FINETUNE_CONFIGS = {
+    (folder, size): f"finetune_convit_small_{short}_{size}"
+    for folder, short in [("cifar10", "cifar10"), ("cifar100", "cifar100"), ("oxford_flowers", "flowers102"),
+                          ("stanford_cars", "cars"), ("oxford_pets", "pets"), ("inaturalist18", "inat18")]
+    for size in (224, 384)
+}
+PROBE_FEATURES = ["lastCLS", "concatCLS4", "lastPOOL"]
+
+
+def setup_module():
+    llrd.register()
+
+
+def _shipped(family: str) -> set:
+    """Benchmark configs of a family, without the shared pieces in convit_ssl/."""
+    root = CONFIG_DIR / family
+    return {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in root.rglob("*.yaml")
+            if "convit_ssl" not in p.relative_to(root).parts}
+
+
+def _feature_widths(config) -> list:
+    """Widths of the config's probe features, from a forward pass of its trunk on the meta device."""
+    model = validate_trunk_config(config.MODEL)
+    names = [item[0] for item in config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP]
+    size = config.MODEL.TRUNK.CONVIT_SSL.IMAGE_SIZE
+    features = model.forward_features(torch.empty(1, 3, size, size, device="meta"), names)
+    return [f.shape[-1] for f in features]
+
+
+def _check_data(config, folder: str) -> None:
+    _, source, name = DATASETS[folder]
+    for split in ("TRAIN", "TEST"):
+        block = config.DATA[split]
+        assert (block.DATA_SOURCES, block.LABEL_SOURCES, block.DATASET_NAMES) == ([source], [source], [name])
+
+
+# ---------------------------------------------------------------- the table
+
+def test_every_benchmark_config_is_in_the_table():
+    listed = {f"{LINEAR}/{d}/{n}" for d, n in {**LINEAR_CONFIGS, **SVM_CONFIGS}.items()}
+    assert _shipped(LINEAR) == listed
+    assert _shipped(FULLTUNE) == {f"{FULLTUNE}/{d}/{n}" for (d, _), n in FINETUNE_CONFIGS.items()}
+
+
+@pytest.mark.parametrize("folder", sorted(LINEAR_CONFIGS))
+def test_linear_probe_heads_match_features_and_classes(folder):
+    _, config = compose([f"config={LINEAR}/{folder}/{LINEAR_CONFIGS[folder]}"])
+    classes = DATASETS[folder][0]
+    settings = config.MODEL.FEATURE_EVAL_SETTINGS
+    assert settings.EVAL_MODE_ON and settings.FREEZE_TRUNK_ONLY and not settings.EXTRACT_TRUNK_FEATURES_ONLY
+    assert [item[0] for item in settings.LINEAR_EVAL_FEAT_POOL_OPS_MAP] == PROBE_FEATURES
+    assert all(item[1] == ["Identity", []] for item in settings.LINEAR_EVAL_FEAT_POOL_OPS_MAP)
+    widths = _feature_widths(config)
+    assert widths == [WIDTH, 4 * WIDTH, WIDTH]
+    heads = config.MODEL.HEAD.PARAMS
+    assert [h[0] for h in heads] == ["eval_mlp"] * 3
+    assert [(h[1]["in_channels"], h[1]["dims"]) for h in heads] == [(w, [w, classes]) for w in widths]
+    meter = config.METERS.accuracy_list_meter
+    assert meter.num_meters == 3 and meter.meter_names == PROBE_FEATURES
+    assert max(meter.topk_values) <= classes
+    _check_data(config, folder)
+    assert config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME == "classy_state_dict"
+    assert config.LOSS.name == "cross_entropy_multiple_output_single_target"
+
+
+def test_voc07_follows_vissls_svm_benchmark():
+    _, config = compose([f"config={LINEAR}/voc07/{SVM_CONFIGS['voc07']}"])
+    settings = config.MODEL.FEATURE_EVAL_SETTINGS
+    assert settings.EVAL_MODE_ON and settings.FREEZE_TRUNK_ONLY and settings.EXTRACT_TRUNK_FEATURES_ONLY
+    assert settings.SHOULD_FLATTEN_FEATS
+    assert [item[0] for item in settings.LINEAR_EVAL_FEAT_POOL_OPS_MAP] == PROBE_FEATURES
+    assert _feature_widths(config) == [WIDTH, 4 * WIDTH, WIDTH]
+    _check_data(config, "voc07")
+    # VISSL's own voc07 SVM settings
+    assert config.SVM.costs.costs_list == [0.01, 0.1, 1.0, 2, 5, 10, 15, 20, 50, 100, 1000]
+    assert (config.SVM.loss, config.SVM.penalty, config.SVM.cross_val_folds) == ("squared_hinge", "l2", 3)
+
+
+@pytest.mark.parametrize("folder,size", sorted(FINETUNE_CONFIGS))
+def test_finetune_head_resolution_and_classes(folder, size):
+    _, config = compose([f"config={FULLTUNE}/{folder}/{FINETUNE_CONFIGS[folder, size]}"])
+    classes = DATASETS[folder][0]
+    assert not config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON  # the whole network trains
+    assert config.MODEL.HEAD.PARAMS == [["mlp", {"dims": [WIDTH, classes]}]]
+    assert config.MODEL.WEIGHTS_INIT.SKIP_LAYERS == ["heads"]
+    assert config.MODEL.WEIGHTS_INIT.STATE_DICT_KEY_NAME == "classy_state_dict"
+    assert config.DATA.TRAIN.COLLATE_FUNCTION == "cutmixup_collator"
+    assert config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.num_classes == classes
+    trunk = config.MODEL.TRUNK.CONVIT_SSL
+    assert (trunk.ARCH, trunk.IMAGE_SIZE, trunk.PATCH_SIZE) == ("convit_small", size, 16)
+    assert validate_trunk_config(config.MODEL).width == WIDTH
+    crops = {t["name"]: t["size"] for split in ("TRAIN", "TEST") for t in config.DATA[split].TRANSFORMS
+             if t["name"] in ("RandomResizedCrop", "CenterCrop")}
+    assert crops == {"RandomResizedCrop": size, "CenterCrop": size}
+    _check_data(config, folder)
+    assert config.OPTIMIZER.get("layer_decay") is None  # LLRD is an option (convit_ssl/llrd.yaml)
+
+
+# ---------------------------------------------------------- twins, end to end
+
+@pytest.fixture(scope="module")
+def supervised_checkpoint(tmp_path_factory, digits) -> Path:
+    """One supervised_micro_folder run (32 px) whose checkpoint every twin starts from."""
+    work = tmp_path_factory.mktemp("bench_supervised")
+    run_engine(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(digits),
+                f"config.CHECKPOINT.DIR={work / 'ck'}"], cwd=work)
+    return work / "ck" / "model_final_checkpoint_phase0.torch"
+
+
+def _model_state(checkpoint: Path) -> dict:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return state["classy_state_dict"]["base_model"]["model"]
+
+
+def _test_metrics(checkpoint_dir: Path) -> dict:
+    records = [json.loads(line) for line in (checkpoint_dir / "metrics.json").read_text().splitlines()]
+    return [r for r in records if "test_accuracy_list_meter" in r][-1]["test_accuracy_list_meter"]
+
+
+def test_linear_eval_twin(tmp_path, digits, supervised_checkpoint):
+    ck = tmp_path / "ck"
+    run_engine([f"config={TWINS}/linear_eval_micro_folder_in1k", *folder_overrides(digits),
+                f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
+                f"config.CHECKPOINT.DIR={ck}"], cwd=tmp_path)
+    assert set(_test_metrics(ck)["top_1"]) == {"lastCLS", "concatCLS3", "lastPOOL"}
+    # The trunk stayed frozen at the supervised weights (feature-eval keys carry `base_model.`).
+    before = _model_state(supervised_checkpoint)["trunk"]
+    after = {k.removeprefix("base_model."): v for k, v in _model_state(ck / "model_final_checkpoint_phase0.torch")["trunk"].items()}
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_finetune_twin_at_a_new_resolution(tmp_path, digits, supervised_checkpoint):
+    ck = tmp_path / "ck"
+    proc = run_engine([f"config={TWINS}/finetune_micro_folder_cifar100_384", *folder_overrides(digits),
+                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
+                       f"config.CHECKPOINT.DIR={ck}"], cwd=tmp_path)
+    assert "pos_embed: 4x4 -> 6x6 patches" in proc.stdout
+    assert "Ignored layer:\theads.0.clf.0.weight" in proc.stdout  # the old head is not loaded
+    model = _model_state(ck / "model_final_checkpoint_phase0.torch")
+    assert model["trunk"]["pos_embed"].shape == (1, 36, 48)
+    assert model["heads"]["0.clf.0.weight"].shape == (10, 48)
+    before = _model_state(supervised_checkpoint)["trunk"]
+    assert not torch.equal(model["trunk"]["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])
+    assert "top_1" in _test_metrics(ck)
+
+
+def test_finetune_twin_with_layer_decay(tmp_path, digits, supervised_checkpoint):
+    """The LLRD twin through tools/run_distributed_engines.py."""
+    ck = tmp_path / "ck"
+    proc = run_engine([f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd", *folder_overrides(digits),
+                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
+                       f"config.CHECKPOINT.DIR={ck}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert re.search(r"layer-wise lr decay 0\.65: \d+ param groups", proc.stdout)
+    state = torch.load(ck / "model_final_checkpoint_phase0.torch", map_location="cpu", weights_only=True)
+    groups = state["classy_state_dict"]["optimizer"]["optim"]["param_groups"]
+    # The last step's rates: one schedule value times each group's decay ** (4 - layer).
+    base = {g["lr"] / 0.65 ** (4 - g["layer_id"]) for g in groups}
+    assert max(base) - min(base) <= 1e-9 * max(base) and min(base) > 0
+    assert {g["layer_id"] for g in groups} == {0, 1, 2, 3, 4}
+
+
+# ------------------------------------------------------ layer decay in process
+
+def _expected_layer(name: str, depth: int) -> int:
+    """The layer of a VISSL model's parameter (trunk.* / heads.*) by its name."""
+    if name.startswith(("trunk.patch_embed.", "trunk.cls_token", "trunk.pos_embed")):
+        return 0
+    match = re.match(r"trunk\.blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    assert name.startswith(("trunk.norm.", "heads.")), name
+    return depth + 1
+
+
+def _llrd_task(overrides=()):
+    from classy_vision.optim import build_optimizer, build_optimizer_schedulers
+    from classy_vision.tasks import TASK_REGISTRY
+    from vissl.models import build_model
+
+    _, config = compose([f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd", *overrides])
+    task = TASK_REGISTRY[config.TRAINER.TASK_NAME].from_config(config)
+    torch.manual_seed(0)
+    task.base_model = build_model(config.MODEL, config.OPTIMIZER)
+    task.optimizer = build_optimizer(config.OPTIMIZER)
+    task.optimizer_schedulers = build_optimizer_schedulers(config.OPTIMIZER)
+    task.prepare_optimizer()
+    return config, task
+
+
+def test_layer_decay_rates_survive_the_schedule():
+    config, task = _llrd_task()
+    assert isinstance(task, llrd.ConViTLLRDTask)
+    model, optimizer = task.base_model, task.optimizer
+    depth, decay = config.MODEL.TRUNK.CONVIT_SSL.DEPTH, config.OPTIMIZER.layer_decay
+    schedule = task.optimizer_schedulers["lr"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    # Every trainable parameter is in exactly one group.
+    grouped = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+    non_regularized = ("pos_embed", "cls_token", "gating_param")
+    for where in (0.0, 0.3, 0.9):
+        model.zero_grad()
+        sum(out.sum() for out in model(torch.randn(2, 3, 48, 48))).backward()
+        optimizer.step(where=where)  # sets every group's lr from its scheduler, then steps
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                name = names[id(param)]
+                layer = _expected_layer(name, depth)
+                assert group["layer_id"] == layer, name
+                assert group["lr"] == pytest.approx(schedule(where) * decay ** (depth + 1 - layer), rel=1e-12), name
+                # VISSL's regularized / unregularized split is kept
+                no_decay = param.ndim == 1 or any(k in name for k in non_regularized)
+                assert group["weight_decay"] == (0.0 if no_decay else config.OPTIMIZER.weight_decay), name
+        # what VISSL's TensorBoard hook logs: one float, the schedule's value
+        assert optimizer.options_view.lr == pytest.approx(schedule(where))
+    patch = next(g for g in optimizer.param_groups if g["layer_id"] == 0)
+    assert patch["lr"] == pytest.approx(schedule(0.9) * 0.65 ** 4)
+
+    # Resuming: a new task builds the same groups, so the checkpointed optimizer state loads.
+    _, resumed = _llrd_task()
+    resumed.optimizer.set_classy_state(optimizer.get_classy_state())
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [g["lr"] for g in optimizer.param_groups]
+
+
+def test_layer_decay_one_is_vissls_rates():
+    _, task = _llrd_task(["config.OPTIMIZER.layer_decay=1.0"])
+    schedule = task.optimizer_schedulers["lr"]
+    sum(out.sum() for out in task.base_model(torch.randn(2, 3, 48, 48))).backward()
+    task.optimizer.step(where=0.5)
+    assert {g["lr"] for g in task.optimizer.param_groups} == {schedule(0.5)}
+
+
+def test_register_is_idempotent():
+    from classy_vision.tasks import TASK_REGISTRY
+
+    llrd.register()
+    llrd.register()
+    assert TASK_REGISTRY[llrd.TASK_NAME] is llrd.ConViTLLRDTask
+
+
+def test_layer_decay_config_errors():
+    _, plain = compose([f"config={TWINS}/finetune_micro_folder_cifar100_384"])
+    llrd.validate_layer_decay(plain)  # no key, VISSL's task: fine
+    plain.OPTIMIZER.layer_decay = 0.65
+    with pytest.raises(ValueError, match="layer_decay=0.65 needs config.TRAINER.TASK_NAME=convit_ssl_llrd_task"):
+        llrd.validate_layer_decay(plain)
+    _, config = compose([f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd"])
+    llrd.validate_layer_decay(config)
+    for bad in (0, 1.5, True, "0.65"):
+        config.OPTIMIZER.layer_decay = bad
+        with pytest.raises(ValueError, match=r"layer_decay must be a number in \(0, 1\]"):
+            llrd.validate_layer_decay(config)
+    config.OPTIMIZER.layer_decay = None
+    with pytest.raises(ValueError, match="needs config.OPTIMIZER.layer_decay"):
+        llrd.validate_layer_decay(config)
+    config.TRAINER.TASK_NAME = "convit_ssl_no_such_task"
+    with pytest.raises(ValueError, match="'convit_ssl_no_such_task' is not a registered task"):
+        llrd.validate_layer_decay(config)
+    with pytest.raises(ValueError, match="needs config.OPTIMIZER.layer_decay"):
+        _llrd_task(["config.OPTIMIZER.layer_decay=null"])
+
+
+def test_layer_of_an_unknown_parameter_is_an_error():
+    assert [llrd.trunk_layer_id(n, 3) for n in ("pos_embed", "blocks.2.attn.qkv.weight", "norm.bias")] == [0, 3, 4]
+    with pytest.raises(ValueError, match="'blocks.3.mlp.fc1.weight' has no layer"):
+        llrd.trunk_layer_id("blocks.3.mlp.fc1.weight", 3)
+    with pytest.raises(ValueError, match="found 0"):
+        llrd.find_trunk(torch.nn.Linear(2, 2))
