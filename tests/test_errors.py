@@ -89,3 +89,12 @@ def test_dataset_catalog_resolves_and_checks_paths(digits, tmp_path):
         validate(config)  # the train split resolves through the catalog
     finally:
         VisslDatasetCatalog.clear()
+
+
+def test_data_paths_without_label_paths(digits):
+    """VISSL would look the labels up in the catalog and fail inside the rank: caught before."""
+    train = digits / "train"
+    _, config = compose(["config=test/convit_ssl/supervised_micro_folder", "config.TEST_MODEL=false",
+                         f"config.DATA.TRAIN.DATA_PATHS=[{train}]"])
+    with pytest.raises(ValueError, match=r"LABEL_PATHS is empty and \['folder_train'\] is not in the dataset catalog"):
+        validate(config)

@@ -62,11 +62,16 @@ def validate_data(config: Any) -> None:
                 _check_image_folder(path, where)
             elif not os.path.exists(path):
                 raise FileNotFoundError(f"{where}: {path!r} does not exist")
-        if "disk_folder" in block.LABEL_SOURCES and not block.LABEL_PATHS and block.DATA_PATHS:
-            raise ValueError(
-                f"config.DATA.{split}: LABEL_SOURCES has disk_folder but LABEL_PATHS is empty; "
-                f"set config.DATA.{split}.LABEL_PATHS to the same folder(s) as DATA_PATHS"
-            )
+        if block.DATA_PATHS and not block.LABEL_PATHS:
+            # VISSL looks labels up in the catalog whenever LABEL_PATHS is empty (even
+            # for methods that read none) and fails inside the rank if the name is absent.
+            absent = [n for n, src in zip(block.DATASET_NAMES, block.DATA_SOURCES)
+                      if src != "synthetic" and not VisslDatasetCatalog.has_data(n)]
+            if absent:
+                raise ValueError(
+                    f"config.DATA.{split}: DATA_PATHS is set but LABEL_PATHS is empty and {absent} is not in the "
+                    f"dataset catalog; set config.DATA.{split}.LABEL_PATHS to the same folder(s) as DATA_PATHS"
+                )
 
 
 def validate_task(config: Any) -> None:

@@ -1,0 +1,238 @@
+"""Self-supervised pretraining with ConViT trunks: every method's tiny CPU
+twin (configs/config/test/convit_ssl/ssl/) runs end to end through
+tools/run_distributed_engines.py, and restates no more of its ImageNet recipe
+(configs/config/pretrain/<method>/) than the micro trunk forces. DINO's
+multi-crop step puts two resolutions through the trunk, and its teacher has
+no stochastic depth."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from conftest import run_engine
+
+from convit_ssl.vissl import ssl_compat
+from convit_ssl.vissl.configs import compose
+
+# twin name -> its ImageNet recipe
+RECIPES = {
+    "dino_micro_synthetic": "pretrain/dino/dino_convit_small_in1k_224_300ep",
+    "moco_micro_synthetic": "pretrain/moco/moco_convit_small_in1k_224_300ep",
+    "swav_micro_synthetic": "pretrain/swav/swav_convit_small_in1k_224_300ep",
+    "simclr_micro_synthetic": "pretrain/simclr/simclr_convit_small_in1k_224_300ep",
+    "barlow_twins_micro_synthetic": "pretrain/barlow_twins/barlow_twins_convit_small_in1k_224_300ep",
+    "deepclusterv2_micro_synthetic": "pretrain/deepcluster_v2/deepclusterv2_convit_small_in1k_224_300ep",
+}
+TWIN_DIR = "test/convit_ssl/ssl"
+# VISSL's swav_head (DINO's head) uses torch.nn.utils.weight_norm, deprecated in torch 2.
+WEIGHT_NORM_WARNING = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+
+def _config(name: str) -> Any:
+    return compose([f"config={name}"])[1]
+
+
+# ----------------------------------------------------------------------------
+# End to end: every twin trains, checkpoints, and logs a finite loss.
+# ----------------------------------------------------------------------------
+
+
+def _check_dino(state: dict[str, Any], stdout: str) -> None:
+    """12 crops per image; the loss state keeps the EMA teacher (to resume) with the student's keys."""
+    assert "'num_crops': 12" in stdout and "Building momentum encoder" in stdout
+    student = state["base_model"]["model"]
+    prefix = "momentum_teacher."
+    teacher = {k[len(prefix):]: v for k, v in state["loss"].items() if k.startswith(prefix)}
+    assert set(teacher) == {f"trunk.{k}" for k in student["trunk"]} | {f"heads.{k}" for k in student["heads"]}
+    assert not torch.equal(teacher["trunk.pos_embed"], student["trunk"]["pos_embed"])  # an average, not a copy
+    assert torch.isfinite(state["loss"]["center"]).all()
+
+
+def _check_moco(state: dict[str, Any], stdout: str) -> None:
+    """The key encoder was built and every step's keys entered the queue."""
+    assert "Building MoCo encoder" in stdout
+    assert int(state["loss"]["queue_ptr"]) == 12  # 3 steps x 4 keys
+    assert any(k.startswith("moco_encoder.trunk.") for k in state["loss"])
+
+
+def _check_swav(state: dict[str, Any], stdout: str) -> None:
+    """8 crops per image; prototypes frozen for one step, then L2-normalised after each update."""
+    assert "'num_crops': 8" in stdout and "No parameters grad removed from now on: 1" in stdout
+    prototypes = state["base_model"]["model"]["heads"]["0.prototypes0.weight"]
+    assert torch.allclose(prototypes.norm(dim=1), torch.ones(len(prototypes)), atol=1e-5)
+
+
+def _check_simclr(state: dict[str, Any], stdout: str) -> None:
+    assert "'effective_batch_size': 8" in stdout  # 2 views x 4 images x 1 process
+
+
+def _check_barlow_twins(state: dict[str, Any], stdout: str) -> None:
+    assert "BarlowTwinsLoss" in stdout
+
+
+def _check_deepclusterv2(state: dict[str, Any], stdout: str) -> None:
+    """The memory bank was filled, then clustered at the start of both epochs."""
+    assert "Memory banks initialized" in stdout
+    assert stdout.count("clustering of the memory bank done") == 2
+    assignments = state["loss"]["assignments"]
+    assert assignments.shape == (3, 12) and (assignments >= 0).all() and (assignments < 8).all()
+
+
+METHOD_CHECKS = {
+    "dino_micro_synthetic": _check_dino,
+    "moco_micro_synthetic": _check_moco,
+    "swav_micro_synthetic": _check_swav,
+    "simclr_micro_synthetic": _check_simclr,
+    "barlow_twins_micro_synthetic": _check_barlow_twins,
+    "deepclusterv2_micro_synthetic": _check_deepclusterv2,
+}
+
+
+@pytest.mark.parametrize("twin", sorted(RECIPES))
+def test_twin_trains_end_to_end(twin, tmp_path):
+    checkpoint_dir = tmp_path / "ck"
+    proc = run_engine([f"config={TWIN_DIR}/{twin}", f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+
+    config = _config(f"{TWIN_DIR}/{twin}")
+    epochs = config.OPTIMIZER.num_epochs
+    final = checkpoint_dir / f"model_final_checkpoint_phase{epochs - 1}.torch"
+    assert final.is_file()
+    records = [json.loads(line) for line in (checkpoint_dir / "stdout.json").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    iterations = epochs * config.DATA.TRAIN.DATA_LIMIT // config.DATA.TRAIN.BATCHSIZE_PER_REPLICA
+    assert len(losses) == iterations, records
+    assert all(math.isfinite(loss) for loss in losses), losses
+    state = torch.load(final, map_location="cpu", weights_only=False)["classy_state_dict"]
+    METHOD_CHECKS[twin](state, proc.stdout)
+
+
+# ----------------------------------------------------------------------------
+# The twins test the shipped recipes.
+# ----------------------------------------------------------------------------
+
+# What a twin may change beyond test/convit_ssl/ssl/micro_cpu.yaml: sizes only.
+def test_ssl_fixes_applied_by_import():
+    """`import convit_ssl` (every entry point, every VISSL rank) applies the DINO and DeepCluster-v2 fixes."""
+    assert ssl_compat.applied() == ["DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device"]
+
+
+SIZE_KEYS = {"size", "size_crops", "dims", "num_clusters", "in_channels"}
+TWIN_ONLY = {
+    "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP",          # iteration counts (checked below)
+    "LOSS.barlow_twins_loss.embedding_dim",       # = the shrunk projector's width
+    "LOSS.deepclusterv2_loss.num_train_samples",  # = DATA_LIMIT
+    "LOSS.deepclusterv2_loss.num_clusters",       # <= DATA_LIMIT
+    "OPTIMIZER.num_epochs",
+}
+# Loss settings VISSL infers from the batch, the world size, the crops and the head.
+INFERRED_LOSS_KEYS = {"num_crops", "output_dim", "output_dir", "num_prototypes", "embedding_dim",
+                      "BATCHSIZE_PER_REPLICA", "effective_batch_size", "world_size", "local_queue_length"}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _without_sizes(items: list[Any]) -> list[Any]:
+    """Transforms or heads with their size arguments removed."""
+    def strip(item):
+        if isinstance(item, dict):
+            return {k: strip(v) for k, v in item.items() if k not in SIZE_KEYS}
+        if isinstance(item, (list, tuple)):
+            return [strip(v) for v in item]
+        return item
+    return strip(items)
+
+
+def _micro_cpu_keys() -> set:
+    """The keys test/convit_ssl/ssl/micro_cpu.yaml sets, dotted."""
+    import yaml
+
+    from convit_ssl.vissl.configs import config_root
+
+    text = (config_root() / "config" / TWIN_DIR / "micro_cpu.yaml").read_text()
+    return set(_flatten(yaml.safe_load(text)["config"]))
+
+
+@pytest.mark.parametrize("twin", sorted(RECIPES))
+def test_twin_restates_only_sizes(twin):
+    """Composed, a twin differs from its recipe only where micro_cpu.yaml says,
+    in sizes, and in what VISSL infers from those (loss sizes, lr scaled to the batch)."""
+    twin_config, recipe = _config(f"{TWIN_DIR}/{twin}"), _config(RECIPES[twin])
+    flat_twin, flat_recipe = _flatten(twin_config), _flatten(recipe)
+    changed = {k for k, v in flat_twin.items() if k not in flat_recipe or flat_recipe[k] != v}
+    inferred = {k for k in changed if k.startswith("LOSS.") and k.split(".")[-1] in INFERRED_LOSS_KEYS}
+    if recipe.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale:
+        inferred |= {k for k in changed if k.startswith("OPTIMIZER.param_schedulers.lr")}
+    unexplained = changed - _micro_cpu_keys() - inferred - TWIN_ONLY - {"DATA.TRAIN.TRANSFORMS", "MODEL.HEAD.PARAMS"}
+    assert not unexplained, sorted(unexplained)
+    # Transforms and heads: the recipe's, with other sizes.
+    assert _without_sizes(twin_config.DATA.TRAIN.TRANSFORMS) == _without_sizes(recipe.DATA.TRAIN.TRANSFORMS)
+    assert _without_sizes(twin_config.MODEL.HEAD.PARAMS) == _without_sizes(recipe.MODEL.HEAD.PARAMS)
+    frozen = [[name for name, _ in c.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP] for c in (twin_config, recipe)]
+    assert frozen[0] == frozen[1]
+
+
+# ----------------------------------------------------------------------------
+# DINO: two resolutions per step, a teacher without stochastic depth.
+# ----------------------------------------------------------------------------
+
+
+@WEIGHT_NORM_WARNING
+def test_dino_step_puts_two_resolutions_through_the_trunk():
+    """The twin's own augmentation and collator make 2 x 32 px + 10 x 16 px
+    crops; VISSL's model runs the trunk once per resolution in one forward."""
+    from vissl.data.collators import get_collator
+    from vissl.data.ssl_transforms import get_transform
+    from vissl.data.synthetic_dataset import SyntheticImageDataset
+    from vissl.models import build_model
+
+    config = _config(f"{TWIN_DIR}/dino_micro_synthetic")
+    transform = get_transform(config.DATA.TRAIN.TRANSFORMS)
+    samples = [
+        transform({"data": [SyntheticImageDataset.generate_image(seed=i, crop_size=64)],
+                   "label": [i], "data_valid": [1], "data_idx": [i]})
+        for i in range(3)
+    ]
+    collate = get_collator(config.DATA.TRAIN.COLLATE_FUNCTION, config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS)
+    crops = collate(samples)["data"][0]
+    assert [tuple(c.shape[-2:]) for c in crops] == [(32, 32)] * 2 + [(16, 16)] * 10
+
+    model = build_model(config.MODEL, config.OPTIMIZER)
+    seen = []
+    model.trunk.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    (scores,) = model(crops)[0]
+    assert seen == [(6, 3, 32, 32), (30, 3, 16, 16)]  # one step, two trunk passes
+    assert scores.shape == (12 * 3, config.LOSS.dino_loss.output_dim)
+    scores.sum().backward()
+    assert model.trunk.pos_embed.grad is not None
+
+
+@WEIGHT_NORM_WARNING
+def test_dino_teacher_has_no_stochastic_depth():
+    """VISSL's DINOHook zeroes only its own ViT's DROP_PATH_RATE; with
+    ssl_compat the convit_ssl teacher is built without stochastic depth too."""
+    from vissl.hooks.dino_hooks import DINOHook
+    from vissl.models import build_model
+
+    from convit_ssl.models.layers import DropPath
+
+    ssl_compat.apply()
+    config = _config(f"{TWIN_DIR}/dino_micro_synthetic")
+    student = build_model(config.MODEL, config.OPTIMIZER)
+    assert any(isinstance(m, DropPath) for m in student.modules())
+    task = SimpleNamespace(config=config, model=student, device=torch.device("cpu"),
+                           loss=SimpleNamespace(momentum_teacher=None, checkpoint=None))
+    DINOHook()._build_momentum_network(task)
+    teacher = task.loss.momentum_teacher
+    assert not any(isinstance(m, DropPath) for m in teacher.modules())
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
