@@ -101,7 +101,9 @@ def trunk_kwargs(block: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
 
 
 def _type_names(types: tuple) -> str:
-    return " or ".join({"int": "int", "float": "float", "bool": "bool", "list": "[h, w]", "tuple": "[h, w]"}[t.__name__] for t in types)
+    """(int, list, tuple) -> "int or [h, w]"."""
+    names = {"list": "[h, w]", "tuple": "[h, w]"}
+    return " or ".join(dict.fromkeys(names.get(t.__name__, t.__name__) for t in types))
 
 
 def validate_trunk_config(model_config: Mapping[str, Any]) -> ConViT:
