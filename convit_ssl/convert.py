@@ -167,7 +167,9 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
     source_kwargs = dict(kwargs)
     if cfg.verify:
         reference = _our_model(weights.trunk, weights.head, source_kwargs)
-        source = _source_forward(obj, fmt, weights, source_kwargs, cfg.head_index, cfg.bn_eps)
+        # A headless vissl file runs on our trunk alone: that is the reference itself.
+        source = (reference if fmt == "vissl" and weights.head is None
+                  else _source_forward(obj, fmt, weights, source_kwargs, cfg.head_index, cfg.bn_eps))
 
     if cfg.target_format == "vissl_convit" and kwargs["norm_eps"] != VISSL_CONVIT_NORM_EPS:
         weights.notes.append(
