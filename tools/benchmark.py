@@ -2,84 +2,122 @@
 """Throughput and memory of convit_ssl's ConViT against timm's ConViT and a timm
 ViT of identical dimensions, measured in one process, in alternation.
 
-    python tools/benchmark.py [--arch convit_tiny] [--batch 32] [--size 224] [--threads 2] [--json out.json]
+    python tools/benchmark.py [--arch convit_tiny convit_small] [--batch 32] [--size 224]
+                              [--modes fp32 compile bf16] [--device cpu] [--json benchmark.json]
 
-Rows (CPU fp32 by default): forward images/s (inference), training-step images/s
-(forward, backward, AdamW step), and the peak memory of one training step at
---mem-size px (measured in fresh subprocesses, minus a process that only builds
-the model). Ratios are against the peers measured in the same run.
+For each architecture and mode (fp32 eager, fp32 under torch.compile, bf16
+autocast) the three models are timed in alternation: forward images/s
+(inference) and training-step images/s (forward, backward, AdamW step). The
+peak memory of one fp32 training step at --mem-size px is measured for ours
+(also with activation checkpointing) and timm's ConViT: on CPU in fresh
+subprocesses (peak RSS minus that of a process that only built the model), on
+CUDA as the peak allocated memory. Ratios are against the peers measured in
+the same run; the issue's targets are checked for convit_tiny in fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import convit_ssl  # noqa: F401  (compat shims before timm)
 import torch
 
 PEERS = ("ours", "timm_convit", "timm_vit")
+MODES = ("fp32", "compile", "bf16")
+# (ratio name, comparison, bound) for convit_tiny, CPU fp32 (issue 5)
+TARGETS = {
+    "forward_vs_timm_vit": (">=", 0.90),
+    "forward_vs_timm_convit": (">=", 2.0),
+    "train_vs_timm_vit": (">=", 0.85),
+    "train_vs_timm_convit": (">=", 1.5),
+    "train_memory_vs_timm_convit": ("<=", 0.6),
+}
 
 
 def build(kind: str, arch: str, size: int) -> torch.nn.Module:
-    """`ours` (convit_ssl), `timm_convit` (timm's ConVit), `timm_vit` (timm ViT, same dims)."""
+    """`ours` (convit_ssl), `timm_convit` (timm's ConVit), `timm_vit` (timm ViT, same dims);
+    `ours_ckpt` is ours with activation checkpointing."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
     spec = convit_ssl.models.ARCHITECTURES[arch]
-    if kind == "ours":
-        return convit_ssl.create_model(arch, img_size=size)
+    if kind in ("ours", "ours_ckpt"):
+        model = convit_ssl.create_model(arch, img_size=size)
+        model.set_grad_checkpointing(kind == "ours_ckpt")
+        return model
     if kind == "timm_convit":
-        return timm.create_model(arch, img_size=size) if arch in ("convit_tiny", "convit_small", "convit_base") else \
-            timm.models.convit.ConVit(img_size=size, embed_dim=spec["width"] // spec["num_heads"],
-                                      num_heads=spec["num_heads"], local_up_to_layer=spec["num_gpsa_layers"])
+        if arch in timm.list_models("convit_*"):
+            return timm.create_model(arch, img_size=size)
+        return timm.models.convit.ConVit(img_size=size, embed_dim=spec["width"] // spec["num_heads"],
+                                         num_heads=spec["num_heads"], local_up_to_layer=spec["num_gpsa_layers"])
     return VisionTransformer(img_size=size, embed_dim=spec["width"], depth=spec["depth"], num_heads=spec["num_heads"],
                              qkv_bias=False)
 
 
-def _time(fn: Callable[[], None], iters: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
+    _sync(device)
     return (time.perf_counter() - start) / iters
 
 
-def measure_speed(arch: str, batch: int, size: int, rounds: int, iters: int) -> Dict[str, Dict[str, float]]:
+def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+    """Median forward and training-step images/s of the three peers in `mode`."""
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    models = {k: build(k, arch, size) for k in PEERS}
-    x = torch.randn(batch, 3, size, size)
-    target = torch.randint(0, 1000, (batch,))
+    models = {k: build(k, arch, args.size).to(device) for k in PEERS}
+    runners = {k: torch.compile(m) if mode == "compile" else m for k, m in models.items()}
     optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    target = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def precision():
+        if mode == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def forward(k):
         def run():
-            with torch.inference_mode():
-                models[k].eval()(x)
+            models[k].eval()
+            with torch.inference_mode(), precision():
+                runners[k](x)
         return run
 
     def train(k):
         def run():
-            m = models[k].train()
-            loss = torch.nn.functional.cross_entropy(m(x), target)
+            models[k].train()
+            with precision():
+                loss = torch.nn.functional.cross_entropy(runners[k](x).float(), target)
             optims[k].zero_grad(set_to_none=True)
             loss.backward()
             optims[k].step()
         return run
 
-    results: Dict[str, Dict[str, list]] = {k: {"forward": [], "train": []} for k in PEERS}
-    for k in PEERS:  # warm-up
-        forward(k)()
-        train(k)()
-    for _ in range(rounds):  # alternate, so drift hits every model alike
+    results: Dict[str, Dict[str, List[float]]] = {k: {"forward": [], "train": []} for k in PEERS}
+    for k in PEERS:  # warm-up (and compilation)
+        for _ in range(2):
+            forward(k)()
+            train(k)()
+    for _ in range(args.rounds):  # alternate, so drift hits every model alike
         for k in PEERS:
-            results[k]["forward"].append(batch / _time(forward(k), iters))
-            results[k]["train"].append(batch / _time(train(k), iters))
+            results[k]["forward"].append(args.batch / _time(forward(k), args.iters, device))
+            results[k]["train"].append(args.batch / _time(train(k), args.iters, device))
     return {k: {m: statistics.median(v) for m, v in r.items()} for k, r in results.items()}
 
 
@@ -91,54 +129,111 @@ torch.set_num_threads({threads})
 model = benchmark.build({kind!r}, {arch!r}, {size}).train()
 x = torch.randn({batch}, 3, {size}, {size})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if {step}:
-    torch.nn.functional.cross_entropy(model(x), torch.zeros({batch}, dtype=torch.long)).backward()
+torch.nn.functional.cross_entropy(model(x), torch.zeros({batch}, dtype=torch.long)).backward()
 print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def measure_memory(kind: str, arch: str, batch: int, size: int, threads: int) -> float:
-    """MB by which one training step raises the peak RSS of a fresh process."""
-    code = MEM_CHILD.format(tools=str(Path(__file__).parent), threads=threads, kind=kind, arch=arch,
-                            size=size, batch=batch, step=True)
+def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> float:
+    """MB that one fp32 training step at --mem-size adds to the peak (see the module doc)."""
+    size, batch = args.mem_size, args.batch
+    if args.device.startswith("cuda"):
+        device = torch.device(args.device)
+        model = build(kind, arch, size).to(device).train()
+        x = torch.randn(batch, 3, size, size, device=device)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.nn.functional.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long, device=device)).backward()
+        peak = torch.cuda.max_memory_allocated(device)
+        del model, x
+        torch.cuda.empty_cache()
+        return (peak - base) / 2**20
+    code = MEM_CHILD.format(tools=str(Path(__file__).parent), threads=args.threads, kind=kind, arch=arch,
+                            size=size, batch=batch)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     base, peak = map(int, out.stdout.split()[-2:])
     return (peak - base) / 1024
 
 
+def ratios_of(speed: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    return {
+        f"{step}_vs_{peer}": speed["ours"][step] / speed[peer][step]
+        for step in ("forward", "train") for peer in ("timm_vit", "timm_convit")
+    }
+
+
+def verdict(name: str, value: float) -> str:
+    op, bound = TARGETS[name]
+    ok = value >= bound if op == ">=" else value <= bound
+    return f"target {op} {bound:.2f}x  {'met' if ok else 'MISSED'}"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return cpu
+
+
+def bench_arch(arch: str, args: argparse.Namespace) -> Dict:
+    record: Dict = {"speed": {}, "ratios": {}}
+    for mode in args.modes:
+        record["speed"][mode] = measure_speed(arch, mode, args)
+        record["ratios"][mode] = ratios_of(record["speed"][mode])
+    record["memory_mb"] = {k: measure_memory(k, arch, args) for k in ("ours", "ours_ckpt", "timm_convit")}
+    if record["memory_mb"]["timm_convit"] >= 1.0:  # below 1 MB the step does not lift the import-time peak
+        record["memory_vs_timm_convit"] = {
+            k: record["memory_mb"][k] / record["memory_mb"]["timm_convit"] for k in ("ours", "ours_ckpt")
+        }
+    return record
+
+
+def report(arch: str, record: Dict, args: argparse.Namespace) -> None:
+    check_targets = arch == "convit_tiny" and args.device == "cpu"
+    print(f"\n{arch}: batch {args.batch}, {args.size} px, {args.threads} threads, {args.device}")
+    print(f"{'mode':<9}{'model':<13}{'forward img/s':>15}{'train img/s':>14}")
+    for mode, speed in record["speed"].items():
+        for k in PEERS:
+            print(f"{mode:<9}{k:<13}{speed[k]['forward']:>15.1f}{speed[k]['train']:>14.1f}")
+    mem = record["memory_mb"]
+    print(f"train-step peak memory @{args.mem_size} px: ours {mem['ours']:.0f} MB, ours + activation "
+          f"checkpointing {mem['ours_ckpt']:.0f} MB, timm_convit {mem['timm_convit']:.0f} MB")
+    for mode, ratios in record["ratios"].items():
+        for name, value in ratios.items():
+            target = verdict(name, value) if check_targets and mode == "fp32" else ""
+            print(f"  {mode + ' ' + name:<48}{value:>6.2f}x  {target}")
+    for k, value in record.get("memory_vs_timm_convit", {}).items():
+        target = verdict("train_memory_vs_timm_convit", value) if check_targets and k == "ours" else ""
+        print(f"  {k + ' train_memory_vs_timm_convit':<48}{value:>6.2f}x  {target}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="convit_tiny")
+    parser.add_argument("--arch", nargs="+", default=["convit_tiny", "convit_small"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--mem-size", type=int, default=384)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write every number to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    speed = measure_speed(args.arch, args.batch, args.size, args.rounds, args.iters)
-    memory = {k: measure_memory(k, args.arch, args.batch, args.mem_size, args.threads) for k in ("ours", "timm_convit")}
-    ratios = {
-        "forward_vs_timm_vit": speed["ours"]["forward"] / speed["timm_vit"]["forward"],
-        "forward_vs_timm_convit": speed["ours"]["forward"] / speed["timm_convit"]["forward"],
-        "train_vs_timm_vit": speed["ours"]["train"] / speed["timm_vit"]["train"],
-        "train_vs_timm_convit": speed["ours"]["train"] / speed["timm_convit"]["train"],
-    }
-    if memory["timm_convit"] >= 1.0:  # below 1 MB the step does not lift the import-time peak: no ratio
-        ratios[f"train_memory_{args.mem_size}px_vs_timm_convit"] = memory["ours"] / memory["timm_convit"]
-    print(f"{args.arch}, batch {args.batch}, {args.size} px, fp32, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'model':<14}{'forward img/s':>15}{'train img/s':>14}{f'train peak MB @{args.mem_size}':>20}")
-    for k in PEERS:
-        mem = f"{memory[k]:.0f}" if k in memory else "-"
-        print(f"{k:<14}{speed[k]['forward']:>15.1f}{speed[k]['train']:>14.1f}{mem:>20}")
-    for name, value in ratios.items():
-        print(f"{name:<36}{value:>7.2f}x")
+    header = {"machine": machine() if args.device == "cpu" else torch.cuda.get_device_name(args.device),
+              "torch": torch.__version__, "python": platform.python_version(), "args": vars(args)}
+    print(f"{header['machine']}; torch {header['torch']}, python {header['python']}")
+    results = {}
+    for arch in args.arch:
+        results[arch] = bench_arch(arch, args)
+        report(arch, results[arch], args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "speed": speed, "memory_mb": memory,
-                                               "ratios": ratios}, indent=2))
+        Path(args.json).write_text(json.dumps({**header, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ materialising A per image:
 
     A V = (1 - g) SDPA(Q, K, V) + g softmax(P) V
 
-which is exact whenever attention dropout is off. The explicit path (A built,
+which is exact whenever attention dropout is off; softmax(P) V is one
+(N, N) x (N, B * d) matrix product per head for the whole batch. The explicit path (A built,
 renormalised and dropped out, as in the paper's code) is used when attention
 dropout is active and by `attention_maps`.
 """
@@ -118,19 +119,32 @@ class GPSA(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """Tokens (B, N, C) on an (H, W) grid, N = H * W -> (B, N, C)."""
-        if x.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"GPSA got {x.shape[1]} tokens for a {grid[0]}x{grid[1]} grid")
-        v = _split_heads(self.v(x), self.num_heads)
+        b, n, c = x.shape
+        if n != grid[0] * grid[1]:
+            raise ValueError(f"GPSA got {n} tokens for a {grid[0]}x{grid[1]} grid")
         if self.training and self.attn_drop.p > 0:
-            out = self.attn_drop(self.attention_maps(x, grid)) @ v
+            v = _split_heads(self.v(x), self.num_heads)
+            out = _merge_heads(self.attn_drop(self.attention_maps(x, grid)) @ v)
         else:
-            q, k = self.qk(x).chunk(2, dim=-1)
-            q, k = _split_heads(q, self.num_heads), _split_heads(k, self.num_heads)
-            gate = self.gate().view(-1, 1, 1)
-            content = F.scaled_dot_product_attention(q, k, v)
-            positional = self.positional_attention(grid) @ v
-            out = content - gate * (content - positional)
-        return self.proj_drop(self.proj(_merge_heads(out)))
+            out = self._fused(x, grid).reshape(b, n, c)
+        return self.proj_drop(self.proj(out))
+
+    def _fused(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """(B, N, heads, d) = lerp(SDPA(Q, K, V), softmax(P) V, gate), without any (B, heads, N, N) tensor.
+
+        One projection gives Q, K and V (the qk and v weights side by side); the
+        positional term is one (N, N) x (N, B * d) product per head over the whole batch.
+        """
+        b, n, c = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        bias = None if self.qk.bias is None else torch.cat([self.qk.bias, self.v.bias])
+        qkv = F.linear(x, torch.cat([self.qk.weight, self.v.weight]), bias).view(b, n, 3, heads, d)
+        q, k, v = qkv.unbind(2)  # each (B, N, heads, d)
+        content = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        values = v.permute(2, 1, 0, 3).reshape(heads, n, b * d)
+        positional = torch.bmm(self.positional_attention(grid), values).view(heads, n, b, d)
+        gate = self.gate().to(content.dtype).view(heads, 1)  # autocast: lerp wants one dtype
+        return torch.lerp(content.transpose(1, 2), positional.permute(2, 1, 0, 3), gate)
 
 
 class MHSA(nn.Module):

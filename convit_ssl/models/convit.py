@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from convit_ssl.models.attention import GPSA, MHSA
 from convit_ssl.models.layers import DropPath, Mlp, PatchEmbed
@@ -154,6 +155,7 @@ class ConViT(nn.Module):
         self.norm = nn.LayerNorm(width, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -177,6 +179,13 @@ class ConViT(nn.Module):
                 module.gating_param.fill_(1.0)
                 module.local_init()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing (timm's name): while gradients are recorded, each
+        block keeps only its input and recomputes its activations in the backward
+        pass, trading about one extra forward for memory. Seeded randomness (drop
+        path, dropout) is replayed, so results are unchanged."""
+        self.grad_checkpointing = bool(enable)
+
     def no_weight_decay(self) -> set:
         """Parameter names that the paper's recipe trains without weight decay (besides biases and norms)."""
         names = {"cls_token", "pos_embed"}
@@ -188,7 +197,9 @@ class ConViT(nn.Module):
         tokens, grid = self.patch_embed(x)
         if self.pos_embed is not None:
             tokens = tokens + resample_pos_embed(self.pos_embed, grid, self.grid)
-        return self.pos_drop(tokens), grid
+        # Dropout sees timm's (transposed) memory layout, so seeded masks match timm's; the
+        # residual stream is then made contiguous, or every later op on it would copy.
+        return self.pos_drop(tokens).contiguous(), grid
 
     def _blocks(self, x: torch.Tensor, grid: Tuple[int, int]):
         """Yield (block index, tokens after the block); the class token is
@@ -196,7 +207,10 @@ class ConViT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == self.num_gpsa_layers:
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-            x = block(x, grid)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, grid, use_reentrant=False)
+            else:
+                x = block(x, grid)
             yield i, x
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:

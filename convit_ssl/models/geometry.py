@@ -33,7 +33,13 @@ def _relative_offsets(grid: Tuple[int, int]) -> torch.Tensor:
 
 
 def relative_offsets(grid: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Cached (N, N, 3) relative encoding of `grid` on `device` in `dtype`."""
+    """Cached (N, N, 3) relative encoding of `grid` on `device` in `dtype`.
+
+    Under torch.compile the encoding is traced instead (the compiler folds it
+    into a constant of the graph; dynamo does not trace through lru_cache).
+    """
+    if torch.compiler.is_compiling():
+        return _relative_offsets((int(grid[0]), int(grid[1]))).to(device=device, dtype=dtype)
     return _cached_offsets((int(grid[0]), int(grid[1])), torch.device(device), dtype)
 
 

@@ -26,6 +26,10 @@ Config block (upper case, each key optional except ARCH; null = the arch default
       LOCALITY_STRENGTH: null
       USE_POS_EMBED: null
       NORM_EPS: null
+
+VISSL's `MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING: true`
+switches on activation checkpointing of every block (`set_grad_checkpointing`);
+NUM_ACTIVATION_CHECKPOINTING_SPLITS does not apply (the unit is one block).
 """
 
 from __future__ import annotations
@@ -131,6 +135,8 @@ class ConViTSSLTrunk(ConViT):
         except ValueError as e:
             raise ValueError(f"MODEL.TRUNK.{CONFIG_BLOCK}: {e}") from e
         self.model_name = model_name
+        checkpointing = model_config.get("ACTIVATION_CHECKPOINTING") or {}
+        self.set_grad_checkpointing(bool(checkpointing.get("USE_ACTIVATION_CHECKPOINTING", False)))
 
     def forward(self, x: torch.Tensor, out_feat_keys: Optional[List[str]] = None) -> List[torch.Tensor]:  # type: ignore[override]
         if not out_feat_keys:
