@@ -37,6 +37,7 @@ setup(
         "parameterized",
         "tensorboard",
         "pillow",
+        "matplotlib>=3.7",
         "pyyaml",
         "termcolor",
         "yacs",

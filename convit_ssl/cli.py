@@ -3,6 +3,7 @@
     convit-ssl run config=NAME [hydra overrides]    # = tools/run_distributed_engines.py
     convit-ssl convert config=NAME input=IN output=OUT [key=value]   # = tools/convert_checkpoint.py
     convit-ssl demo [--out DIR] [--data DIR]         # the embedded demo (make demo)
+    convit-ssl analyze CHECKPOINT --images DIR --out DIR [--log JSONL]   # = tools/analyze.py: figures + JSON
     convit-ssl models                                # list architectures
 """
 
@@ -42,6 +43,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
+    from convit_ssl.analyze import add_arguments as analyze_arguments
+
+    analyze_arguments(sub.add_parser(
+        "analyze", help="gating, nonlocality and attention-map figures (and analysis.json) of a checkpoint",
+        description="Gating, nonlocality and attention-map figures (and analysis.json) of a ConViT checkpoint "
+                    "in any format the converter reads."))
     sub.add_parser("models", help="list the architectures create_model accepts")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -51,6 +58,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_demo(args.out, args.data, args.epochs)
         except USER_ERRORS as e:
             parser.exit(2, f"convit-ssl demo: error: {e}\n")
+    elif args.command == "analyze":
+        from convit_ssl.analyze import run_args
+
+        try:
+            run_args(args)
+        except USER_ERRORS as e:
+            parser.exit(2, f"convit-ssl analyze: error: {e}\n")
     elif args.command == "models":
         from convit_ssl.models import ARCHITECTURES
 

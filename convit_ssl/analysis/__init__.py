@@ -7,6 +7,10 @@ hidden states of each block.
     nonlocality(layers)                            # (layers, heads) mean attention distance
     attention_maps(layers)                         # centre-query maps per layer
     analyze(model, images)                         # everything, JSON-serialisable
+
+Figures live in `convit_ssl.analysis.plots` (`gating_figure`,
+`nonlocality_figure`, `attention_figure`, `curves_figure`, `read_training_log`,
+`save_png`); it imports matplotlib, so this package does not import it.
 """
 
 from convit_ssl.analysis.collect import LayerAttention, attention_kinds, collect_attention, evaluating

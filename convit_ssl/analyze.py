@@ -1,0 +1,325 @@
+"""`convit-ssl analyze` / `tools/analyze.py`: the paper's figures for any ConViT checkpoint.
+
+    convit-ssl analyze CHECKPOINT --images FOLDER --out DIR [--log RUN/convit_analysis.jsonl]
+
+Steps: load the checkpoint safely (any format the converter reads: vissl,
+timm or the official release, VISSL's built-in convit; detected, or declared
+with --format) into a convit_ssl `ConViT` built from the shapes (strict load);
+load up to --num-images images from FOLDER (recursive, sorted by path,
+resized and centre-cropped to the model's image size with bicubic
+interpolation, normalised with --mean/--std, ImageNet's by default); run
+`convit_ssl.analysis.analyze`; write into DIR:
+
+    analysis.json             the analyze() report, the data of every figure, and what was analysed
+    gating.png                sigma(lambda) per GPSA layer, heads as points   (GPSA models)
+    nonlocality.png           nonlocality per layer, heads as points, means as lines
+    attention_combined.png    attention of the query patch: layers x heads over the first image
+    attention_positional.png  the positional term of the GPSA layers          (GPSA models)
+    training_curves.png       gate and nonlocality over training               (with --log)
+
+Everything is rendered into a temporary folder inside DIR first and renamed
+into place at the end, so a failure leaves no partial files; existing files
+are replaced only with --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from convit_ssl.checkpoints.formats import FORMATS, detect_format, read
+from convit_ssl.checkpoints.infer import check_trunk, infer_model_kwargs
+from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
+from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
+from convit_ssl.models import ConViT, list_models
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_NUM_IMAGES = 8
+JSON_NAME = "analysis.json"
+FIGURE_NAMES = ("gating.png", "nonlocality.png", "attention_combined.png", "attention_positional.png",
+                "training_curves.png")
+
+
+# --------------------------------------------------------------------------- model
+def load_model(path: os.PathLike, fmt: str = "auto", arch: Optional[str] = None,
+               norm_eps: Optional[float] = None) -> Tuple[ConViT, Dict[str, Any]]:
+    """A checkpoint file of any format `convit_ssl.convert` reads as a
+    convit_ssl `ConViT` (num_classes=0, float32, eval mode; the classifier head
+    is not needed and not loaded).
+
+    Args:
+        path: the checkpoint file (loaded with weights_only=True).
+        fmt: "auto" (detect) or one of FORMATS; a declared format the file contradicts is an error.
+        arch: architecture name, needed when the shapes do not show the head count (no GPSA block).
+        norm_eps: LayerNorm eps (default 1e-6, or 1e-5 for VISSL's built-in convit).
+
+    Returns:
+        (model, info) with info = {"format", "model" (the ConViT kwargs), "notes"}.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+    obj = load_checkpoint(path)
+    detected = detect_format(obj)
+    if fmt not in ("auto", detected):
+        raise CheckpointError(f"{str(path)!r} was declared {fmt} but holds a {detected} checkpoint")
+    weights = read(obj, detected, keep_head=False)
+    kwargs = infer_model_kwargs(weights.trunk, arch)
+    if norm_eps is None:
+        norm_eps = VISSL_CONVIT_NORM_EPS if detected == "vissl_convit" else 1e-6
+    kwargs["norm_eps"] = norm_eps
+    check_trunk(weights.trunk, kwargs)
+    model = ConViT(**{**kwargs, "num_classes": 0})
+    try:
+        model.load_state_dict({k: v.float() for k, v in weights.trunk.items()}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"strict load into ConViT failed: {e}") from e
+    # read(keep_head=False) notes that it dropped the head "(keep_head=false)": say it in this command's terms
+    notes = [note for note in weights.notes if not note.endswith("(keep_head=false)")]
+    if len(notes) < len(weights.notes):
+        notes.append("classifier head(s) not loaded (the analysis uses the trunk only)")
+    info = {"format": detected, "model": {k: v for k, v in kwargs.items() if k != "num_classes"}, "notes": notes}
+    return model.eval(), info
+
+
+# --------------------------------------------------------------------------- images
+def find_images(folder: os.PathLike, limit: Optional[int] = None) -> List[Path]:
+    """Image files under `folder` (recursive, IMAGE_EXTENSIONS in any case), sorted by
+    their path relative to `folder`, at most `limit` of them; hidden files and folders are skipped."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"--images {str(folder)!r} is not a folder")
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of images must be at least 1, got {limit}")
+    found = list(itertools.islice(_walk_sorted(folder, set()), limit))
+    if not found:
+        raise ValueError(f"no images under {str(folder)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+    return found
+
+
+def _walk_sorted(folder: Path, seen: set) -> Iterator[Path]:
+    """Image files under `folder` lazily, in the order of their relative paths as
+    strings (a folder "d" sorts as "d/"), so the first N come without listing a
+    whole dataset; symlinked folders are followed once."""
+    real = folder.resolve()
+    if real in seen:
+        return
+    seen.add(real)
+    with os.scandir(folder) as it:
+        entries = [(e.name + "/" if e.is_dir() else e.name, e) for e in it if not e.name.startswith(".")]
+    for key, entry in sorted(entries, key=lambda pair: pair[0]):
+        if key.endswith("/"):
+            yield from _walk_sorted(Path(entry.path), seen)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            yield Path(entry.path)
+
+
+def load_images(paths: Sequence[Path], image_size: int, in_chans: int = 3,
+                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images as a normalised batch (B, C, S, S) and the same pixels before
+    normalisation (B, C, S, S) in [0, 1] (for display), S = `image_size`:
+    shorter side resized to S (bicubic), centre crop S x S, C = `in_chans`
+    (RGB for 3, greyscale for 1)."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    modes = {3: "RGB", 1: "L"}
+    if in_chans not in modes:
+        raise ValueError(f"the model takes {in_chans}-channel images; image folders give 1 (L) or 3 (RGB)")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != in_chans:
+            raise ValueError(f"--{name} needs {in_chans} values (one per channel), got {list(values)}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"--std values must be positive, got {list(std)}")
+    to_pixels = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(image_size), T.ToTensor()])
+    normalise = T.Normalize(list(mean), list(std))
+    pixels = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                pixels.append(to_pixels(image.convert(modes[in_chans])))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
+    display = torch.stack(pixels)
+    return normalise(display), display
+
+
+# --------------------------------------------------------------------------- outputs
+def _planned(has_gpsa: bool, has_log: bool) -> List[str]:
+    names = [JSON_NAME, "nonlocality.png", "attention_combined.png"]
+    if has_gpsa:
+        names[1:1] = ["gating.png"]
+        names.append("attention_positional.png")
+    if has_log:
+        names.append("training_curves.png")
+    return names
+
+
+def _render(report: Dict[str, Any], display: torch.Tensor, training_log: Any, staging: Path
+            ) -> Dict[str, Dict[str, Any]]:
+    """Write every figure into `staging`; return {file name: the numbers it shows}."""
+    from convit_ssl.analysis import plots
+
+    image = display[0].permute(1, 2, 0).numpy()
+    has_gpsa = "gpsa" in report["kinds"]
+    figures: Dict[str, Dict[str, Any]] = {}
+    if has_gpsa:
+        plots.save_png(plots.gating_figure(report), staging / "gating.png")
+        figures["gating.png"] = plots.gating_data(report)
+    plots.save_png(plots.nonlocality_figure(report), staging / "nonlocality.png")
+    figures["nonlocality.png"] = plots.nonlocality_data(report)
+    for term in ("combined", "positional") if has_gpsa else ("combined",):
+        name = f"attention_{term}.png"
+        plots.save_png(plots.attention_figure(report, image, term), staging / name)
+        figures[name] = {**plots.attention_data(report, term),
+                         "maps": f"analysis.layers[*].attention_map.{term}" + ("" if term == "positional" else "[0]")}
+    if training_log is not None:
+        records = training_log.records
+        plots.save_png(plots.curves_figure(records, source=training_log.path.name), staging / "training_curves.png")
+        figures["training_curves.png"] = plots.curves_data(records)
+    return figures
+
+
+def _write_json(data: Dict[str, Any], path: Path) -> None:
+    text = json.dumps(data, allow_nan=False)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_text(text + "\n", encoding="utf-8")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def run_analysis(checkpoint: os.PathLike, images: os.PathLike, out: os.PathLike, *, fmt: str = "auto",
+                 arch: Optional[str] = None, norm_eps: Optional[float] = None,
+                 num_images: int = DEFAULT_NUM_IMAGES, image_size: Optional[int] = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 query: Optional[Sequence[int]] = None, log_path: Optional[os.PathLike] = None,
+                 device: str = "cpu", overwrite: bool = False, log: Callable[[str], None] = print) -> List[Path]:
+    """Analyse `checkpoint` on the images of `images` and write analysis.json and
+    the figures into `out`; return the written paths (see the module docstring)."""
+    from convit_ssl.analysis import analyze
+    from convit_ssl.analysis.plots import read_training_log
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    training_log = read_training_log(log_path) if log_path is not None else None  # cheap checks first
+    paths = find_images(images, num_images)
+    model, info = load_model(checkpoint, fmt, arch, norm_eps)
+    size = model.img_size[0] if image_size is None else int(image_size)
+    if size < 1 or size % model.patch_size:
+        raise ValueError(f"image size {size} is not a positive multiple of the patch size {model.patch_size}")
+    names = _planned(model.num_gpsa_layers > 0, training_log is not None)
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already in {str(out)!r}; pass --overwrite to replace")
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"bad --device {device!r}: {e}") from e
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but CUDA is not available")
+
+    batch, display = load_images(paths, size, model.patch_embed.proj.in_channels, mean, std)
+    report = analyze(model.to(target), batch, query)
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".analyze-", dir=out))
+    written: List[Path] = []
+    try:
+        figures = _render(report, display, training_log, staging)
+        root = Path(images)
+        _write_json({
+            "checkpoint": str(checkpoint),
+            **info,
+            "images": [p.relative_to(root).as_posix() for p in paths],
+            "image_size": [size, size],
+            "normalisation": {"mean": list(mean), "std": list(std)},
+            "training_log": None if training_log is None else {
+                "path": str(training_log.path), "records": len(training_log.records),
+                "truncated_line": training_log.truncated_line},
+            "analysis": report,
+            "figures": figures,
+        }, staging / JSON_NAME)
+        assert sorted(p.name for p in staging.iterdir()) == sorted(names), "rendered files differ from the plan"
+        for name in names:
+            os.replace(staging / name, out / name)
+            written.append(out / name)
+    except BaseException:
+        if created and not written:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"analysed {checkpoint} ({info['format']}): " + ", ".join(f"{k}={v}" for k, v in info["model"].items()))
+    for note in info["notes"]:
+        log(f"  note: {note}")
+    log(f"  {len(paths)} images from {images} at {size}x{size}, query patch {tuple(report['query'])} "
+        f"of the {report['grid'][0]}x{report['grid'][1]} grid")
+    if training_log is not None and training_log.truncated_line is not None:
+        log(f"  note: skipped the incomplete last line {training_log.truncated_line} of {training_log.path}")
+    log("wrote:")
+    for path in written:
+        log(f"  {path}")
+    return written
+
+
+# --------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `convit-ssl analyze` and tools/analyze.py."""
+    parser.add_argument("checkpoint",
+                        help="checkpoint file: vissl, timm / official release, or VISSL's built-in convit")
+    parser.add_argument("--images", required=True, help="folder of images (searched recursively, sorted by path)")
+    parser.add_argument("--out", required=True, help="output folder (created) for analysis.json and the PNGs")
+    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
+                        help="checkpoint format (default: detect it)")
+    parser.add_argument("--arch", default=None, choices=list_models(), metavar="ARCH",
+                        help="architecture, when the shapes do not show the head count (no GPSA block); "
+                             f"one of {', '.join(list_models())}")
+    parser.add_argument("--norm-eps", type=float, default=None,
+                        help="LayerNorm eps (default 1e-6; 1e-5 for VISSL's built-in convit)")
+    parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
+                        help=f"use the first N images in sorted order (default {DEFAULT_NUM_IMAGES})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of the square model input (default: the checkpoint's image size)")
+    parser.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN),
+                        help="normalisation mean per channel (default ImageNet's)")
+    parser.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD),
+                        help="normalisation std per channel (default ImageNet's)")
+    parser.add_argument("--query", type=int, nargs=2, default=None, metavar=("ROW", "COL"),
+                        help="query patch of the attention maps (default: the centre patch)")
+    parser.add_argument("--log", default=None, metavar="JSONL",
+                        help="training log (<CHECKPOINT.DIR>/convit_analysis.jsonl) for the curves figure")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def run_args(args: argparse.Namespace) -> List[Path]:
+    return run_analysis(args.checkpoint, args.images, args.out, fmt=args.format, arch=args.arch,
+                        norm_eps=args.norm_eps, num_images=args.num_images, image_size=args.image_size,
+                        mean=args.mean, std=args.std, query=args.query, log_path=args.log,
+                        device=args.device, overwrite=args.overwrite)
+
+
+def main(argv: Sequence[str], prog: str = "analyze") -> List[Path]:
+    """Entry point of tools/analyze.py: parse `argv` and run."""
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    return run_args(parser.parse_args(list(argv)))
