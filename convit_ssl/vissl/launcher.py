@@ -16,13 +16,26 @@ from typing import Any, Sequence
 from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
 from vissl.utils.hydra_config import save_attrdict_to_disk
 
+from convit_ssl.vissl.analysis_hook import hook_generator
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
 from convit_ssl.vissl.weights_init import prepare_weights_init
 
 
 class ConViTSlurmJob(_ResumableSlurmJob):
-    """VISSL's resumable SLURM job, pickled by reference to this module."""
+    """VISSL's resumable SLURM job, pickled by reference to this module, with
+    convit_ssl's hooks (VISSL's `__call__` hard-codes its default generator)."""
+
+    def __call__(self):  # VISSL's _ResumableSlurmJob.__call__, our hook generator
+        import submitit
+
+        environment = submitit.JobEnvironment()
+        self.config.DISTRIBUTED.INIT_METHOD = "tcp"
+        self.config.DISTRIBUTED.RUN_ID = f"{environment.hostnames[0]}:{self.config.SLURM.PORT_ID}"
+        launch_distributed(
+            cfg=self.config, node_id=environment.global_rank, engine_name=self.engine_name,
+            hook_generator=hook_generator,
+        )
 
     def checkpoint(self):  # requeue as the same class
         import submitit
@@ -76,9 +89,8 @@ def save_config(config: Any) -> None:
 
 def run(overrides: Sequence[str]) -> None:
     """Compose, validate, resample the weights-init file if its grid differs,
-    save train_config.yaml, then launch locally or on SLURM."""
-    from vissl.hooks import default_hook_generator
-
+    save train_config.yaml, then launch locally or on SLURM (with VISSL's default
+    hooks plus convit_ssl's, `analysis_hook.hook_generator`)."""
     args, config = compose(overrides)
     validate(config)
     prepare_weights_init(config)
@@ -88,5 +100,5 @@ def run(overrides: Sequence[str]) -> None:
     else:
         logging.getLogger(__name__).info("launching %s", args.engine_name)
         launch_distributed(
-            cfg=config, node_id=args.node_id, engine_name=args.engine_name, hook_generator=default_hook_generator
+            cfg=config, node_id=args.node_id, engine_name=args.engine_name, hook_generator=hook_generator
         )
