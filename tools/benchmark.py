@@ -3,15 +3,16 @@
 ViT of identical dimensions, measured in one process, in alternation.
 
     python tools/benchmark.py [--arch convit_tiny convit_small] [--batch 32] [--size 224]
-                              [--modes fp32 compile bf16] [--device cpu] [--json benchmark.json]
+                              [--mem-size 384] [--mem-batch 32] [--modes fp32 compile bf16]
+                              [--device cpu] [--json benchmark.json]
 
 For each architecture and mode (fp32 eager, fp32 under torch.compile, bf16
 autocast) the three models are timed in alternation: forward images/s
 (inference) and training-step images/s (forward, backward, AdamW step). The
 peak memory of one fp32 training step at --mem-size px is measured for ours
 (also with activation checkpointing) and timm's ConViT: on CPU in fresh
-subprocesses (peak RSS minus that of a process that only built the model), on
-CUDA as the peak allocated memory. Ratios are against the peers measured in
+subprocesses (the peak RSS of the step above the RSS of the built model and its
+input, Linux), on CUDA as the peak allocated memory. Ratios are against the peers measured in
 the same run; the issue's targets are checked for convit_tiny in fp32.
 """
 
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import convit_ssl  # noqa: F401  (compat shims before timm)
 import torch
@@ -122,21 +123,43 @@ def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, D
 
 
 MEM_CHILD = """
-import sys, resource
+import sys
 sys.path.insert(0, {tools!r})
 import torch, benchmark
 torch.set_num_threads({threads})
 model = benchmark.build({kind!r}, {arch!r}, {size}).train()
 x = torch.randn({batch}, 3, {size}, {size})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = benchmark.reset_peak_rss()
 torch.nn.functional.cross_entropy(model(x), torch.zeros({batch}, dtype=torch.long)).backward()
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, benchmark.peak_rss())
 """
 
 
-def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> float:
-    """MB that one fp32 training step at --mem-size adds to the peak (see the module doc)."""
-    size, batch = args.mem_size, args.batch
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS and return that (KB).
+
+    Linux only (clear_refs, Linux >= 4.0). getrusage's ru_maxrss cannot be
+    used: a child process starts from its parent's peak, which can exceed the
+    step being measured."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_kb("VmRSS")
+
+
+def peak_rss() -> int:
+    """Peak RSS (KB) since the last `reset_peak_rss`."""
+    return _proc_status_kb("VmHWM")
+
+
+def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> Optional[float]:
+    """MB that one fp32 training step at --mem-size adds to the peak (see the module doc); None if it failed."""
+    size, batch = args.mem_size, args.mem_batch
     if args.device.startswith("cuda"):
         device = torch.device(args.device)
         model = build(kind, arch, size).to(device).train()
@@ -151,7 +174,10 @@ def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> float:
         return (peak - base) / 2**20
     code = MEM_CHILD.format(tools=str(Path(__file__).parent), threads=args.threads, kind=kind, arch=arch,
                             size=size, batch=batch)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:  # e.g. killed for memory: report it, keep the other rows
+        print(f"memory of {kind} {arch} failed (exit {out.returncode}): {out.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
     base, peak = map(int, out.stdout.split()[-2:])
     return (peak - base) / 1024
 
@@ -185,9 +211,10 @@ def bench_arch(arch: str, args: argparse.Namespace) -> Dict:
         record["speed"][mode] = measure_speed(arch, mode, args)
         record["ratios"][mode] = ratios_of(record["speed"][mode])
     record["memory_mb"] = {k: measure_memory(k, arch, args) for k in ("ours", "ours_ckpt", "timm_convit")}
-    if record["memory_mb"]["timm_convit"] >= 1.0:  # below 1 MB the step does not lift the import-time peak
+    reference = record["memory_mb"]["timm_convit"]
+    if reference is not None and reference >= 1.0:  # below 1 MB the step did not show: no ratio
         record["memory_vs_timm_convit"] = {
-            k: record["memory_mb"][k] / record["memory_mb"]["timm_convit"] for k in ("ours", "ours_ckpt")
+            k: record["memory_mb"][k] / reference for k in ("ours", "ours_ckpt") if record["memory_mb"][k] is not None
         }
     return record
 
@@ -199,9 +226,9 @@ def report(arch: str, record: Dict, args: argparse.Namespace) -> None:
     for mode, speed in record["speed"].items():
         for k in PEERS:
             print(f"{mode:<9}{k:<13}{speed[k]['forward']:>15.1f}{speed[k]['train']:>14.1f}")
-    mem = record["memory_mb"]
-    print(f"train-step peak memory @{args.mem_size} px: ours {mem['ours']:.0f} MB, ours + activation "
-          f"checkpointing {mem['ours_ckpt']:.0f} MB, timm_convit {mem['timm_convit']:.0f} MB")
+    mem = {k: "failed" if v is None else f"{v:.0f} MB" for k, v in record["memory_mb"].items()}
+    print(f"train-step peak memory, batch {args.mem_batch} @{args.mem_size} px: ours {mem['ours']}, "
+          f"ours + activation checkpointing {mem['ours_ckpt']}, timm_convit {mem['timm_convit']}")
     for mode, ratios in record["ratios"].items():
         for name, value in ratios.items():
             target = verdict(name, value) if check_targets and mode == "fp32" else ""
@@ -216,7 +243,8 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=["convit_tiny", "convit_small"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--mem-size", type=int, default=384)
+    parser.add_argument("--mem-size", type=int, default=384, help="image size of the memory rows")
+    parser.add_argument("--mem-batch", type=int, default=32, help="batch of the memory rows")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -232,8 +260,8 @@ def main() -> None:
     for arch in args.arch:
         results[arch] = bench_arch(arch, args)
         report(arch, results[arch], args)
-    if args.json:
-        Path(args.json).write_text(json.dumps({**header, "results": results}, indent=2) + "\n")
+        if args.json:  # after every architecture, so a long run keeps what it measured
+            Path(args.json).write_text(json.dumps({**header, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
