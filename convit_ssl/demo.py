@@ -1,5 +1,8 @@
 """`make demo` / `convit-ssl demo`: supervised training, a linear probe on the
-frozen trunk, and a fine-tune, each a real VISSL run on CPU.
+frozen trunk, and a fine-tune, each a real VISSL run on CPU, then the paper's
+analyses of the supervised model (`<out>/analysis`: gating, nonlocality,
+attention maps, and the gates and nonlocality over training that the
+analysis hook logged).
 
 With no data it exports scikit-learn's bundled handwritten digits to an image
 folder; with `--data DIR` (holding `train/<class>/*` and `val/<class>/*`) it
@@ -21,6 +24,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 STAGES = ("supervised", "linear", "finetune")
+# the normalisation of configs/config/demo/convit_ssl/digits_*.yaml, for the analysis images
+DEMO_MEAN, DEMO_STD = (0.3, 0.3, 0.3), (0.4, 0.4, 0.4)
+ANALYSIS_IMAGES = 32
 _PROGRESS = re.compile(r"\[ep: (\d+)\] iter: (\d+);.*?loss: ([\d.]+)")
 _METER = re.compile(r"name: (train|test)_accuracy_list_meter, value: (.*)$")
 
@@ -106,6 +112,19 @@ def _claim_output(out: Path, train: Path, val: Path) -> None:
     record.write_text(json.dumps(data))
 
 
+def _analyse(checkpoint: Path, val: Path, out: Path) -> Path:
+    """`convit-ssl analyze` of the supervised checkpoint on the first validation
+    images, with the hook's log of the supervised run; returns the figure folder."""
+    from convit_ssl.analyze import run_analysis
+
+    figures = out / "analysis"
+    print(f"\n== analysis: convit-ssl analyze {checkpoint} --images {val} --out {figures}")
+    log = out / "supervised" / "convit_analysis.jsonl"
+    run_analysis(checkpoint, val, figures, num_images=ANALYSIS_IMAGES, mean=DEMO_MEAN, std=DEMO_STD,
+                 log_path=log if log.exists() else None, overwrite=True, log=lambda line: print("   " + line))
+    return figures
+
+
 def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optional[int] = None) -> Dict[str, dict]:
     """Run the three stages; print and return a summary."""
     out = Path(out).resolve()
@@ -138,6 +157,7 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     times["finetune"] = _run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common, weights], out)
 
     summary = {name: {"seconds": round(times[name], 1), **final_accuracies(out / name)} for name in STAGES}
+    figures = _analyse(pretrained, val, out)
     print(f"\n== summary ({classes} classes, chance {100 / classes:.1f}%)")
     labels = {"supervised": "supervised training", "linear": "linear probes on the frozen trunk",
               "finetune": "fine-tune from the supervised checkpoint"}
@@ -147,5 +167,6 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
         shown = ", ".join(f"{v:.1f}%" if len(test) == 1 else f"{k} {v:.1f}%" for k, v in test.items())
         print(f"   {labels[name]:<44} val top-1 {shown}  ({s['seconds']:.0f} s)")
     print(f"   checkpoints and logs (log.txt, metrics.json, tb_logs/): {out}/{{{','.join(STAGES)}}}")
+    print(f"   figures of the supervised model (gating, nonlocality, attention maps, training curves): {figures}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
