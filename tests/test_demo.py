@@ -1,0 +1,32 @@
+"""`convit-ssl demo` end to end (what `make demo` runs), shortened to one
+supervised epoch: the three VISSL stages on the exported digits, their summary,
+and the analysis figures drawn from the supervised checkpoint and the hook's log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+
+def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", "demo", "--out", str(out), "--epochs", "1"],
+                          cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"supervised", "linear", "finetune"}
+    for stage in summary.values():
+        assert stage["test"] and all(0.0 <= top1 <= 100.0 for top1 in stage["test"].values()), summary
+    # one supervised epoch is mostly warm-up; the 5-epoch probe and fine-tune must beat chance (10%) clearly
+    assert max(summary["linear"]["test"].values()) > 25.0 and summary["finetune"]["test"]["0"] > 25.0, summary
+    records = [json.loads(line) for line in (out / "supervised" / "convit_analysis.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and len(records[0]["layers"]) == 6  # one epoch, 6 blocks
+    for name in ("gating", "nonlocality", "attention_combined", "attention_positional", "training_curves"):
+        with Image.open(out / "analysis" / f"{name}.png") as image:
+            assert min(image.size) > 100, name
+    analysis = json.loads((out / "analysis" / "analysis.json").read_text())
+    assert len(analysis["images"]) == 32 and analysis["training_log"]["records"] == 1
+    assert "figures of the supervised model" in proc.stdout
