@@ -127,6 +127,28 @@ def test_bf16_autocast_forward_and_backward(attn_drop):
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
 
 
+def test_half_precision_on_cpu_uses_the_explicit_product(monkeypatch):
+    """bf16 on the CPU computes softmax(QK^T/sqrt(d))V explicitly (faster there
+    than SDPA's CPU kernel) with SDPA's numbers; fp32 and dropout keep SDPA."""
+    import torch.nn.functional as F
+
+    from convit_ssl.models.attention import softmax_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 35, 16, generator=g) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q, k, v)
+    sdpa_calls = []
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(a[0].dtype) or original(*a, **kw))
+    half = softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert half.dtype == torch.bfloat16 and sdpa_calls == []
+    assert (half.float() - reference).abs().max() <= 0.03
+    assert (half.float() - original(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()).abs().max() <= 0.03
+    torch.testing.assert_close(softmax_attention(q, k, v), reference)
+    softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), dropout_p=0.1)
+    assert sdpa_calls == [torch.float32, torch.bfloat16]
+
+
 # ------------------------------------------------------- no global effects
 GLOBAL_STATE = """
 import json, torch
