@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from convit_ssl.checkpoints.formats import FORMATS, detect_format, read
-from convit_ssl.checkpoints.infer import check_trunk, infer_model_kwargs
+from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
 from convit_ssl.models import ConViT, list_models
@@ -78,11 +78,7 @@ def load_model(path: os.PathLike, fmt: str = "auto", arch: Optional[str] = None,
         norm_eps = VISSL_CONVIT_NORM_EPS if detected == "vissl_convit" else 1e-6
     kwargs["norm_eps"] = norm_eps
     check_trunk(weights.trunk, kwargs)
-    model = ConViT(**{**kwargs, "num_classes": 0})
-    try:
-        model.load_state_dict({k: v.float() for k, v in weights.trunk.items()}, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"strict load into ConViT failed: {e}") from e
+    model = build_convit(weights.trunk, kwargs)
     # read(keep_head=False) notes that it dropped the head "(keep_head=false)": say it in this command's terms
     notes = [note for note in weights.notes if not note.endswith("(keep_head=false)")]
     if len(notes) < len(weights.notes):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from convit_ssl.checkpoints.formats import FORMATS, Weights, detect_format, read, write
-from convit_ssl.checkpoints.infer import check_trunk, infer_model_kwargs
+from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs, strict_load
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint, save_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
 from convit_ssl.models import ConViT
@@ -75,23 +75,6 @@ def _grid(image_size: Any, patch: int) -> tuple:
 
 
 # ---------------------------------------------------------------- models
-def _our_model(trunk: Dict[str, torch.Tensor], head: Optional[Dict[str, torch.Tensor]], kwargs: Dict[str, Any]) -> nn.Module:
-    num_classes = 0 if head is None else head["weight"].shape[0]
-    model = ConViT(**{**kwargs, "num_classes": num_classes})
-    state = dict(trunk)
-    if head is not None:
-        state.update({f"head.{k}": v for k, v in head.items()})
-    _strict_load(model, state)
-    return model.eval()
-
-
-def _strict_load(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"strict load into {type(model).__name__} failed: {e}") from e
-
-
 def _timm_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Module:
     try:
         from timm.models.convit import ConVit
@@ -105,7 +88,7 @@ def _timm_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Mo
         mlp_ratio=kwargs["mlp_ratio"], qkv_bias=kwargs["qkv_bias"], local_up_to_layer=kwargs["num_gpsa_layers"],
         use_pos_embed=kwargs["use_pos_embed"], norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
     )
-    _strict_load(model, state)
+    strict_load(model, state)
     return model.eval()
 
 
@@ -121,7 +104,7 @@ def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]
 
         trunk = build_vissl_convit(obj, kwargs)
     else:
-        trunk = _our_model(weights.trunk, None, kwargs)
+        trunk = build_convit(weights.trunk, kwargs)
     if weights.head is None:
         return trunk
     from convit_ssl.checkpoints.formats import vissl_model_parts
@@ -166,7 +149,7 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
         kwargs["norm_eps"] = 1e-6 if cfg.norm_eps is None else cfg.norm_eps
     source_kwargs = dict(kwargs)
     if cfg.verify:
-        reference = _our_model(weights.trunk, weights.head, source_kwargs)
+        reference = build_convit(weights.trunk, source_kwargs, weights.head)
         # A headless vissl file runs on our trunk alone: that is the reference itself.
         source = (reference if fmt == "vissl" and weights.head is None
                   else _source_forward(obj, fmt, weights, source_kwargs, cfg.head_index, cfg.bn_eps))
@@ -176,7 +159,7 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
             f"VISSL's built-in trunk has LayerNorm eps {VISSL_CONVIT_NORM_EPS}, these weights {kwargs['norm_eps']}: "
             "it computes a slightly different function; verified against convit_ssl at its eps")
         if cfg.verify:
-            source = reference = _our_model(weights.trunk, weights.head, {**kwargs, "norm_eps": VISSL_CONVIT_NORM_EPS})
+            source = reference = build_convit(weights.trunk, {**kwargs, "norm_eps": VISSL_CONVIT_NORM_EPS}, weights.head)
         kwargs["norm_eps"] = VISSL_CONVIT_NORM_EPS
     weights = _resample(weights, kwargs, cfg)
     out = write(weights, cfg.target_format)

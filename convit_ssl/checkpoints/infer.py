@@ -6,10 +6,10 @@ import math
 import re
 from typing import Any, Dict, Mapping, Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from convit_ssl.checkpoints.io import CheckpointError
-from convit_ssl.models import ARCHITECTURES, list_models
+from convit_ssl.models import ARCHITECTURES, ConViT, list_models
 
 
 def _mlp_ratio(width: int, hidden: int) -> float:
@@ -118,3 +118,25 @@ def check_trunk(trunk: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> None:
                                      ("shape mismatches", shapes)) if items]
     if problems:
         raise CheckpointError("the trunk does not match the ConViT its shapes describe: " + "; ".join(problems))
+
+
+def strict_load(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load `state`, cast to float32, into `model` strictly; a mismatch is a
+    CheckpointError naming the model and the keys."""
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"strict load into {type(model).__name__} failed: {e}") from e
+
+
+def build_convit(trunk: Mapping[str, Tensor], kwargs: Mapping[str, Any],
+                 head: Optional[Mapping[str, Tensor]] = None) -> ConViT:
+    """Our ConViT in eval mode holding `trunk` (and the linear `head`, else no
+    classifier), built from `kwargs` (as `infer_model_kwargs` returns) and loaded strictly."""
+    num_classes = 0 if head is None else head["weight"].shape[0]
+    model = ConViT(**{**kwargs, "num_classes": num_classes})
+    state = dict(trunk)
+    if head is not None:
+        state.update({f"head.{k}": v for k, v in head.items()})
+    strict_load(model, state)
+    return model.eval()
