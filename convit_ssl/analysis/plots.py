@@ -151,6 +151,16 @@ def _jitter(heads: int, spread: float = 0.5) -> np.ndarray:
     return (np.arange(heads) - (heads - 1) / 2) * (spread / max(heads, 1))
 
 
+def _head_points(ax, x: np.ndarray, values: np.ndarray, size: int) -> List[Any]:
+    """One scatter series per head (column of `values`, rows at `x`), jittered; their legend handles."""
+    heads = values.shape[1]
+    return [
+        ax.scatter(x + dx, values[:, h], s=size, color=colour, marker=MARKERS[h % len(MARKERS)],
+                   edgecolors="black", linewidths=0.4, zorder=3, label=f"head {h}")
+        for h, (colour, dx) in enumerate(zip(_head_colours(heads), _jitter(heads), strict=True))
+    ]
+
+
 def _style(ax, title: str, xlabel: str, ylabel: str, title_size: int = LABEL_SIZE + 1) -> None:
     ax.set_title(title, fontsize=title_size)
     ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
@@ -193,13 +203,9 @@ def gating_figure(report: Mapping[str, Any]) -> Figure:
     """sigma(lambda) per GPSA layer, heads as points, mean over heads as a line (GATING_PIXELS)."""
     data = gating_data(report)
     gates, x = _array(data["gate"]), np.array(data["layers"], dtype=float)
-    heads = gates.shape[1]
     fig = _figure(GATING_FIGSIZE)
     ax = fig.add_subplot()
-    handles = []
-    for h, (colour, dx) in enumerate(zip(_head_colours(heads), _jitter(heads), strict=True)):
-        handles.append(ax.scatter(x + dx, gates[:, h], s=36, color=colour, marker=MARKERS[h % len(MARKERS)],
-                                  edgecolors="black", linewidths=0.4, zorder=3, label=f"head {h}"))
+    handles = _head_points(ax, x, gates, size=36)
     handles += ax.plot(x, _array(data["gate_mean"]), color="black", lw=2, marker="_", ms=14, zorder=4,
                        label="mean over heads")
     handles.append(ax.axhline(INITIAL_GATE, color="grey", ls="--", lw=1, label=f"at init: σ(1) = {INITIAL_GATE:.2f}"))
@@ -240,7 +246,6 @@ def nonlocality_figure(report: Mapping[str, Any]) -> Figure:
     """Nonlocality per layer: heads as points, means as lines (NONLOCALITY_PIXELS)."""
     data = nonlocality_data(report)
     combined, x = _array(data["combined"]), np.array(data["layers"], dtype=float)
-    heads = combined.shape[1]
     gpsa = [i for i, kind in zip(data["layers"], data["kinds"], strict=True) if kind == GPSA]
     fig = _figure(NONLOCALITY_FIGSIZE)
     ax = fig.add_subplot()
@@ -252,10 +257,7 @@ def nonlocality_figure(report: Mapping[str, Any]) -> Figure:
     if mhsa:
         ax.text(min(mhsa) - 0.45, 0.98, "MHSA (+ class token)", transform=ax.get_xaxis_transform(), va="top",
                 fontsize=TICK_SIZE, color="#533")
-    handles = []
-    for h, (colour, dx) in enumerate(zip(_head_colours(heads), _jitter(heads), strict=True)):
-        handles.append(ax.scatter(x + dx, combined[:, h], s=30, color=colour, marker=MARKERS[h % len(MARKERS)],
-                                  edgecolors="black", linewidths=0.4, zorder=3, label=f"head {h}"))
+    handles = _head_points(ax, x, combined, size=30)
     handles += ax.plot(x, _array(data["combined_mean"]), color="black", lw=2, marker="o", ms=4, zorder=4,
                        label="mean (combined)")
     for term, style in (("positional", "--"), ("content", ":")):
