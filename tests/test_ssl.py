@@ -116,8 +116,10 @@ def test_twin_trains_end_to_end(twin, tmp_path):
 
 # What a twin may change beyond test/convit_ssl/ssl/micro_cpu.yaml: sizes only.
 def test_ssl_fixes_applied_by_import():
-    """`import convit_ssl` (every entry point, every VISSL rank) applies the DINO and DeepCluster-v2 fixes."""
-    assert ssl_compat.applied() == ["DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device"]
+    """`import convit_ssl` (every entry point, every VISSL rank) applies the DINO, DeepCluster-v2,
+    feature-extraction and SVM fixes."""
+    assert ssl_compat.applied() == ["DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
+                                    "feature extraction on the task's device", "SVM average precision as a scalar"]
 
 
 SIZE_KEYS = {"size", "size_crops", "dims", "num_clusters", "in_channels"}

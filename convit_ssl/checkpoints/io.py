@@ -75,6 +75,18 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         raise
 
 
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(obj: Any, path: PathLike, overwrite: bool = False) -> Path:
     """Atomically save `obj` to `path`; refuse to replace an existing file unless `overwrite`."""
     path = Path(path)

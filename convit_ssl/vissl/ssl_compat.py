@@ -13,6 +13,19 @@ each patch names the upstream lines it answers.
   without a GPU. The patched methods are upstream's with every tensor placed
   on the loss's own device (its buffers follow the task's device), so on a
   GPU they do exactly what upstream does.
+- Feature extraction (the `extract_features` engine behind VISSL's kNN, SVM
+  and low-shot benchmarks) asserts a GPU (vissl/trainer/trainer_main.py:345)
+  and moves each batch with `.cuda()` (:433). The patched methods are
+  upstream's with the assertion dropped and each batch moved to the task's
+  device, so on a GPU they do what upstream does.
+- SVM benchmarks: `calculate_ap` (vissl/utils/svm_utils/evaluate.py:9-23)
+  returns a 1-element array, which `SVMTrainer.test` and
+  `SVMLowShotTrainer.test` store into one cell of a float matrix
+  (svm_trainer.py:256, svm_low_shot_trainer.py:176); numpy >= 2.4 refuses
+  that ("setting an array element with a sequence"). The patch returns
+  upstream's value as a Python float; `SVMLowShotTrainer.test` also stores
+  the class mean, a 1-element array (svm_low_shot_trainer.py:179-180), and is
+  replaced by upstream's method storing the scalar.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import functools
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,6 +164,120 @@ def patch_deepclusterv2_device() -> None:
     _APPLIED.append("DeepClusterV2Loss on the task's device")
 
 
+def _extract(self, output_folder: str) -> None:
+    """Upstream `SelfSupervisionTrainer.extract` on the task's device (GPU or CPU)."""
+    from classy_vision.generic.distributed_util import is_primary
+    from vissl.models.model_helpers import get_trunk_output_feature_names
+
+    self.task.prepare_extraction(pin_memory=self.cfg.DATA.PIN_MEMORY)
+    self._add_dummy_layer()
+    self.task.init_distributed_data_parallel_model()
+    if is_primary():
+        logging.info("Model is:\n {}".format(self.task.model))  # noqa: LOG015
+    feat_names = get_trunk_output_feature_names(self.cfg.MODEL)
+    if len(feat_names) == 0:
+        feat_names = ["heads"]
+    for split in self.task.available_splits:
+        logging.info(f"============== Split: {split} =======================")  # noqa: LOG015
+        logging.info(f"Extracting features for partition: {split.lower()}")  # noqa: LOG015
+        self.task.data_iterator = iter(self.task.dataloaders[split.lower()])
+        self._extract_split_features(feat_names, self.task, split, output_folder)
+        logging.info(f"Done getting features for partition: {split.lower()}")  # noqa: LOG015
+    self._cleanup_task()
+
+
+def _extract_split_features(self, feat_names, task, split_name: str, output_folder: str) -> None:
+    """Upstream `SelfSupervisionTrainer._extract_split_features` with each batch on the task's device."""
+    task.model.eval()
+    logging.info("Model set to eval mode during feature extraction...")  # noqa: LOG015
+    dist_rank = torch.distributed.get_rank()
+    out_features: dict = {name: {} for name in feat_names}
+    out_targets: dict = {name: {} for name in feat_names}
+    chunk_index = 0
+    feature_buffer_size = 0
+    threshold = self.cfg.EXTRACT_FEATURES.CHUNK_THRESHOLD
+    for sample in task.data_iterator:
+        assert isinstance(sample, dict)
+        assert "data_idx" in sample, "Indices not passed"
+        inputs = torch.cat(sample["data"]).to(task.device, non_blocking=True)
+        targets = torch.cat(sample["label"]).cpu().numpy()
+        inds = torch.cat(sample["data_idx"]).cpu().numpy()
+        with torch.no_grad():
+            features = self._flatten_features_list(task.model(inputs))
+        num_images = inds.shape[0]
+        feature_buffer_size += num_images
+        for num, feat_name in enumerate(feat_names):
+            feature = features[num].cpu().numpy()
+            for idx in range(num_images):
+                out_features[feat_name][inds[idx]] = feature[idx]
+                out_targets[feat_name][inds[idx]] = targets[idx].reshape(-1)
+        if feature_buffer_size >= threshold >= 0:
+            self._save_extracted_features(features=out_features, targets=out_targets, dist_rank=dist_rank,
+                                          chunk_index=chunk_index, split=split_name, output_folder=output_folder)
+            for layer_name in out_features:
+                out_features[layer_name].clear()
+            chunk_index += 1
+            feature_buffer_size = 0
+    self._save_extracted_features(features=out_features, targets=out_targets, dist_rank=dist_rank,
+                                  chunk_index=chunk_index, split=split_name, output_folder=output_folder)
+
+
+def patch_extraction_device() -> None:
+    """Run VISSL's feature extraction on the task's device, the CPU included."""
+    from vissl.trainer.trainer_main import SelfSupervisionTrainer
+
+    if SelfSupervisionTrainer.extract is _extract:
+        return
+    SelfSupervisionTrainer.extract = _extract
+    SelfSupervisionTrainer._extract_split_features = _extract_split_features
+    _APPLIED.append("feature extraction on the task's device")
+
+
+def _low_shot_test(self, features, targets, sample_num, low_shot_kvalue) -> None:
+    """Upstream `SVMLowShotTrainer.test`, storing each cost's mean AP as a scalar."""
+    from vissl.utils.io import load_file, save_file
+    from vissl.utils.svm_utils.evaluate import get_precision_recall
+
+    logging.info("Testing SVM")  # noqa: LOG015
+    if self.normalize:
+        features = self._normalize_features(features)
+    sample_ap_matrix = np.zeros((1, len(self.costs_list)))
+    suffix = f"sample{sample_num}_k{low_shot_kvalue}"
+    for cost_idx, cost in enumerate(self.costs_list):
+        local_cost_ap = np.zeros((self.num_classes, 1))
+        for cls_num in self.cls_list:
+            logging.info(f"Test sample/k_value/cost/cls: {sample_num}/{low_shot_kvalue}/{cost}/{cls_num}")  # noqa: LOG015
+            model = load_file(self._get_svm_low_shot_model_filename(cls_num, cost, suffix))
+            prediction = model.decision_function(features)
+            eval_preds, eval_cls_labels = self._get_cls_feats_labels(cls_num, prediction, targets)
+            _, _, _, ap = get_precision_recall(eval_cls_labels, eval_preds)
+            local_cost_ap[cls_num][0] = ap
+        sample_ap_matrix[0][cost_idx] = float(np.mean(local_cost_ap))
+    out_k_sample_file = f"{self.output_dir}/test_ap_sample{sample_num}_k{low_shot_kvalue}.npy"
+    save_data = sample_ap_matrix.reshape((1, -1))
+    save_file(save_data, out_k_sample_file)
+    logging.info(f"Saved sample test k_idx AP: {out_k_sample_file} {save_data.shape}")  # noqa: LOG015
+
+
+def patch_svm_average_precision() -> None:
+    """VISSL's VOC average precision as a scalar, which numpy 2 can store in a matrix cell."""
+    from vissl.utils.svm_utils import evaluate
+    from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer
+
+    original = evaluate.calculate_ap
+    if getattr(original, "__convit_ssl_patch__", False):
+        return
+
+    @functools.wraps(original)
+    def calculate_ap(rec, prec) -> float:
+        return float(np.asarray(original(rec, prec)).reshape(()))
+
+    calculate_ap.__convit_ssl_patch__ = True  # type: ignore[attr-defined]
+    evaluate.calculate_ap = calculate_ap
+    SVMLowShotTrainer.test = _low_shot_test
+    _APPLIED.append("SVM average precision as a scalar")
+
+
 def applied() -> list[str]:
     """The patches applied so far in this process."""
     return list(_APPLIED)
@@ -159,4 +287,6 @@ def apply() -> list[str]:
     """Apply every patch (idempotent); return the names applied so far."""
     patch_dino_teacher_drop_path()
     patch_deepclusterv2_device()
+    patch_extraction_device()
+    patch_svm_average_precision()
     return applied()

@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""VISSL's tools/train_svm_low_shot.py for convit_ssl, on the CPU as on GPUs: extract the
+features of a config, then low-shot SVMs on k positives per class (SVM.low_shot: voc or places205).
+
+    python tools/train_svm_low_shot.py config=NAME config.MODEL.WEIGHTS_INIT.PARAMS_FILE=<checkpoint> [overrides]
+
+Same as `convit-ssl low-shot ...`; see convit_ssl/vissl/benchmarks.py. `import convit_ssl`
+stays at module top level: VISSL's spawned ranks re-import __main__.
+"""
+
+import sys
+
+import convit_ssl  # noqa: F401  (compat shims + trunk registration, before VISSL)
+from convit_ssl.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["low-shot", *sys.argv[1:]]))
