@@ -21,8 +21,9 @@ from convit_ssl.analysis import analyze
 from convit_ssl.models import create_model
 from convit_ssl.vissl.analysis_hook import (
     RECORD_FILE, AnalysisSettings, ConViTAnalysisHook, analysis_record, analysis_settings, eval_transforms,
-    find_convit, hook_generator, load_held_out_images, scalars,
+    find_convit, load_held_out_images, scalars,
 )
+from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
 from conftest import folder_overrides, run_engine

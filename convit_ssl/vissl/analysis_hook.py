@@ -47,16 +47,12 @@ then appends, so the file holds exactly one record per trigger.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import os
-import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 from classy_vision.hooks.classy_hook import ClassyHook
 from torch import nn
@@ -64,11 +60,13 @@ from torch import nn
 from convit_ssl.analysis import collect_attention, gates, nonlocality, to_plain
 from convit_ssl.analysis.collect import GPSA_KIND
 from convit_ssl.models.convit import ConViT
+from convit_ssl.vissl import hook_utils
+from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, is_primary, preserved_rng, read_block
 
 CONFIG_BLOCK = "CONVIT_ANALYSIS"
 RECORD_FILE = "convit_analysis.jsonl"
 # key -> (default, accepted type, condition, what the condition says)
-CONFIG_KEYS: Dict[str, tuple] = {
+CONFIG_KEYS: BlockKeys = {
     "USE": (False, bool, lambda v: True, "true or false"),
     "FREQUENCY_ITERS": (0, int, lambda v: v >= 0, "an integer >= 0 (0: at the end of each training phase)"),
     "NUM_IMAGES": (8, int, lambda v: v >= 1, "an integer >= 1"),
@@ -88,54 +86,16 @@ def analysis_settings(config: Any) -> Optional[AnalysisSettings]:
     """The ``HOOKS.CONVIT_ANALYSIS`` block of a VISSL config, validated; None when
     absent or ``USE: false``. Unknown keys, wrong types or values, or USE with
     another trunk than convit_ssl raise a ValueError naming the key."""
-    from convit_ssl.vissl.trunk import TRUNK_NAME
-
-    where = f"config.HOOKS.{CONFIG_BLOCK}"
-    block = config.HOOKS.get(CONFIG_BLOCK)
-    if block is None:
+    values = read_block(config, CONFIG_BLOCK, CONFIG_KEYS)
+    if values is None:
         return None
-    if not isinstance(block, Mapping):
-        raise ValueError(f"{where} must be a mapping with keys {', '.join(CONFIG_KEYS)}, got {block!r}")
-    unknown = sorted(set(block) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid: {', '.join(CONFIG_KEYS)}")
-    values = {}
-    for key, (default, kind, ok, expected) in CONFIG_KEYS.items():
-        value = block.get(key, default)
-        # bool is an int subclass: refuse USE=1 and FREQUENCY_ITERS=true alike
-        if type(value) is not kind or not ok(value):
-            raise ValueError(f"{where}.{key} must be {expected}, got {value!r}")
-        values[key] = value
-    if not values["USE"]:
-        return None
-    if config.MODEL.TRUNK.NAME != TRUNK_NAME:
-        raise ValueError(
-            f"{where}.USE=true needs config.MODEL.TRUNK.NAME={TRUNK_NAME}, got {config.MODEL.TRUNK.NAME!r}"
-        )
     return AnalysisSettings(frequency_iters=values["FREQUENCY_ITERS"], num_images=values["NUM_IMAGES"])
-
-
-def validate_analysis_config(config: Any) -> None:
-    """Pre-launch check of the ``HOOKS.CONVIT_ANALYSIS`` block (see `analysis_settings`)."""
-    analysis_settings(config)
 
 
 # ----------------------------------------------------------------- the numbers
 def find_convit(model: nn.Module) -> ConViT:
-    """The ConViT trunk inside a VISSL model (DDP wrapper, if any, removed):
-    ``model.trunk`` when it is one, else the first ConViT among the submodules."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    trunk = getattr(model, "trunk", None)
-    if isinstance(trunk, ConViT):
-        return trunk
-    for module in model.modules():
-        if isinstance(module, ConViT):
-            return module
-    raise ValueError(
-        f"HOOKS.{CONFIG_BLOCK}: no convit_ssl ConViT in the model ({type(model).__name__}); "
-        "the hook needs MODEL.TRUNK.NAME=convit_ssl"
-    )
+    """The ConViT trunk inside a VISSL model (see `hook_utils.find_convit`)."""
+    return hook_utils.find_convit(model, f"HOOKS.{CONFIG_BLOCK}")
 
 
 def analysis_record(model: ConViT, images: torch.Tensor) -> Dict[str, Any]:
@@ -211,20 +171,6 @@ def eval_transforms(config: Any, split: str, image_size: Tuple[int, int]) -> Lis
     return transforms
 
 
-@contextlib.contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and `device`'s CUDA) RNG states
-    after the block, so that the analysis leaves training's random streams as they were."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
 def load_held_out_images(config: Any, num_images: int, image_size: Tuple[int, int]) -> torch.Tensor:
     """(B, C, H, W) the first `num_images` samples (fewer if the split is smaller)
     of the held-out split, transformed by `eval_transforms`, on the CPU."""
@@ -250,12 +196,6 @@ def load_held_out_images(config: Any, num_images: int, image_size: Tuple[int, in
 
 
 # ------------------------------------------------------------------- the hook
-def _is_primary() -> bool:
-    from classy_vision.generic.distributed_util import is_primary
-
-    return is_primary()
-
-
 class ConViTAnalysisHook(ClassyHook):
     """Logs gates and nonlocality of the ConViT trunk on a fixed held-out batch
     (module docstring). Rank 0 works; the other ranks do nothing."""
@@ -267,17 +207,18 @@ class ConViTAnalysisHook(ClassyHook):
         self.settings = settings
         self.output_path = output_path
         self.tb_writer = tb_writer
+        self.records = JsonLines(output_path, "ConViT analysis")
         self.images: Optional[torch.Tensor] = None
 
     def on_start(self, task: Any) -> None:
-        if not _is_primary():
+        if not is_primary():
             return
         model = find_convit(task.base_model)
         device = model.patch_embed.proj.weight.device
         with preserved_rng(device):
             images = load_held_out_images(task.config, self.settings.num_images, model.img_size)
         self.images = images.to(device)
-        self._drop_records_after(task.iteration)
+        self.records.drop_after(task.iteration)
         logging.info(
             "ConViT analysis: %d held-out images from DATA.%s, every %s, records in %s",
             images.shape[0], held_out_split(task.config),
@@ -295,66 +236,30 @@ class ConViTAnalysisHook(ClassyHook):
             self._log(task)
 
     def on_end(self, task: Any) -> None:
-        if self.tb_writer is not None and _is_primary():
+        if self.tb_writer is not None and is_primary():
             self.tb_writer.flush()
 
     # ------------------------------------------------------------------
     def _log(self, task: Any) -> None:
-        if not _is_primary():
+        if not is_primary():
             return
         assert self.images is not None, "on_start loads the held-out images"
         model = find_convit(task.base_model)
         with preserved_rng(self.images.device):
             numbers = analysis_record(model, self.images)
         record = {"iteration": int(task.iteration), "epoch": int(task.train_phase_idx), **numbers}
-        line = json.dumps(record, allow_nan=False)
-        with open(self.output_path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
+        self.records.append(record)
         if self.tb_writer is not None:
             for tag, value in scalars(record).items():
                 self.tb_writer.add_scalar(tag, value, global_step=record["iteration"])
             self.tb_writer.flush()
 
-    def _drop_records_after(self, iteration: int) -> None:
-        """Keep only records up to `iteration` (the resumed one; 0 for a fresh run)."""
-        if not os.path.exists(self.output_path):
-            return
-        with open(self.output_path) as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-        kept = []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut off by a kill: it is rewritten after the resume
-                logging.warning("ConViT analysis: dropping unreadable line %d of %s", number, self.output_path)
-                continue
-            if record.get("iteration", iteration + 1) <= iteration:
-                kept.append(line)
-        if len(kept) == len(lines):
-            return
-        logging.info("ConViT analysis: resuming at iteration %d, dropping %d later record(s) of %s",
-                     iteration, len(lines) - len(kept), self.output_path)
-        tmp = f"{self.output_path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(line + "\n" for line in kept)
-        os.replace(tmp, self.output_path)
 
-
-def hook_generator(cfg: Any) -> List[ClassyHook]:
-    """VISSL's `default_hook_generator`, plus `ConViTAnalysisHook` when
-    ``HOOKS.CONVIT_ANALYSIS.USE`` is on: placed before VISSL's checkpoint hook,
-    and writing to the TensorBoard writer of VISSL's tensorboard hook, if any.
-    Runs in every rank (a module-level function, so spawn can pickle it)."""
-    from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
+def build_hook(config: Any, tb_writer: Any = None) -> Optional[ConViTAnalysisHook]:
+    """The hook for `config`, or None when ``HOOKS.CONVIT_ANALYSIS`` is off."""
     from vissl.utils.checkpoint import get_checkpoint_folder
 
-    hooks = default_hook_generator(cfg)
-    settings = analysis_settings(cfg)
+    settings = analysis_settings(config)
     if settings is None:
-        return hooks
-    tb_writer = next((h.tb_writer for h in hooks if isinstance(h, SSLTensorboardHook)), None)
-    hook = ConViTAnalysisHook(settings, os.path.join(get_checkpoint_folder(cfg), RECORD_FILE), tb_writer)
-    position = next((i for i, h in enumerate(hooks) if isinstance(h, LogLossMetricsCheckpointHook)), len(hooks))
-    hooks.insert(position, hook)
-    return hooks
+        return None
+    return ConViTAnalysisHook(settings, os.path.join(get_checkpoint_folder(config), RECORD_FILE), tb_writer)

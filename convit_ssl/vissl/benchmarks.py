@@ -71,7 +71,7 @@ def extract(config: Any, node_id: int = 0) -> str:
     ranks of this node); return the folder that holds the features."""
     from vissl.utils.distributed_launcher import launch_distributed
 
-    from convit_ssl.vissl.analysis_hook import hook_generator
+    from convit_ssl.vissl.hooks import hook_generator
     from convit_ssl.vissl.validate import validate
     from convit_ssl.vissl.weights_init import prepare_weights_init
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
 from vissl.utils.hydra_config import save_attrdict_to_disk
 
-from convit_ssl.vissl.analysis_hook import hook_generator
+from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
 from convit_ssl.vissl.weights_init import prepare_weights_init
@@ -90,7 +90,7 @@ def save_config(config: Any) -> None:
 def run(overrides: Sequence[str]) -> None:
     """Compose, validate, resample the weights-init file if its grid differs,
     save train_config.yaml, then launch locally or on SLURM (with VISSL's default
-    hooks plus convit_ssl's, `analysis_hook.hook_generator`)."""
+    hooks plus convit_ssl's, `hooks.hook_generator`)."""
     args, config = compose(overrides)
     validate(config)
     prepare_weights_init(config)

@@ -102,11 +102,11 @@ def validate_task(config: Any) -> None:
 
 def validate(config: Any) -> None:
     """All pre-launch checks for a VISSL config that uses the convit_ssl trunk."""
-    from convit_ssl.vissl.analysis_hook import validate_analysis_config
+    from convit_ssl.vissl.hooks import validate_hook_configs
     from convit_ssl.vissl.llrd import validate_layer_decay
 
     validate_task(config)
-    validate_analysis_config(config)
+    validate_hook_configs(config)
     validate_layer_decay(config)
     model = config.MODEL
     if model.TRUNK.NAME == TRUNK_NAME:

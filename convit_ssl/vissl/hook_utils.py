@@ -1,0 +1,142 @@
+"""What convit_ssl's VISSL hooks share: their config blocks, the trunk they
+measure, RNG isolation, rank checks and their JSON-lines record files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from convit_ssl.models.convit import ConViT
+
+# config key -> (default, accepted type, condition, what the condition says)
+BlockKeys = Dict[str, Tuple[Any, type, Callable[[Any], bool], str]]
+
+
+def read_block(config: Any, name: str, keys: BlockKeys) -> Optional[Dict[str, Any]]:
+    """The ``HOOKS.<name>`` block of a VISSL config with defaults filled in and
+    every value checked; None when absent or ``USE: false``. Unknown keys and
+    wrong types or values raise a ValueError naming the key. Every block has ``USE``."""
+    from convit_ssl.vissl.trunk import TRUNK_NAME
+
+    where = f"config.HOOKS.{name}"
+    block = config.HOOKS.get(name)
+    if block is None:
+        return None
+    if not isinstance(block, Mapping):
+        raise ValueError(f"{where} must be a mapping with keys {', '.join(keys)}, got {block!r}")
+    unknown = sorted(set(block) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid: {', '.join(keys)}")
+    values = {}
+    for key, (default, kind, ok, expected) in keys.items():
+        value = block.get(key, default)
+        if kind is float and type(value) is int:
+            value = float(value)
+        if kind is list and value is not None and not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}.{key} must be {expected}, got {value!r}")
+        # bool is an int subclass: refuse USE=1 and FREQUENCY_ITERS=true alike
+        if (type(value) is not kind and kind is not list) or not ok(value):
+            raise ValueError(f"{where}.{key} must be {expected}, got {value!r}")
+        values[key] = list(value) if kind is list else value
+    if not values["USE"]:
+        return None
+    if config.MODEL.TRUNK.NAME != TRUNK_NAME:
+        raise ValueError(f"{where}.USE=true needs config.MODEL.TRUNK.NAME={TRUNK_NAME}, got {config.MODEL.TRUNK.NAME!r}")
+    return values
+
+
+def find_convit(model: nn.Module, hook: str = "the hook") -> ConViT:
+    """The ConViT trunk inside a VISSL model (DDP wrapper, if any, removed):
+    ``model.trunk`` when it is one, else the first ConViT among the submodules."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    trunk = getattr(model, "trunk", None)
+    if isinstance(trunk, ConViT):
+        return trunk
+    for module in model.modules():
+        if isinstance(module, ConViT):
+            return module
+    raise ValueError(f"{hook}: no convit_ssl ConViT in the model ({type(model).__name__}); "
+                     "it needs MODEL.TRUNK.NAME=convit_ssl")
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and `device`'s CUDA) RNG states
+    after the block, so that a measurement leaves training's random streams as they were."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode under no_grad; every submodule's train flag is restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def is_primary() -> bool:
+    from classy_vision.generic.distributed_util import is_primary as primary
+
+    return primary()
+
+
+class JsonLines:
+    """A JSON-lines record file, one object per trigger, each with an ``iteration``."""
+
+    def __init__(self, path: str, label: str) -> None:
+        self.path = path
+        self.label = label
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, allow_nan=False)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def drop_after(self, iteration: int) -> None:
+        """Keep only records up to `iteration` (the resumed one; 0 for a fresh run).
+        A hook that runs before VISSL's checkpoint hook wrote every record at or
+        before a checkpoint's iteration before that checkpoint, so after an
+        auto-resume the file holds exactly one record per trigger."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a kill: it is rewritten after the resume
+                logging.warning("%s: dropping unreadable line %d of %s", self.label, number, self.path)
+                continue
+            if record.get("iteration", iteration + 1) <= iteration:
+                kept.append(line)
+        if len(kept) == len(lines):
+            return
+        logging.info("%s: resuming at iteration %d, dropping %d later record(s) of %s",
+                     self.label, iteration, len(lines) - len(kept), self.path)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(line + "\n" for line in kept)
+        os.replace(tmp, self.path)
