@@ -18,8 +18,8 @@ def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"supervised", "linear", "finetune"}
-    for stage in summary.values():
-        assert stage["test"] and all(0.0 <= top1 <= 100.0 for top1 in stage["test"].values()), summary
+    assert set(summary["supervised"]["test"]) == set(summary["finetune"]["test"]) == {"0"}  # one head
+    assert set(summary["linear"]["test"]) == {"lastCLS", "concatPOOL2"}  # one probe per feature
     # one supervised epoch is mostly warm-up; the 5-epoch probe and fine-tune must beat chance (10%) clearly
     assert max(summary["linear"]["test"].values()) > 25.0 and summary["finetune"]["test"]["0"] > 25.0, summary
     records = [json.loads(line) for line in (out / "supervised" / "convit_analysis.jsonl").read_text().splitlines()]
