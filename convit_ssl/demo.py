@@ -35,7 +35,7 @@ def _class_count(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.is_dir())
 
 
-def _data_overrides(train: Path, val: Path) -> List[str]:
+def data_overrides(train: Path, val: Path) -> List[str]:
     return [
         f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
         f"config.DATA.TEST.DATA_PATHS=[{val}]", f"config.DATA.TEST.LABEL_PATHS=[{val}]",
@@ -72,8 +72,9 @@ def _format_meter(text: str) -> str:
     return ", ".join(f"{name} {value:.1f}%" for name, value in top1.items())
 
 
-def _run_stage(name: str, overrides: Sequence[str], out: Path) -> float:
-    stage_dir = out / name
+def run_stage(name: str, overrides: Sequence[str], stage_dir: Path) -> float:
+    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process, its progress
+    lines echoed; returns the wall time. A failure raises with the last output lines."""
     command = [sys.executable, "-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
     print(f"\n== {name}: {' '.join(command[3:])}", flush=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
@@ -141,20 +142,20 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
                 raise FileNotFoundError(f"--data {data}: expected {folder} with one sub-folder per class")
     _claim_output(out, train, val)
     classes = _class_count(train)
-    common = _data_overrides(train, val)
+    common = data_overrides(train, val)
     if classes != 10:
         common += [f"config.MODEL.HEAD.PARAMS=[[mlp,{{dims:[96,{classes}]}}]]"]
     epoch_override = [f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else []
 
-    times = {"supervised": _run_stage("supervised", ["config=demo/convit_ssl/digits_supervised", *common, *epoch_override], out)}
+    times = {"supervised": run_stage("supervised", ["config=demo/convit_ssl/digits_supervised", *common, *epoch_override], out / "supervised")}
     pretrained = final_checkpoint(out / "supervised")
     weights = f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"
     linear = ["config=demo/convit_ssl/digits_linear", *common, weights]
     if classes != 10:
         linear += [f"config.MODEL.HEAD.PARAMS=[[eval_mlp,{{in_channels:96,dims:[96,{classes}]}}],"
                    f"[eval_mlp,{{in_channels:192,dims:[192,{classes}]}}]]"]
-    times["linear"] = _run_stage("linear", linear, out)
-    times["finetune"] = _run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common, weights], out)
+    times["linear"] = run_stage("linear", linear, out / "linear")
+    times["finetune"] = run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common, weights], out / "finetune")
 
     summary = {name: {"seconds": round(times[name], 1), **final_accuracies(out / name)} for name in STAGES}
     figures = _analyse(pretrained, val, out)

@@ -1,0 +1,213 @@
+"""`tools/ssl_quality.py`: does each self-supervised method learn, at small scale?
+
+For each method (and architecture and seed) it runs, as real VISSL jobs on
+the CPU, each in its own process:
+
+1. pretraining with ``pretrain/<method>/<method>_convit_demo_digits_32`` (the
+   ImageNet recipe with only what the small data forces restated) on the
+   digits' train split, with the online kNN monitor (`knn_hook`) switched on:
+   its record at iteration 0 is the kNN top-1 of the very same trunk at random
+   init, its last record that of the pretrained trunk (and of the momentum
+   teacher for DINO and MoCo), both measured the same way (DINO's kNN: cosine,
+   k = 20, T = 0.07; train split as the memory bank, val split as queries, the
+   class token ``lastCLS``);
+2. the demo's linear stage (``demo/convit_ssl/digits_linear``: frozen trunk,
+   one linear probe on ``lastCLS`` and one on ``concatPOOL2``) from the
+   pretrained checkpoint, and the same stage on a trunk at random init of the
+   same architecture and seed.
+
+``--arch deit`` runs the DeiT baseline of identical dimensions
+(``NUM_GPSA_LAYERS: 0``: the same 6 blocks, all plain self-attention).
+
+Writes ``<out>/<method>/<arch>_seed<k>/{pretrain,linear}/`` (checkpoints and
+logs), ``<out>/random_init/<arch>_seed<k>/linear/`` and ``<out>/results.json``
+(one entry per run, and per method and architecture the mean and spread over
+seeds). A run whose results are already in ``results.json`` is skipped, so an
+interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from convit_ssl.checkpoints.io import atomic_write_text
+from convit_ssl.demo import final_accuracies, final_checkpoint, run_stage
+
+# method -> its folder under configs/config/pretrain
+METHODS: Dict[str, str] = {
+    "dino": "dino", "moco": "moco", "swav": "swav", "simclr": "simclr",
+    "barlow_twins": "barlow_twins", "deepclusterv2": "deepcluster_v2",
+}
+TEACHERS = {"dino", "moco"}
+ARCHS: Dict[str, List[str]] = {"convit": [], "deit": ["config.MODEL.TRUNK.CONVIT_SSL.NUM_GPSA_LAYERS=0"]}
+LINEAR = "config=demo/convit_ssl/digits_linear"
+
+
+def pretrain_config(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    return f"pretrain/{METHODS[method]}/{method}_convit_demo_digits_32"
+
+
+def _knn_frequency(num_epochs: int) -> int:
+    """Epochs between kNN records: the largest divisor of `num_epochs` up to a fifth
+    of it, so that about five records trace the run and the last one is its end."""
+    return max(d for d in range(1, max(1, num_epochs // 5) + 1) if num_epochs % d == 0)
+
+
+def _num_epochs(overrides: Sequence[str]) -> int:
+    from convit_ssl.vissl.configs import compose
+
+    return int(compose(overrides)[1].OPTIMIZER.num_epochs)
+
+
+def _knn_records(stage_dir: Path) -> List[dict]:
+    from convit_ssl.vissl.knn_hook import RECORD_FILE
+
+    return [json.loads(line) for line in (stage_dir / RECORD_FILE).read_text().splitlines() if line.strip()]
+
+
+def _final_loss(stage_dir: Path) -> Optional[float]:
+    losses = [json.loads(line).get("loss") for line in (stage_dir / "stdout.json").read_text().splitlines()]
+    losses = [loss for loss in losses if loss is not None]
+    return round(float(losses[-1]), 4) if losses else None
+
+
+def _linear(name: str, stage_dir: Path, data: List[str], arch: str, seed: int, weights: Optional[Path]) -> dict:
+    overrides = [LINEAR, *data, *ARCHS[arch], f"config.SEED_VALUE={seed}"]
+    if weights is not None:
+        overrides.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}")
+    seconds = run_stage(name, overrides, stage_dir)
+    return {"top1": final_accuracies(stage_dir)["test"], "seconds": round(seconds, 1)}
+
+
+def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path,
+            random_linear: Dict[str, dict], epochs: Optional[int] = None) -> Dict[str, Any]:
+    """Pretrain `method` with `arch` and `seed`, then probe; returns the run's entry of results.json."""
+    from convit_ssl.demo import data_overrides
+
+    run_dir = out / method / f"{arch}_seed{seed}"
+    data = data_overrides(train, val)
+    overrides = [f"config={pretrain_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
+                 f"config.DATA.TRAIN.LABEL_PATHS=[{train}]", *ARCHS[arch], f"config.SEED_VALUE={seed}"]
+    if epochs:
+        overrides.append(f"config.OPTIMIZER.num_epochs={epochs}")
+    num_epochs = _num_epochs(overrides)
+    overrides += ["+config/convit_ssl/hooks=knn", f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{train}]",
+                  f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{val}]",
+                  f"config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS={_knn_frequency(num_epochs)}",
+                  f"config.HOOKS.CONVIT_KNN.TEACHER={'true' if method in TEACHERS else 'false'}"]
+    seconds = run_stage(f"{method} / {arch} / seed {seed}: pretraining", overrides, run_dir / "pretrain")
+    records = _knn_records(run_dir / "pretrain")
+    if records[0]["iteration"] != 0 or records[-1]["epoch"] != num_epochs - 1:
+        raise RuntimeError(f"{run_dir / 'pretrain'}: kNN records do not span the run: "
+                           f"{[(r['iteration'], r['epoch']) for r in records]}")
+    monitor = sum(r["seconds"] for r in records)
+    key = f"{arch}_seed{seed}"
+    if key not in random_linear:
+        random_linear[key] = _linear(f"random-init {arch} / seed {seed}: linear probes",
+                                     out / "random_init" / key / "linear", data, arch, seed, None)
+    pretrained = final_checkpoint(run_dir / "pretrain")
+    linear = _linear(f"{method} / {arch} / seed {seed}: linear probes", run_dir / "linear", data, arch, seed, pretrained)
+    return {
+        "method": method, "arch": arch, "seed": seed, "config": pretrain_config(method), "epochs": num_epochs,
+        "iterations": records[-1]["iteration"],
+        "pretrain_seconds": round(seconds - monitor, 1), "knn_monitor_seconds": round(monitor, 1),
+        "final_loss": _final_loss(run_dir / "pretrain"),
+        "knn_top1": {"random_init": records[0]["student"]["top1"], "pretrained": records[-1]["student"]["top1"],
+                     **({"teacher": records[-1]["teacher"]["top1"]} if "teacher" in records[-1] else {})},
+        "knn_curve": [(r["epoch"] + 1, round(r["student"]["top1"], 2)) for r in records],
+        "linear_top1": {"random_init": random_linear[key]["top1"], "pretrained": linear["top1"]},
+    }
+
+
+def _spread(values: List[float]) -> Dict[str, float]:
+    return {"mean": round(statistics.fmean(values), 2),
+            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+            "min": round(min(values), 2), "max": round(max(values), 2)}
+
+
+def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per method and arch, over seeds: kNN top-1 random / pretrained / gain, linear lastCLS gain."""
+    out: Dict[str, Any] = {}
+    for run in runs:
+        out.setdefault(run["method"], {}).setdefault(run["arch"], []).append(run)
+    summary: Dict[str, Any] = {}
+    for method, by_arch in out.items():
+        for arch, group in by_arch.items():
+            knn = [r["knn_top1"] for r in group]
+            lin = [r["linear_top1"] for r in group]
+            summary.setdefault(method, {})[arch] = {
+                "seeds": sorted(r["seed"] for r in group),
+                "knn_random_init": _spread([k["random_init"] for k in knn]),
+                "knn_pretrained": _spread([k["pretrained"] for k in knn]),
+                "knn_gain": _spread([k["pretrained"] - k["random_init"] for k in knn]),
+                "linear_lastCLS_random_init": _spread([x["random_init"]["lastCLS"] for x in lin]),
+                "linear_lastCLS_pretrained": _spread([x["pretrained"]["lastCLS"] for x in lin]),
+                "pretrain_seconds": _spread([r["pretrain_seconds"] for r in group]),
+            }
+    return summary
+
+
+def _write(path: Path, results: Dict[str, Any]) -> None:
+    results["summary"] = summarize(results["runs"])
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/ssl_quality.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", nargs="+", default=["all"], help=f"one or more of {', '.join(METHODS)}, or all")
+    parser.add_argument("--arch", nargs="+", default=["convit"], choices=sorted(ARCHS), help="convit and/or deit")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: each config's)")
+    parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    methods = list(METHODS) if args.method == ["all"] else args.method
+    for method in methods:
+        pretrain_config(method)  # unknown names fail here, before any run
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        from convit_ssl.data import export_digits
+
+        train, val = export_digits(out / "digits")
+    else:
+        train, val = Path(args.data).resolve() / "train", Path(args.data).resolve() / "val"
+        for folder in (train, val):
+            if not folder.is_dir():
+                parser.error(f"--data {args.data}: expected {folder} with one sub-folder per class")
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "data": {"train": str(train), "val": str(val)}, "runs": [], "random_init_linear": {},
+    }
+    results["command"] = " ".join(["tools/ssl_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    results["date"] = time.strftime("%Y-%m-%d")
+    done = {(r["method"], r["arch"], r["seed"]) for r in results["runs"]}
+    for method in methods:
+        for arch in args.arch:
+            for seed in args.seeds:
+                if (method, arch, seed) in done:
+                    print(f"== {method} / {arch} / seed {seed}: in {path} already, skipped")
+                    continue
+                run = run_one(method, arch, seed, out, train, val, results["random_init_linear"], args.epochs)
+                results["runs"].append(run)
+                _write(path, results)
+                knn = run["knn_top1"]
+                print(f"== {method} / {arch} / seed {seed}: kNN top-1 {knn['random_init']:.1f}% -> "
+                      f"{knn['pretrained']:.1f}% ({run['pretrain_seconds']:.0f} s); linear lastCLS "
+                      f"{run['linear_top1']['random_init']['lastCLS']:.1f}% -> {run['linear_top1']['pretrained']['lastCLS']:.1f}%",
+                      flush=True)
+    _write(path, results)
+    print(f"results: {path}")
+    return 0

@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Pretrain the demo-size ConViT (or its DeiT twin) with each self-supervised
+method on the digits, then measure kNN and linear-probe top-1 against the same
+trunk at random init.
+
+    python tools/ssl_quality.py --method simclr dino --arch convit deit --seeds 0 1 --out DIR
+
+See convit_ssl/ssl_quality.py. `import convit_ssl` stays at module top level:
+VISSL's spawned ranks re-import __main__.
+"""
+
+import sys
+
+import convit_ssl  # noqa: F401  (compat shims + trunk registration, before VISSL)
+from convit_ssl.ssl_quality import main
+
+if __name__ == "__main__":
+    sys.exit(main())
