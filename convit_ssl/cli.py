@@ -63,6 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
+    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised epochs (default: the config's)")
     from convit_ssl.analyze import add_arguments as analyze_arguments
 
     analyze_arguments(sub.add_parser(
@@ -75,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from convit_ssl.demo import run_demo
 
         try:
-            run_demo(args.out, args.data, args.epochs)
+            run_demo(args.out, args.data, args.epochs, args.ssl_epochs)
         except USER_ERRORS as e:
             parser.exit(2, f"convit-ssl demo: error: {e}\n")
     elif args.command == "analyze":

@@ -1,8 +1,15 @@
-"""`make demo` / `convit-ssl demo`: supervised training, a linear probe on the
-frozen trunk, and a fine-tune, each a real VISSL run on CPU, then the paper's
-analyses of the supervised model (`<out>/analysis`: gating, nonlocality,
-attention maps, and the gates and nonlocality over training that the
-analysis hook logged).
+"""`make demo` / `convit-ssl demo`: each a real VISSL run on CPU,
+
+1. supervised training (`supervised`);
+2. self-supervised pretraining with SimCLR, no labels (`ssl`);
+3. linear probes on the frozen trunk of each (`linear`, `linear_ssl`) and of
+   a trunk at random init (`linear_random`), and the online kNN monitor's top-1
+   of the same three trunks (random init: the first record of the runs);
+4. a fine-tune from the supervised checkpoint (`finetune`);
+
+then the paper's analyses of the supervised model (`<out>/analysis`: gating,
+nonlocality, attention maps, and the gates and nonlocality over training that
+the analysis hook logged).
 
 With no data it exports scikit-learn's bundled handwritten digits to an image
 folder; with `--data DIR` (holding `train/<class>/*` and `val/<class>/*`) it
@@ -21,9 +28,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-STAGES = ("supervised", "linear", "finetune")
+STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
+# the self-supervised stage: the method that learns most reliably at this scale (README, tools/ssl_quality.py)
+SSL_METHOD = "SimCLR"
+SSL_CONFIG = "pretrain/simclr/simclr_convit_demo_digits_32"
 # the normalisation of configs/config/demo/convit_ssl/digits_*.yaml, for the analysis images
 DEMO_MEAN, DEMO_STD = (0.3, 0.3, 0.3), (0.4, 0.4, 0.4)
 ANALYSIS_IMAGES = 32
@@ -126,8 +136,29 @@ def _analyse(checkpoint: Path, val: Path, out: Path) -> Path:
     return figures
 
 
-def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optional[int] = None) -> Dict[str, dict]:
-    """Run the three stages; print and return a summary."""
+def _knn_overrides(train: Path, val: Path, epochs: int) -> List[str]:
+    """The online kNN monitor at the start (random init) and after the last of `epochs` epochs."""
+    return ["+config/convit_ssl/hooks=knn", f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{train}]",
+            f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{val}]", f"config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS={epochs}"]
+
+
+def _knn_ends(stage_dir: Path) -> Tuple[float, float]:
+    """kNN top-1 of the stage's trunk at random init and at the end (the monitor's first and last records)."""
+    from convit_ssl.vissl.knn_hook import RECORD_FILE
+
+    records = [json.loads(line) for line in (stage_dir / RECORD_FILE).read_text().splitlines() if line.strip()]
+    return records[0]["student"]["top1"], records[-1]["student"]["top1"]
+
+
+def _epochs(overrides: Sequence[str]) -> int:
+    from convit_ssl.vissl.configs import compose
+
+    return int(compose(overrides)[1].OPTIMIZER.num_epochs)
+
+
+def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optional[int] = None,
+             ssl_epochs: Optional[int] = None) -> Dict[str, dict]:
+    """Run the stages; print and return a summary."""
     out = Path(out).resolve()
     if data is None:
         from convit_ssl.data import export_digits
@@ -145,29 +176,58 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     common = data_overrides(train, val)
     if classes != 10:
         common += [f"config.MODEL.HEAD.PARAMS=[[mlp,{{dims:[96,{classes}]}}]]"]
-    epoch_override = [f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else []
-
-    times = {"supervised": run_stage("supervised", ["config=demo/convit_ssl/digits_supervised", *common, *epoch_override], out / "supervised")}
-    pretrained = final_checkpoint(out / "supervised")
-    weights = f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}"
-    linear = ["config=demo/convit_ssl/digits_linear", *common, weights]
+    linear = ["config=demo/convit_ssl/digits_linear", *common]
     if classes != 10:
         linear += [f"config.MODEL.HEAD.PARAMS=[[eval_mlp,{{in_channels:96,dims:[96,{classes}]}}],"
                    f"[eval_mlp,{{in_channels:192,dims:[192,{classes}]}}]]"]
-    times["linear"] = run_stage("linear", linear, out / "linear")
-    times["finetune"] = run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common, weights], out / "finetune")
+    times: Dict[str, float] = {}
 
-    summary = {name: {"seconds": round(times[name], 1), **final_accuracies(out / name)} for name in STAGES}
-    figures = _analyse(pretrained, val, out)
-    print(f"\n== summary ({classes} classes, chance {100 / classes:.1f}%)")
-    labels = {"supervised": "supervised training", "linear": "linear probes on the frozen trunk",
-              "finetune": "fine-tune from the supervised checkpoint"}
-    for name in STAGES:
-        s = summary[name]
-        test = s.get("test", {})
-        shown = ", ".join(f"{v:.1f}%" if len(test) == 1 else f"{k} {v:.1f}%" for k, v in test.items())
-        print(f"   {labels[name]:<44} val top-1 {shown}  ({s['seconds']:.0f} s)")
-    print(f"   checkpoints and logs (log.txt, metrics.json, tb_logs/): {out}/{{{','.join(STAGES)}}}")
-    print(f"   figures of the supervised model (gating, nonlocality, attention maps, training curves): {figures}")
+    supervised = ["config=demo/convit_ssl/digits_supervised", *common,
+                  *([f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else [])]
+    supervised += _knn_overrides(train, val, _epochs(supervised))
+    times["supervised"] = run_stage("supervised", supervised, out / "supervised")
+    ssl = [f"config={SSL_CONFIG}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
+           *([f"config.OPTIMIZER.num_epochs={ssl_epochs}"] if ssl_epochs else [])]
+    ssl += _knn_overrides(train, val, _epochs(ssl))
+    times["ssl"] = run_stage(f"self-supervised ({SSL_METHOD})", ssl, out / "ssl")
+    checkpoints = {"supervised": final_checkpoint(out / "supervised"), "ssl": final_checkpoint(out / "ssl")}
+    times["linear"] = run_stage("linear", [*linear, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['supervised']}"],
+                                out / "linear")
+    times["linear_ssl"] = run_stage(f"linear ({SSL_METHOD} trunk)",
+                                    [*linear, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['ssl']}"],
+                                    out / "linear_ssl")
+    times["linear_random"] = run_stage("linear (random trunk)", linear, out / "linear_random")
+    times["finetune"] = run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common,
+                                               f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['supervised']}"],
+                                  out / "finetune")
+
+    summary: Dict[str, dict] = {name: {"seconds": round(times[name], 1), **final_accuracies(out / name)}
+                                for name in STAGES if name != "ssl"}
+    summary["ssl"] = {"seconds": round(times["ssl"], 1), "method": SSL_METHOD}
+    random_knn, supervised_knn = _knn_ends(out / "supervised")
+    _, ssl_knn = _knn_ends(out / "ssl")
+    summary["knn"] = {"random_init": random_knn, "ssl": ssl_knn, "supervised": supervised_knn}
+    figures = _analyse(checkpoints["supervised"], val, out)
+    _print_summary(summary, classes, out, figures)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _print_summary(summary: Dict[str, dict], classes: int, out: Path, figures: Path) -> None:
+    def top1(stage: str) -> str:
+        test = summary[stage].get("test", {})
+        return ", ".join(f"{v:.1f}%" if len(test) == 1 else f"{k} {v:.1f}%" for k, v in test.items())
+
+    print(f"\n== summary ({classes} classes, chance {100 / classes:.1f}%)")
+    print(f"   supervised training                          val top-1 {top1('supervised')}  "
+          f"({summary['supervised']['seconds']:.0f} s)")
+    print(f"   {SSL_METHOD} pretraining (no labels)               ({summary['ssl']['seconds']:.0f} s)")
+    print("   frozen trunk          kNN top-1   linear probes (val top-1)")
+    knn = summary["knn"]
+    for label, name, stage in (("random init", "random_init", "linear_random"), (SSL_METHOD, "ssl", "linear_ssl"),
+                               ("supervised", "supervised", "linear")):
+        print(f"   {label:<21} {knn[name]:>6.1f}%     {top1(stage)}")
+    print(f"   fine-tune from the supervised checkpoint     val top-1 {top1('finetune')}  "
+          f"({summary['finetune']['seconds']:.0f} s)")
+    print(f"   checkpoints and logs (log.txt, metrics.json, tb_logs/): {out}/{{{','.join(STAGES)}}}")
+    print(f"   figures of the supervised model (gating, nonlocality, attention maps, training curves): {figures}")

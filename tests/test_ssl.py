@@ -238,3 +238,17 @@ def test_dino_teacher_has_no_stochastic_depth():
     teacher = task.loss.momentum_teacher
     assert not any(isinstance(m, DropPath) for m in teacher.modules())
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+
+
+@WEIGHT_NORM_WARNING
+def test_dino_head_with_batchnorm_runs_on_cpu(tmp_path):
+    """VISSL's DINOHook converted the teacher to SyncBatchNorm unconditionally
+    (dino_hooks.py:66-68), which refuses CPU tensors; the patched hook converts on GPUs only."""
+    head = ("config.MODEL.HEAD.PARAMS=[[swav_head,{dims:[48,256,256,64],use_bn:true,activation_name:GELU,"
+            "num_clusters:[1024],use_weight_norm_prototypes:true,return_embeddings:false}]]")
+    checkpoint_dir = tmp_path / "ck"
+    run_engine([f"config={TWIN_DIR}/dino_micro_synthetic", head, f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    state = torch.load(checkpoint_dir / "model_final_checkpoint_phase0.torch", map_location="cpu",
+                       weights_only=False)["classy_state_dict"]
+    teacher_bn = [k for k in state["loss"] if k.startswith("momentum_teacher.heads.0.projection_head") and "running_mean" in k]
+    assert teacher_bn, sorted(state["loss"])[:20]  # the teacher's head has BatchNorm layers, and it trained

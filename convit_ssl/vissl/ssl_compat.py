@@ -6,8 +6,11 @@ each patch names the upstream lines it answers.
   `MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE`
   (vissl/hooks/dino_hooks.py:48), a key only VISSL's own ViT reads; the teacher
   is never put in eval mode, so a `convit_ssl` teacher would keep the
-  student's stochastic depth. The patch zeroes `MODEL.TRUNK.CONVIT_SSL.DROP_PATH_RATE`
-  as well before the teacher is built.
+  student's stochastic depth. The patched method is upstream's, zeroing
+  `MODEL.TRUNK.CONVIT_SSL.DROP_PATH_RATE` as well before the teacher is built,
+  and converting the teacher's BatchNorm layers to SyncBatchNorm (:66-68)
+  only on GPUs: SyncBatchNorm refuses CPU tensors, so a DINO head with
+  `use_bn: true` could not run on the CPU.
 - DeepCluster-v2: the memory bank and k-means call `.cuda()` unconditionally
   (vissl/losses/deepclusterv2_loss.py:118, 123, 156, 179, 180), which fails
   without a GPU. The patched methods are upstream's with every tensor placed
@@ -43,23 +46,37 @@ from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME
 _APPLIED: list[str] = []
 
 
-def patch_dino_teacher_drop_path() -> None:
-    """Build DINO's teacher from a `convit_ssl` trunk without stochastic depth."""
+def _build_dino_teacher(self, task: Any) -> None:
+    """Upstream `DINOHook._build_momentum_network`, with the teacher's stochastic
+    depth off for a convit_ssl trunk too, and SyncBatchNorm only on GPUs."""
+    from vissl.models import build_model
+    from vissl.models.model_helpers import get_no_ddp_model
+
+    logging.info("Building momentum encoder")  # noqa: LOG015
+    trunk = task.config["MODEL"]["TRUNK"]
+    trunk["VISION_TRANSFORMERS"]["DROP_PATH_RATE"] = 0
+    if trunk["NAME"] == TRUNK_NAME and trunk.get(CONFIG_BLOCK) is not None:
+        trunk[CONFIG_BLOCK]["DROP_PATH_RATE"] = 0.0
+    task.loss.momentum_teacher = build_model(task.config["MODEL"], task.config["OPTIMIZER"])
+    task.loss.momentum_teacher.to(task.device)
+    for p in task.loss.momentum_teacher.parameters():
+        p.requires_grad = False
+    if task.loss.checkpoint is not None:
+        task.loss.load_state_dict(task.loss.checkpoint)
+    else:
+        get_no_ddp_model(task.loss.momentum_teacher).load_state_dict(get_no_ddp_model(task.model).state_dict())
+    if task.device.type == "cuda":
+        task.loss.momentum_teacher = nn.SyncBatchNorm.convert_sync_batchnorm(task.loss.momentum_teacher)
+
+
+def patch_dino_teacher() -> None:
+    """Build DINO's teacher without stochastic depth (also for convit_ssl) and,
+    on the CPU, without SyncBatchNorm."""
     from vissl.hooks.dino_hooks import DINOHook
 
-    original = DINOHook._build_momentum_network
-    if getattr(original, "__convit_ssl_patch__", False):
+    if DINOHook._build_momentum_network is _build_dino_teacher:
         return
-
-    @functools.wraps(original)
-    def _build_momentum_network(self, task: Any) -> None:
-        trunk = task.config["MODEL"]["TRUNK"]
-        if trunk["NAME"] == TRUNK_NAME and trunk.get(CONFIG_BLOCK) is not None:
-            trunk[CONFIG_BLOCK]["DROP_PATH_RATE"] = 0.0
-        original(self, task)
-
-    _build_momentum_network.__convit_ssl_patch__ = True  # type: ignore[attr-defined]
-    DINOHook._build_momentum_network = _build_momentum_network
+    DINOHook._build_momentum_network = _build_dino_teacher
     _APPLIED.append("DINOHook teacher without stochastic depth")
 
 
@@ -285,7 +302,7 @@ def applied() -> list[str]:
 
 def apply() -> list[str]:
     """Apply every patch (idempotent); return the names applied so far."""
-    patch_dino_teacher_drop_path()
+    patch_dino_teacher()
     patch_deepclusterv2_device()
     patch_extraction_device()
     patch_svm_average_precision()
