@@ -63,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
-    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised epochs (default: the config's)")
+    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 12)")
     from convit_ssl.analyze import add_arguments as analyze_arguments
 
     analyze_arguments(sub.add_parser(

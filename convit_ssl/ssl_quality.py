@@ -90,7 +90,7 @@ def _linear(name: str, stage_dir: Path, data: List[str], arch: str, seed: int, w
 
 
 def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path,
-            random_linear: Dict[str, dict], epochs: Optional[int] = None) -> Dict[str, Any]:
+            random_linear: Dict[str, dict], epochs: Optional[int] = None, linear: bool = True) -> Dict[str, Any]:
     """Pretrain `method` with `arch` and `seed`, then probe; returns the run's entry of results.json."""
     from convit_ssl.demo import data_overrides
 
@@ -112,11 +112,15 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
                            f"{[(r['iteration'], r['epoch']) for r in records]}")
     monitor = sum(r["seconds"] for r in records)
     key = f"{arch}_seed{seed}"
-    if key not in random_linear:
-        random_linear[key] = _linear(f"random-init {arch} / seed {seed}: linear probes",
-                                     out / "random_init" / key / "linear", data, arch, seed, None)
-    pretrained = final_checkpoint(run_dir / "pretrain")
-    linear = _linear(f"{method} / {arch} / seed {seed}: linear probes", run_dir / "linear", data, arch, seed, pretrained)
+    probes: Dict[str, Any] = {}
+    if linear:
+        if key not in random_linear:
+            random_linear[key] = _linear(f"random-init {arch} / seed {seed}: linear probes",
+                                         out / "random_init" / key / "linear", data, arch, seed, None)
+        pretrained = final_checkpoint(run_dir / "pretrain")
+        probes = {"random_init": random_linear[key]["top1"],
+                  "pretrained": _linear(f"{method} / {arch} / seed {seed}: linear probes", run_dir / "linear",
+                                        data, arch, seed, pretrained)["top1"]}
     return {
         "method": method, "arch": arch, "seed": seed, "config": pretrain_config(method), "epochs": num_epochs,
         "iterations": records[-1]["iteration"],
@@ -125,7 +129,7 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
         "knn_top1": {"random_init": records[0]["student"]["top1"], "pretrained": records[-1]["student"]["top1"],
                      **({"teacher": records[-1]["teacher"]["top1"]} if "teacher" in records[-1] else {})},
         "knn_curve": [(r["epoch"] + 1, round(r["student"]["top1"], 2)) for r in records],
-        "linear_top1": {"random_init": random_linear[key]["top1"], "pretrained": linear["top1"]},
+        "linear_top1": probes,
     }
 
 
@@ -144,14 +148,14 @@ def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     for method, by_arch in out.items():
         for arch, group in by_arch.items():
             knn = [r["knn_top1"] for r in group]
-            lin = [r["linear_top1"] for r in group]
+            lin = [r["linear_top1"] for r in group if r["linear_top1"]]
             summary.setdefault(method, {})[arch] = {
                 "seeds": sorted(r["seed"] for r in group),
                 "knn_random_init": _spread([k["random_init"] for k in knn]),
                 "knn_pretrained": _spread([k["pretrained"] for k in knn]),
                 "knn_gain": _spread([k["pretrained"] - k["random_init"] for k in knn]),
-                "linear_lastCLS_random_init": _spread([x["random_init"]["lastCLS"] for x in lin]),
-                "linear_lastCLS_pretrained": _spread([x["pretrained"]["lastCLS"] for x in lin]),
+                **({"linear_lastCLS_random_init": _spread([x["random_init"]["lastCLS"] for x in lin]),
+                    "linear_lastCLS_pretrained": _spread([x["pretrained"]["lastCLS"] for x in lin])} if lin else {}),
                 "pretrain_seconds": _spread([r["pretrain_seconds"] for r in group]),
             }
     return summary
@@ -170,6 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: each config's)")
     parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
+    parser.add_argument("--no-linear", action="store_true", help="kNN only: skip the linear probes")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     methods = list(METHODS) if args.method == ["all"] else args.method
@@ -200,14 +205,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if (method, arch, seed) in done:
                     print(f"== {method} / {arch} / seed {seed}: in {path} already, skipped")
                     continue
-                run = run_one(method, arch, seed, out, train, val, results["random_init_linear"], args.epochs)
+                run = run_one(method, arch, seed, out, train, val, results["random_init_linear"], args.epochs,
+                              linear=not args.no_linear)
                 results["runs"].append(run)
                 _write(path, results)
                 knn = run["knn_top1"]
+                probes = run["linear_top1"]
+                linear_line = (f"; linear lastCLS {probes['random_init']['lastCLS']:.1f}% -> "
+                               f"{probes['pretrained']['lastCLS']:.1f}%") if probes else ""
                 print(f"== {method} / {arch} / seed {seed}: kNN top-1 {knn['random_init']:.1f}% -> "
-                      f"{knn['pretrained']:.1f}% ({run['pretrain_seconds']:.0f} s); linear lastCLS "
-                      f"{run['linear_top1']['random_init']['lastCLS']:.1f}% -> {run['linear_top1']['pretrained']['lastCLS']:.1f}%",
-                      flush=True)
+                      f"{knn['pretrained']:.1f}% ({run['pretrain_seconds']:.0f} s){linear_line}", flush=True)
     _write(path, results)
     print(f"results: {path}")
     return 0

@@ -1,5 +1,6 @@
 """`convit-ssl demo` end to end (what `make demo` runs), shortened to one
-supervised epoch: the three VISSL stages on the exported digits, their summary,
+supervised and one SimCLR epoch: the VISSL stages on the exported digits, their
+summary (kNN and linear probes of the random, SimCLR and supervised trunks),
 and the analysis figures drawn from the supervised checkpoint and the hook's log."""
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from PIL import Image
 
 def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", "demo", "--out", str(out), "--epochs", "1"],
+    proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", "demo", "--out", str(out), "--epochs", "1",
+                           "--ssl-epochs", "1"],
                           cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"supervised", "linear", "finetune"}
+    assert set(summary) == {"supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune", "knn"}
     assert set(summary["supervised"]["test"]) == set(summary["finetune"]["test"]) == {"0"}  # one head
-    assert set(summary["linear"]["test"]) == {"lastCLS", "concatPOOL2"}  # one probe per feature
+    for probe in ("linear", "linear_ssl", "linear_random"):
+        assert set(summary[probe]["test"]) == {"lastCLS", "concatPOOL2"}, probe  # one probe per feature
+    # kNN of the three trunks: the supervised run's first monitor record is the random init
+    assert set(summary["knn"]) == {"random_init", "ssl", "supervised"}
     # one supervised epoch is mostly warm-up; the 5-epoch probe and fine-tune must beat chance (10%) clearly
     assert max(summary["linear"]["test"].values()) > 25.0 and summary["finetune"]["test"]["0"] > 25.0, summary
     records = [json.loads(line) for line in (out / "supervised" / "convit_analysis.jsonl").read_text().splitlines()]

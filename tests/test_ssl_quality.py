@@ -52,11 +52,11 @@ def test_every_method_has_a_small_scale_config():
 
 
 def test_simclr_learns_on_the_digits(tmp_path):
-    """The script end to end, one method: pretraining beats random init in kNN top-1."""
+    """The script end to end, one method, kNN only: pretraining beats the same trunk at random init."""
     out = tmp_path / "quality"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "ssl_quality.py"), "--method", "simclr",
-                           "--epochs", str(SIMCLR_EPOCHS), "--out", str(out)], cwd=tmp_path, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+                           "--epochs", str(SIMCLR_EPOCHS), "--no-linear", "--out", str(out)], cwd=tmp_path,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
     results = json.loads((out / "results.json").read_text())
     (run,) = results["runs"]
@@ -64,10 +64,10 @@ def test_simclr_learns_on_the_digits(tmp_path):
     assert knn["pretrained"] >= knn["random_init"] + KNN_MARGIN, run
     assert run["iterations"] == SIMCLR_EPOCHS * (1438 // 128)
     assert [epoch for epoch, _ in run["knn_curve"]] == [0, 2, 4, 6, 8, 10]
-    assert set(run["linear_top1"]["pretrained"]) == {"lastCLS", "concatPOOL2"}
+    assert run["linear_top1"] == {}  # --no-linear (the demo's test runs the probes on an SSL checkpoint)
     assert results["summary"]["simclr"]["convit"]["seeds"] == [0]
     # a second call finds the run done and skips it
     again = subprocess.run([sys.executable, str(REPO / "tools" / "ssl_quality.py"), "--method", "simclr",
-                            "--epochs", str(SIMCLR_EPOCHS), "--out", str(out)], cwd=tmp_path, text=True,
+                            "--epochs", str(SIMCLR_EPOCHS), "--no-linear", "--out", str(out)], cwd=tmp_path, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     assert again.returncode == 0 and "in " in again.stdout and "skipped" in again.stdout
