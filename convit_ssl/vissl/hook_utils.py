@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convit_ssl.checkpoints.io import atomic_write_text
 from convit_ssl.models.convit import ConViT
 
 # config key -> (default, accepted type, condition, what the condition says)
@@ -136,7 +137,4 @@ class JsonLines:
             return
         logging.info("%s: resuming at iteration %d, dropping %d later record(s) of %s",
                      self.label, iteration, len(lines) - len(kept), self.path)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(line + "\n" for line in kept)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
