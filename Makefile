@@ -13,15 +13,15 @@ DEMO_OUT ?= demo_output
 
 install: $(STAMP)
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt setuptools wheel
 	$(PIP) install -c constraints.txt torch torchvision
 	# VISSL 0.1.6 then ClassyVision 0.7.0 (which replaces the copy inside the VISSL wheel),
-	# without their 2021 pins; their modern needs come from setup.py below.
+	# without their 2021 pins; their modern needs are the package's `vissl` extra below.
 	$(PIP) install --no-deps -c constraints.txt vissl==0.1.6
 	$(PIP) install --no-deps -c constraints.txt classy_vision==0.7.0
-	$(PIP) install -c constraints.txt -e ".[test]"
+	$(PIP) install -c constraints.txt -e ".[vissl,analysis,test]"
 	touch $(STAMP)
 
 demo: install

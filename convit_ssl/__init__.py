@@ -1,25 +1,13 @@
-"""convit_ssl: ConViT trunks for VISSL on today's stack.
+"""convit_ssl: ConViT (gated positional self-attention) for PyTorch, timm and VISSL.
 
-Importing the package applies the compatibility shims (which must precede any
-VISSL, ClassyVision, timm or torchvision import) and, where VISSL is
-installed, registers the `convit_ssl` trunk. `convit_ssl.models` is plain
-PyTorch and usable without VISSL.
+`import convit_ssl` gives the plain-PyTorch model (`ConViT`, `create_model`,
+`list_models`) and changes nothing process-wide; `convit_ssl.checkpoints` and
+`convit_ssl.analysis` are plain PyTorch too. The VISSL integration lives in
+`convit_ssl.vissl`, which patches and registers VISSL when imported (its entry
+points import it: `convit-ssl run`, tools/*).
 """
 
-import importlib.util
-
-from convit_ssl import compat
-
-compat.apply()
-
-from convit_ssl.models import ConViT, create_model, list_models  # noqa: E402
-
-if importlib.util.find_spec("vissl") is not None:
-    from convit_ssl.vissl import register as _register_vissl
-
-    _register_vissl()
-    compat.patch_atomic_checkpoints()
-    compat.patch_posterize()
+from convit_ssl.models import ConViT, create_model, list_models
 
 __version__ = "0.1.0"
 __all__ = ["ConViT", "create_model", "list_models", "__version__"]

@@ -46,8 +46,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_NUM_IMAGES = 8
 JSON_NAME = "analysis.json"
-FIGURE_NAMES = ("gating.png", "nonlocality.png", "attention_combined.png", "attention_positional.png",
-                "training_curves.png")
 
 
 # --------------------------------------------------------------------------- model

@@ -13,32 +13,95 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import List, Optional
+import warnings
+from typing import Any, Callable, List, Optional, Tuple, Type
 
-import convit_ssl  # noqa: F401  (compat shims + trunk registration; ranks re-import __main__)
-
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError)
+# Commands that run VISSL. VISSL's spawned ranks re-import the main module (this
+# one, or the console script that imports it) with the parent's sys.argv before
+# they unpickle VISSL's worker, so a process started for one of them sets VISSL
+# up as soon as it loads this module (`convit_ssl.vissl`: patches, registration).
+VISSL_COMMANDS = {"run", "knn", "svm", "low-shot"}
 BENCHMARK_COMMANDS = {"knn": "knn", "svm": "svm", "low-shot": "low_shot"}
+# Set to show the traceback of a user error instead of its one line.
+TRACEBACK_ENV = "CONVIT_SSL_TRACEBACK"
+
+
+def quiet_library_warnings() -> None:
+    """Deprecation warnings from VISSL's dependencies that say nothing to a user of
+    the command (our entry points only; library users keep their filters)."""
+    for module in ("torchvision", "torch.jit", "torch.distributed", "fvcore", "iopath", "hydra", "classy_vision",
+                   "vissl", "timm"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+
+
+def setup_vissl() -> None:
+    """Import `convit_ssl.vissl` (patches, registration) without the deprecation
+    noise VISSL's imports make. Entry points call it at module top level."""
+    with warnings.catch_warnings():
+        quiet_library_warnings()
+        import convit_ssl.vissl  # noqa: F401
+
+
+if sys.argv[1:2] and sys.argv[1] in VISSL_COMMANDS:
+    setup_vissl()
+
+
+def user_errors() -> Tuple[Type[BaseException], ...]:
+    """What a user's input can raise before any work starts: bad config, path, checkpoint."""
+    errors: List[Type[BaseException]] = [ValueError, KeyError, FileNotFoundError, FileExistsError]
+    for module, name in (("hydra.errors", "HydraException"), ("omegaconf.errors", "OmegaConfBaseException")):
+        if module in sys.modules:  # a config error can come only from a library already loaded
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+class CommandError(Exception):
+    """A user error of `command`, reported by `main` in one line with exit code 2."""
+
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(f"convit-ssl {command}: error: {message}")
+
+
+def checked(command: str, step: Callable[[], Any]) -> Any:
+    """Run `step` (the part of a command that reads the user's input); a user error
+    becomes a `CommandError` (re-raised as is with CONVIT_SSL_TRACEBACK=1)."""
+    try:
+        return step()
+    except user_errors() as e:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str is a repr
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise CommandError(command, " ".join(lines[:2]) or type(e).__name__) from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command; 0 on success, 2 on a user error (one line on stderr)."""
+    quiet_library_warnings()
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except CommandError as e:
+        print(e, file=sys.stderr)
+        return 2
+
+
+def _run(argv: List[str]) -> int:
     if argv and argv[0] == "run":
         # Hydra overrides pass through untouched (argparse would mangle `config=...`).
-        from convit_ssl.vissl.launcher import run
+        from convit_ssl.vissl import launcher
 
-        run(argv[1:])
+        prepared = checked("run", lambda: launcher.prepare(argv[1:]))
+        launcher.launch(*prepared)
         return 0
     if argv and argv[0] in BENCHMARK_COMMANDS:
         from convit_ssl.vissl import benchmarks
 
         benchmark = BENCHMARK_COMMANDS[argv[0]]
-        try:
-            runner, config, node_id = benchmarks.prepare(benchmark, argv[1:])
-        except USER_ERRORS as e:
-            print(f"convit-ssl {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
+        runner, config, node_id = checked(argv[0], lambda: benchmarks.prepare(benchmark, argv[1:]))
         results = runner(config, node_id)
         for line in benchmarks.summary_lines(benchmark, results):
             print(line)
@@ -46,11 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "convert":
         from convit_ssl.convert import main as convert_main
 
-        try:
-            convert_main(argv[1:])
-        except USER_ERRORS as e:
-            print(f"convit-ssl convert: error: {e}", file=sys.stderr)
-            return 2
+        checked("convert", lambda: convert_main(argv[1:]))
         return 0
     parser = argparse.ArgumentParser(prog="convit-ssl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
     demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 12)")
+    demo.add_argument("--probe-epochs", type=int, default=None,
+                      help="epochs of the linear probes and the fine-tune (default: the configs', 5)")
     from convit_ssl.analyze import add_arguments as analyze_arguments
 
     analyze_arguments(sub.add_parser(
@@ -75,17 +136,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "demo":
         from convit_ssl.demo import run_demo
 
-        try:
-            run_demo(args.out, args.data, args.epochs, args.ssl_epochs)
-        except USER_ERRORS as e:
-            parser.exit(2, f"convit-ssl demo: error: {e}\n")
+        checked("demo", lambda: run_demo(args.out, args.data, args.epochs, args.ssl_epochs, args.probe_epochs))
     elif args.command == "analyze":
         from convit_ssl.analyze import run_args
 
-        try:
-            run_args(args)
-        except USER_ERRORS as e:
-            parser.exit(2, f"convit-ssl analyze: error: {e}\n")
+        checked("analyze", lambda: run_args(args))
     elif args.command == "models":
         from convit_ssl.models import ARCHITECTURES
 

@@ -14,10 +14,10 @@ source and target), and save atomically.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint, save_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
 from convit_ssl.models import ConViT
+from convit_ssl.models.geometry import patch_grid, to_pair
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,7 +53,6 @@ class ConvertConfig:
     verify_tolerance: float = 1e-4       # max |source - target| (fp32) accepted
     overwrite: bool = False
     seed: int = 0
-    notes: List[str] = field(default_factory=list)
 
 
 def _check(cfg: ConvertConfig) -> None:
@@ -65,13 +65,6 @@ def _check(cfg: ConvertConfig) -> None:
         raise ValueError(f"target_format {cfg.target_format!r} is not one of {', '.join(FORMATS)}")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)} (or null to keep)")
-
-
-def _grid(image_size: Any, patch: int) -> tuple:
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if h % patch or w % patch:
-        raise ValueError(f"image_size {h}x{w} is not divisible by the patch size {patch}")
-    return h // patch, w // patch
 
 
 # ---------------------------------------------------------------- models
@@ -191,7 +184,7 @@ def _resample(weights: Weights, kwargs: Dict[str, Any], cfg: ConvertConfig) -> W
     trunk = weights.trunk
     notes = list(weights.notes)
     old_patch = kwargs["patch_size"]
-    old_grid = _grid(kwargs["img_size"], old_patch)
+    old_grid = patch_grid(kwargs["img_size"], old_patch)
     if cfg.patch_size is not None and cfg.patch_size != old_patch:
         trunk = resize_patch_embed_state_dict(trunk, cfg.patch_size)
         kwargs["patch_size"] = cfg.patch_size
@@ -200,7 +193,7 @@ def _resample(weights: Weights, kwargs: Dict[str, Any], cfg: ConvertConfig) -> W
     if image_size is None and cfg.patch_size is not None:
         image_size = [g * kwargs["patch_size"] for g in old_grid]  # same grid
     if image_size is not None:
-        new_grid = _grid(image_size, kwargs["patch_size"])
+        new_grid = patch_grid(image_size, kwargs["patch_size"])
         if new_grid[0] != new_grid[1] and cfg.target_format != "vissl":
             raise CheckpointError(f"image_size {image_size} gives a {new_grid[0]}x{new_grid[1]} patch grid: "
                                   f"{cfg.target_format} ConViTs take square grids only (convit_ssl's vissl format "
@@ -210,10 +203,6 @@ def _resample(weights: Weights, kwargs: Dict[str, Any], cfg: ConvertConfig) -> W
             notes.append(f"position embedding resampled {old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]} (bicubic)")
         kwargs["img_size"] = tuple(g * kwargs["patch_size"] for g in new_grid)
     return Weights(trunk, weights.head, notes)
-
-
-def _pair(size: Any) -> tuple:
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 @torch.no_grad()
@@ -227,8 +216,8 @@ def _verify(source, reference: ConViT, source_kwargs, out, kwargs, cfg: ConvertC
     new patch size the function changes by design: the target must load and be finite."""
     target = _target_forward(out, cfg.target_format, kwargs)
     generator = torch.Generator().manual_seed(cfg.seed)
-    x_src = torch.randn(cfg.verify_batch, source_kwargs["in_chans"], *_pair(source_kwargs["img_size"]), generator=generator)
-    x_tgt = torch.randn(cfg.verify_batch, kwargs["in_chans"], *_pair(kwargs["img_size"]), generator=generator)
+    x_src = torch.randn(cfg.verify_batch, source_kwargs["in_chans"], *to_pair(source_kwargs["img_size"]), generator=generator)
+    x_tgt = torch.randn(cfg.verify_batch, kwargs["in_chans"], *to_pair(kwargs["img_size"]), generator=generator)
     diffs: Dict[str, float] = {}
     y_source = source(x_src).float()
     if source is not reference:
@@ -237,7 +226,7 @@ def _verify(source, reference: ConViT, source_kwargs, out, kwargs, cfg: ConvertC
         if not torch.isfinite(target(x_tgt)).all():
             raise CheckpointError("verification failed: the converted model gives non-finite outputs")
         report["verification"] = "strict load into the target; outputs not compared (the patch size changed)"
-    elif _pair(kwargs["img_size"]) == _pair(source_kwargs["img_size"]):
+    elif to_pair(kwargs["img_size"]) == to_pair(source_kwargs["img_size"]):
         diffs["source vs target"] = (y_source - target(x_src).float()).abs().max().item()
     else:
         diffs["target vs convit_ssl resampling at forward time"] = (
@@ -268,7 +257,7 @@ def load_config(overrides: Sequence[str]) -> ConvertConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from convit_ssl.vissl.configs import config_root
+    from convit_ssl.config_root import config_root
 
     pairs = []
     for item in overrides:
@@ -290,7 +279,7 @@ def load_config(overrides: Sequence[str]) -> ConvertConfig:
         )
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        fields = ", ".join(f for f in ConvertConfig.__dataclass_fields__ if f != "notes")
+        fields = ", ".join(ConvertConfig.__dataclass_fields__)
         raise ValueError(f"bad conversion config ({path.name} + overrides): {str(e).splitlines()[0]}; "
                          f"fields: {fields}") from e
 

@@ -158,8 +158,9 @@ def _epochs(overrides: Sequence[str]) -> int:
 
 
 def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optional[int] = None,
-             ssl_epochs: Optional[int] = None) -> Dict[str, dict]:
-    """Run the stages; print and return a summary."""
+             ssl_epochs: Optional[int] = None, probe_epochs: Optional[int] = None) -> Dict[str, dict]:
+    """Run the stages; print and return a summary. `epochs`, `ssl_epochs` and
+    `probe_epochs` (the linear probes and the fine-tune) default to the configs'."""
     out = Path(out).resolve()
     if data is None:
         from convit_ssl.data import export_digits
@@ -177,7 +178,8 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     common = data_overrides(train, val)
     if classes != 10:
         common += [f"config.MODEL.HEAD.PARAMS=[[mlp,{{dims:[96,{classes}]}}]]"]
-    linear = ["config=demo/convit_ssl/digits_linear", *common]
+    probe = [f"config.OPTIMIZER.num_epochs={probe_epochs}"] if probe_epochs else []
+    linear = ["config=demo/convit_ssl/digits_linear", *common, *probe]
     if classes != 10:
         linear += [f"config.MODEL.HEAD.PARAMS=[[eval_mlp,{{in_channels:96,dims:[96,{classes}]}}],"
                    f"[eval_mlp,{{in_channels:192,dims:[192,{classes}]}}]]"]
@@ -198,7 +200,7 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
                                     [*linear, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['ssl']}"],
                                     out / "linear_ssl")
     times["linear_random"] = run_stage("linear (random trunk)", linear, out / "linear_random")
-    times["finetune"] = run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common,
+    times["finetune"] = run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common, *probe,
                                                f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['supervised']}"],
                                   out / "finetune")
 

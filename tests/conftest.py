@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from typing import List
 import pytest
 import torch
 
-import convit_ssl  # noqa: F401  (shims before anything imports VISSL)
+if importlib.util.find_spec("vissl") is not None:  # (without VISSL, the pure-PyTorch tests still run)
+    import convit_ssl.vissl  # noqa: F401  (patches before anything imports VISSL)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = REPO / "tools" / "run_distributed_engines.py"

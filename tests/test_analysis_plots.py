@@ -24,7 +24,6 @@ import pytest
 import torch
 from PIL import Image
 
-import convit_ssl  # noqa: F401  (shims before anything imports VISSL)
 from convit_ssl import cli
 from convit_ssl.analysis import analyze, plots
 from convit_ssl.analysis.plots import (
@@ -464,13 +463,14 @@ def test_tool_script(checkpoints, image_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", [str(TOOL), str(checkpoints["vissl_convit"]), "--images", str(image_dir),
                                       "--out", str(out), "--num-images", "1", "--query", "0", "0"])
-    runpy.run_path(str(TOOL), run_name="__main__")
-    assert "wrote:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(TOOL), run_name="__main__")
+    assert exit_info.value.code == 0 and "wrote:" in capsys.readouterr().out
     assert _strict_json(out / "analysis.json")["analysis"]["query"] == [0, 0]
     monkeypatch.setattr(sys, "argv", [str(TOOL), str(checkpoints["timm"]), "--images", str(tmp_path / "none"),
                                       "--out", str(tmp_path / "out2")])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(TOOL), run_name="__main__")
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("analyze: error: image folder")
+    assert capsys.readouterr().err.startswith("convit-ssl analyze: error: image folder")
     assert not (tmp_path / "out2").exists()

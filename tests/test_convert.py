@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import convit_ssl  # noqa: F401  (shims before anything imports VISSL or timm)
 from convit_ssl import create_model
 from convit_ssl.checkpoints import io as ckpt_io
 from convit_ssl.checkpoints.io import CheckpointError
@@ -620,7 +619,8 @@ def test_tool_script(tmp_path, tiny):
     assert "verification: strict load into the target" in proc.stdout and "head: 5 classes" in proc.stdout
     _assert_identical(_parts(_load(work / "out.torch"))[0], _split(tiny)[0])
     proc = _run([str(TOOL), "config=timm_to_vissl", "input=in.pth", "output=out.torch"], work)  # exists
-    assert proc.returncode != 0 and "convert_checkpoint: error:" in proc.stderr and "overwrite=true" in proc.stderr
+    assert proc.returncode == 2 and "convit-ssl convert: error: 'out.torch' exists" in proc.stderr
+    assert "overwrite=true" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
 
 

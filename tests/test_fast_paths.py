@@ -164,7 +164,7 @@ def state():
         "mkldnn": torch.backends.mkldnn.enabled,
     }
 before = state()
-import convit_ssl
+import convit_ssl.vissl  # noqa: F401
 from convit_ssl.models import create_model
 from convit_ssl.vissl.trunk import ConViTSSLTrunk
 m = create_model("convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2, num_classes=3)

@@ -12,6 +12,7 @@ import pytest
 
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.launcher import ConViTSlurmJob, launch_on_slurm
+from convit_ssl.vissl.validate import validate
 
 
 def test_cli_run_trains(tmp_path):
@@ -89,4 +90,4 @@ def test_slurm_needs_a_partition(tmp_path):
     _, config = compose(["config=test/convit_ssl/supervised_micro_synthetic", "config.SLURM.USE_SLURM=true",
                          f"config.SLURM.LOG_FOLDER={tmp_path}"])
     with pytest.raises(ValueError, match="config.SLURM.PARTITION must be set"):
-        launch_on_slurm(config, "train")
+        validate(config)

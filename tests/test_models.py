@@ -16,15 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# convit_ssl first: importing it applies the compatibility shims, which must
-# precede any timm import.
+import timm
+from timm.layers import resample_abs_pos_embed
+from timm.models.convit import GPSA as TimmGPSA
+
 from convit_ssl.models import GPSA, MHSA, create_model, list_models, model_kwargs, resample_pos_embed
 from convit_ssl.models.attention import _merge_heads, _split_heads
 from convit_ssl.models.geometry import relative_offsets
-
-import timm  # noqa: E402
-from timm.layers import resample_abs_pos_embed  # noqa: E402
-from timm.models.convit import GPSA as TimmGPSA  # noqa: E402
 
 # fp32: outputs within 1e-5 absolute; gradients within 1e-5 of each parameter's
 # gradient scale, max(1, max |grad|) (summed over batch and tokens, gradients

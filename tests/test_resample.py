@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import convit_ssl  # noqa: F401  (shims before timm)
+import convit_ssl
+from convit_ssl.models.geometry import patch_grid
 from convit_ssl.checkpoints.resample import (
-    grid_for,
     resample_state_dict,
     resize_matrix,
     resize_patch_embed,
@@ -36,14 +36,14 @@ def _tiny(img_size, patch_size, seed=0):
     ).eval()
 
 
-# ------------------------------------------------------------------ grid_for
-def test_grid_for():
-    assert grid_for(224, 16) == (14, 14)
-    assert grid_for((48, 72), 8) == (6, 9)
+# ------------------------------------------------------------------ patch_grid
+def test_patch_grid():
+    assert patch_grid(224, 16) == (14, 14)
+    assert patch_grid((48, 72), 8) == (6, 9)
     with pytest.raises(ValueError, match="not divisible by the patch size 16"):
-        grid_for(100, 16)
+        patch_grid(100, 16)
     with pytest.raises(ValueError, match="patch_size"):
-        grid_for(64, 0)
+        patch_grid(64, 0)
 
 
 # ----------------------------------------------------------------- pos_embed
@@ -99,7 +99,7 @@ def test_dtype_preserved_bf16_and_prefix():
 def test_resampled_state_dict_loads_and_matches_on_the_fly_resampling():
     old_img, new_img, patch = 32, 48, 8
     model_a = _tiny(old_img, patch)
-    sd = resample_state_dict(model_a.state_dict(), grid_for(new_img, patch), grid_for(old_img, patch))
+    sd = resample_state_dict(model_a.state_dict(), patch_grid(new_img, patch), patch_grid(old_img, patch))
     model_b = _tiny(new_img, patch, seed=1)
     model_b.load_state_dict(sd, strict=True)
     x = torch.randn(2, 3, new_img, new_img)
@@ -110,7 +110,7 @@ def test_resampled_state_dict_loads_and_matches_on_the_fly_resampling():
 # ------------------------------------------------------------- bad inputs
 def test_non_square_token_count_needs_old_grid():
     sd = {"pos_embed": torch.zeros(1, 54, 4)}
-    with pytest.raises(ValueError, match="54 tokens, not a perfect square"):
+    with pytest.raises(ValueError, match="54 positions, not a square grid"):
         resample_state_dict(sd, (7, 7))
     assert resample_state_dict(sd, (7, 7), old_grid=(6, 9))["pos_embed"].shape == (1, 49, 4)
 

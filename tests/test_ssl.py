@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import run_engine
 
-from convit_ssl.vissl import ssl_compat
+from convit_ssl.vissl import patches
 from convit_ssl.vissl.configs import compose
 
 # twin name -> its ImageNet recipe
@@ -115,13 +115,6 @@ def test_twin_trains_end_to_end(twin, tmp_path):
 # ----------------------------------------------------------------------------
 
 # What a twin may change beyond test/convit_ssl/ssl/micro_cpu.yaml: sizes only.
-def test_ssl_fixes_applied_by_import():
-    """`import convit_ssl` (every entry point, every VISSL rank) applies the DINO, DeepCluster-v2,
-    feature-extraction and SVM fixes."""
-    assert ssl_compat.applied() == ["DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
-                                    "feature extraction on the task's device", "SVM average precision as a scalar"]
-
-
 SIZE_KEYS = {"size", "size_crops", "dims", "num_clusters", "in_channels"}
 TWIN_ONLY = {
     "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP",          # iteration counts (checked below)
@@ -222,13 +215,13 @@ def test_dino_step_puts_two_resolutions_through_the_trunk():
 @WEIGHT_NORM_WARNING
 def test_dino_teacher_has_no_stochastic_depth():
     """VISSL's DINOHook zeroes only its own ViT's DROP_PATH_RATE; with
-    ssl_compat the convit_ssl teacher is built without stochastic depth too."""
+    the patch the convit_ssl teacher is built without stochastic depth too."""
     from vissl.hooks.dino_hooks import DINOHook
     from vissl.models import build_model
 
     from convit_ssl.models.layers import DropPath
 
-    ssl_compat.apply()
+    patches.apply()
     config = _config(f"{TWIN_DIR}/dino_micro_synthetic")
     student = build_model(config.MODEL, config.OPTIMIZER)
     assert any(isinstance(m, DropPath) for m in student.modules())

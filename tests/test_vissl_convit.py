@@ -12,7 +12,6 @@ from typing import Dict
 import pytest
 import torch
 
-import convit_ssl  # noqa: F401  (shims before anything imports VISSL)
 from convit_ssl.checkpoints.vissl_convit import (
     VISSL_CONVIT_NORM_EPS,
     timm_to_vissl_convit,

@@ -5,17 +5,13 @@
 
 CHECKPOINT is any format the converter reads (VISSL, timm or the official
 release, VISSL's built-in convit). Writes analysis.json and PNGs into DIR;
-see `python tools/analyze.py --help` and convit_ssl/analyze.py.
+see `python tools/analyze.py --help` and convit_ssl/analyze.py. Same as
+`convit-ssl analyze ...`.
 """
 
 import sys
 
-import convit_ssl  # noqa: F401  (compat shims before VISSL/timm imports)
-from convit_ssl.analyze import main
+from convit_ssl.cli import main
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"analyze: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(["analyze", *sys.argv[1:]]))

@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-import convit_ssl  # noqa: F401  (compat shims before timm)
 import torch
+
+import convit_ssl
 
 PEERS = ("ours", "timm_convit", "timm_vit")
 MODES = ("fp32", "compile", "bf16")
-# (ratio name, comparison, bound) for convit_tiny, CPU fp32 (issue 5)
+# (ratio name, comparison, bound) for convit_tiny, CPU fp32
 TARGETS = {
     "forward_vs_timm_vit": (">=", 0.90),
     "forward_vs_timm_convit": (">=", 2.0),

@@ -9,7 +9,7 @@ then measures in this process, alternating, best of `--repeats`:
   convert   timm -> vissl with verify=false (load, detect, read, write, atomic save).
 Peak memory is measured in fresh subprocesses (ru_maxrss) minus the peak of a
 process that only imports convit_ssl, and compared with the file size.
-Targets (issue 3): convert time <= 1.5x baseline, convert peak <= 2.5x file size.
+Targets: convert time <= 1.5x baseline, convert peak <= 2.5x file size.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import convit_ssl  # noqa: F401  (compat shims first)
 import torch
 
+import convit_ssl
 from convit_ssl.convert import ConvertConfig, convert
 
 CHILD = {

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, List
 
-import convit_ssl  # noqa: F401  (compat shims + trunk registration before VISSL)
 import torch
-from classy_vision.hooks.classy_hook import ClassyHook
 
+import convit_ssl.vissl  # noqa: F401  (patches + registration, before VISSL is imported)
+from classy_vision.hooks.classy_hook import ClassyHook  # noqa: I001  (after the patches)
 from convit_ssl.models import model_kwargs
 from convit_ssl.vissl.configs import compose
 

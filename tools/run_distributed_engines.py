@@ -4,14 +4,16 @@
     python tools/run_distributed_engines.py config=test/convit_ssl/supervised_micro_synthetic \
         config.CHECKPOINT.DIR=/tmp/run
 
-`import convit_ssl` stays at module top level: VISSL's spawned ranks re-import
-__main__, and the shims and trunk registration must exist in each of them.
+Same as `convit-ssl run ...`. `import convit_ssl.vissl` stays at module top level:
+VISSL's spawned ranks re-import __main__, and the patches and trunk registration
+must exist in each of them.
 """
 
 import sys
 
-import convit_ssl  # noqa: F401  (compat shims + trunk registration, before VISSL)
-from convit_ssl.vissl.launcher import run
+from convit_ssl.cli import main, setup_vissl
+
+setup_vissl()  # patches + registration, at top level: in every spawned rank too
 
 if __name__ == "__main__":
-    run(sys.argv[1:])
+    sys.exit(main(["run", *sys.argv[1:]]))

@@ -5,13 +5,11 @@ trunk at random init.
 
     python tools/ssl_quality.py --method simclr dino --arch convit deit --seeds 0 1 --out DIR
 
-See convit_ssl/ssl_quality.py. `import convit_ssl` stays at module top level:
-VISSL's spawned ranks re-import __main__.
+See convit_ssl/ssl_quality.py. Each VISSL run is a `convit-ssl run` child process.
 """
 
 import sys
 
-import convit_ssl  # noqa: F401  (compat shims + trunk registration, before VISSL)
 from convit_ssl.ssl_quality import main
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.models import ARCHITECTURES, ConViT, list_models
+from convit_ssl.models.geometry import square_grid
 
 
 def _mlp_ratio(width: int, hidden: int) -> float:
@@ -90,10 +91,10 @@ def infer_model_kwargs(
         "qkv_bias": biases.pop(), "use_pos_embed": "pos_embed" in trunk,
     }
     if "pos_embed" in trunk:
-        tokens = int(trunk["pos_embed"].shape[1])
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise CheckpointError(f"pos_embed has {tokens} positions, not a square grid; cannot infer img_size")
+        try:
+            side, _ = square_grid(int(trunk["pos_embed"].shape[1]), "pos_embed")
+        except ValueError as e:
+            raise CheckpointError(f"{e}; cannot infer img_size") from None
         kwargs["img_size"] = side * patch_size
     else:
         raise CheckpointError("the checkpoint has no position embedding: its image size is not recorded")

@@ -20,20 +20,17 @@ no change; otherwise apply both functions.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
-from types import SimpleNamespace
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convit_ssl.models.layers import PatchEmbed
+from convit_ssl.models.geometry import square_grid, to_pair
 from convit_ssl.models.pos_embed import resample_pos_embed
 
 __all__ = [
-    "grid_for",
     "resample_state_dict",
     "resize_matrix",
     "resize_patch_embed",
@@ -44,18 +41,6 @@ POS_EMBED_KEY = "pos_embed"
 PATCH_EMBED_KEY = "patch_embed.proj.weight"
 
 
-def _pair(size: Union[int, Tuple[int, int]], what: str) -> Tuple[int, int]:
-    if isinstance(size, int):
-        pair = (size, size)
-    else:
-        if len(size) != 2:
-            raise ValueError(f"{what} must be an int or a (height, width) pair, got {size!r}")
-        pair = (int(size[0]), int(size[1]))
-    if pair[0] <= 0 or pair[1] <= 0:
-        raise ValueError(f"{what} must be positive, got {pair}")
-    return pair
-
-
 def _copy(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """Shallow copy that keeps torch's `_metadata` (as `Module.load_state_dict` does)."""
     out: Dict[str, Tensor] = OrderedDict(state_dict)
@@ -63,18 +48,6 @@ def _copy(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     if metadata is not None:
         out._metadata = metadata  # type: ignore[attr-defined]
     return out
-
-
-def grid_for(img_size: Union[int, Tuple[int, int]], patch_size: int) -> Tuple[int, int]:
-    """Patch grid (H, W) of an image of `img_size` (int or (height, width)) cut
-    into square patches of side `patch_size`; ValueError when a side is not a
-    multiple of the patch size. Same rule and message as `PatchEmbed.grid_for`,
-    which it calls."""
-    height, width = _pair(img_size, "img_size")
-    if not isinstance(patch_size, int) or patch_size <= 0:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    # PatchEmbed.grid_for only reads `self.patch_size`: reuse it without building a conv.
-    return PatchEmbed.grid_for(SimpleNamespace(patch_size=patch_size), height, width)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------- pos_embed
@@ -89,7 +62,7 @@ def resample_state_dict(
     Args:
         state_dict: a ConViT state dict (timm's keys, optionally under `prefix`).
             Its ``pos_embed`` has shape (1, H_old * W_old, C), row-major, no class slot.
-        new_grid: target patch grid (H_new, W_new); see `grid_for`.
+        new_grid: target patch grid (H_new, W_new); see `convit_ssl.models.geometry.patch_grid`.
         old_grid: grid of the stored embedding; when None it is taken as square,
             sqrt(N) x sqrt(N), and a token count N that is not a perfect square
             is a ValueError.
@@ -115,14 +88,12 @@ def resample_state_dict(
         raise ValueError(f"{key!r} must have shape (1, N, C), got {tuple(pos_embed.shape)}")
     num_tokens = pos_embed.shape[1]
     if old_grid is None:
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(
-                f"{key!r} has {num_tokens} tokens, not a perfect square: pass old_grid=(H, W) explicitly"
-            )
-        old_grid = (side, side)
-    old_hw = _pair(old_grid, "old_grid")
-    new_hw = _pair(new_grid, "new_grid")
+        try:
+            old_grid = square_grid(num_tokens, repr(key))
+        except ValueError as e:
+            raise ValueError(f"{e}: pass old_grid=(H, W) explicitly") from None
+    old_hw = to_pair(old_grid, "old_grid")
+    new_hw = to_pair(new_grid, "new_grid")
     out = _copy(state_dict)
     out[key] = resample_pos_embed(pos_embed, new_hw, old_hw)
     return out
@@ -191,7 +162,7 @@ def resize_patch_embed(
     if weight.ndim != 4:
         raise ValueError(f"expected a kernel of shape (C, in_chans, p, p), got {tuple(weight.shape)}")
     old_hw = (int(weight.shape[-2]), int(weight.shape[-1]))
-    new_hw = _pair(new_patch, "new_patch")
+    new_hw = to_pair(new_patch, "new_patch")
     if new_hw == old_hw:
         return weight
     resize = resize_matrix(old_hw, new_hw, interpolation, antialias, torch.float64, weight.device)

@@ -11,17 +11,17 @@ and intermediate features are available by name (`forward_features`).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from convit_ssl.models.attention import GPSA, MHSA
+from convit_ssl.models.geometry import Size, patch_grid, to_pair
 from convit_ssl.models.layers import DropPath, Mlp, PatchEmbed
 from convit_ssl.models.pos_embed import resample_pos_embed
 
-Size = Union[int, Tuple[int, int]]
 
 # Feature names (VISSL's ViT names plus pooled and map variants). Every
 # feature is taken after the final LayerNorm `norm`, as VISSL's ViT does.
@@ -29,13 +29,6 @@ FEATURE_NAMES_HELP = (
     "lastCLS, blkCLS{i}, concatCLS{n}, lastPOOL, blkPOOL{i}, concatPOOL{n}, lastBLK, lastMAP"
 )
 _FEATURE_RE = re.compile(r"^(lastCLS|lastPOOL|lastBLK|lastMAP|blkCLS\d+|blkPOOL\d+|concatCLS\d+|concatPOOL\d+)$")
-
-
-def _pair(size: Size) -> Tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
 
 
 class Block(nn.Module):
@@ -121,7 +114,7 @@ class ConViT(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        img_hw = _pair(img_size)
+        img_hw = to_pair(img_size, "img_size")
         _check_config(img_hw, patch_size, width, num_heads, depth, num_gpsa_layers, num_classes, {
             "drop_rate": drop_rate, "pos_drop_rate": pos_drop_rate, "proj_drop_rate": proj_drop_rate,
             "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate,
@@ -136,7 +129,7 @@ class ConViT(nn.Module):
         self.locality_strength = locality_strength
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, width)
-        self.grid = self.patch_embed.grid_for(*img_hw)
+        self.grid = patch_grid(img_hw, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         if use_pos_embed:
             self.pos_embed: Optional[nn.Parameter] = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], width))

@@ -9,10 +9,48 @@ by the official ConViT code and timm (whose version handles square grids only).
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
-from typing import Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
+
+Size = Union[int, Sequence[int]]
+
+
+def to_pair(size: Size, what: str = "size") -> Tuple[int, int]:
+    """(height, width) of an int or a (height, width) pair; ValueError otherwise."""
+    if isinstance(size, int):
+        pair = (size, size)
+    else:
+        if len(size) != 2:
+            raise ValueError(f"{what} must be an int or a (height, width) pair, got {size!r}")
+        pair = (int(size[0]), int(size[1]))
+    if pair[0] <= 0 or pair[1] <= 0:
+        raise ValueError(f"{what} must be positive, got {pair}")
+    return pair
+
+
+def patch_grid(img_size: Size, patch_size: int) -> Tuple[int, int]:
+    """Patch grid (H, W) of an image of `img_size` (int or (height, width)) cut into
+    square patches of side `patch_size`; ValueError when a side is not a multiple of it."""
+    height, width = to_pair(img_size, "image size")
+    if not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the patch size {patch_size}; "
+            f"use a multiple of {patch_size} on both sides"
+        )
+    return height // patch_size, width // patch_size
+
+
+def square_grid(num_tokens: int, what: str = "the position embedding") -> Tuple[int, int]:
+    """(side, side) of a square grid of `num_tokens` patches; ValueError when there is none."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{what} has {num_tokens} positions, not a square grid")
+    return side, side
 
 
 def grid_coordinates(grid: Tuple[int, int]) -> torch.Tensor:

@@ -7,6 +7,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from convit_ssl.models.geometry import patch_grid
+
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample with probability `p`."""
@@ -54,18 +56,8 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
-    def grid_for(self, height: int, width: int) -> Tuple[int, int]:
-        """Patch grid (H, W) of an image of the given size, or a ValueError."""
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(
-                f"image size {height}x{width} is not divisible by the patch size {p}; "
-                f"use a multiple of {p} on both sides"
-            )
-        return height // p, width // p
-
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         if x.ndim != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        grid = self.grid_for(x.shape[-2], x.shape[-1])
+        grid = patch_grid((x.shape[-2], x.shape[-1]), self.patch_size)
         return self.proj(x).flatten(2).transpose(1, 2), grid

@@ -1,17 +1,31 @@
-"""Everything that knows VISSL: the trunk adapter, config composition, checks, launcher."""
+"""Everything that knows VISSL: the trunk adapter, tasks, hooks, config
+composition, checks and the launcher.
 
-from convit_ssl.vissl.trunk import TRUNK_NAME, ConViTSSLTrunk, trunk_kwargs
+Importing this package sets VISSL up for convit_ssl: it applies `patches`
+(before anything imports VISSL) and registers the `convit_ssl` trunk, tasks and
+fixes. Every VISSL entry point imports it (directly or through a module of
+it), and so does every rank VISSL spawns and every SLURM job on its node,
+since what they run is pickled by reference to a module in here.
+`convit_ssl` itself, `convit_ssl.models`, `checkpoints` and `analysis` never
+import it.
+"""
+
+from convit_ssl.vissl import patches
+
+patches.apply()
+
+from convit_ssl.vissl.trunk import TRUNK_NAME, ConViTSSLTrunk, trunk_kwargs  # noqa: E402
 
 
 def register() -> None:
-    """Register everything convit_ssl adds to VISSL: the trunk, the tasks, and the
-    fixes VISSL's DINO and DeepCluster-v2 need for them (idempotent)."""
-    from convit_ssl.vissl import llrd, ssl_compat, task, trunk
+    """Register everything convit_ssl adds to VISSL: the trunk and the tasks (idempotent)."""
+    from convit_ssl.vissl import llrd, task, trunk
 
     trunk.register()
     task.register()
     llrd.register()
-    ssl_compat.apply()
 
+
+register()
 
 __all__ = ["TRUNK_NAME", "ConViTSSLTrunk", "register", "trunk_kwargs"]

@@ -9,25 +9,9 @@ directory, from a source checkout (repo/configs) or a regular install
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence, Tuple
 
-# A file that exists only in convit_ssl's config tree, to tell it apart from
-# VISSL's top-level `configs` package that sits beside ours in site-packages.
-MARKER = Path("config") / "convit_ssl" / "README.md"
-
-
-def config_root() -> Path:
-    """The directory that holds convit_ssl's `config/` tree."""
-    package = Path(__file__).resolve().parents[1]
-    for candidate in (package / "configs", package.parent / "configs"):
-        if (candidate / MARKER).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"convit_ssl's configs were not found in {package / 'configs'} (installed) "
-        f"or {package.parent / 'configs'} (source checkout); reinstall the package"
-    )
-
+from convit_ssl.config_root import config_root
 
 def compose(overrides: Sequence[str]) -> Tuple[Any, Any]:
     """Compose VISSL's defaults with `overrides` (e.g. ``config=NAME``, ``config.X=Y``)

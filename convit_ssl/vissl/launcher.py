@@ -1,17 +1,20 @@
 """`run(overrides)`: VISSL's tools/run_distributed_engines.py, with convit_ssl's
-configs on the search path and its checks before any process is spawned.
+configs on the search path and its checks before any process is spawned
+(`prepare`: every user error is raised there), then `launch`.
 
-VISSL spawns one process per rank; each re-imports `__main__`, and every
-entry point imports `convit_ssl` at top level, so the compat shims and the
-trunk registration exist in every rank. SLURM jobs are submitted as a
-`ConViTSlurmJob`, a subclass of VISSL's job whose unpickling imports
-convit_ssl on the compute nodes.
+VISSL spawns one process per rank; each re-imports `__main__` before it
+unpickles VISSL's worker, and every entry point sets VISSL up when loaded
+(tools/* import `convit_ssl.vissl`; `convit_ssl.cli` does for a VISSL
+command), so the patches and the trunk registration exist in every rank.
+SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
+whose unpickling imports this module, and so `convit_ssl.vissl`, on the
+compute nodes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
 from vissl.utils.hydra_config import save_attrdict_to_disk
@@ -50,8 +53,6 @@ def launch_on_slurm(config: Any, engine_name: str):
     from vissl.utils.io import makedir
 
     slurm = config.SLURM
-    if not slurm.PARTITION:
-        raise ValueError("config.SLURM.PARTITION must be set when config.SLURM.USE_SLURM=true")
     makedir(slurm.LOG_FOLDER)
     executor = submitit.AutoExecutor(folder=slurm.LOG_FOLDER)
     executor.update_parameters(
@@ -87,14 +88,19 @@ def save_config(config: Any) -> None:
         fsdp["compute_dtype"] = dtype
 
 
-def run(overrides: Sequence[str]) -> None:
-    """Compose, validate, resample the weights-init file if its grid differs,
-    save train_config.yaml, then launch locally or on SLURM (with VISSL's default
-    hooks plus convit_ssl's, `hooks.hook_generator`)."""
+def prepare(overrides: Sequence[str]) -> Tuple[Any, Any]:
+    """Compose and validate, resample the weights-init file if its grid differs,
+    save train_config.yaml; returns VISSL's (args, config)."""
     args, config = compose(overrides)
     validate(config)
     prepare_weights_init(config)
     save_config(config)
+    return args, config
+
+
+def launch(args: Any, config: Any) -> None:
+    """Launch a prepared run locally or on SLURM, with VISSL's default hooks
+    plus convit_ssl's (`hooks.hook_generator`)."""
     if config.SLURM.USE_SLURM:
         launch_on_slurm(config, args.engine_name)
     else:
@@ -102,3 +108,8 @@ def run(overrides: Sequence[str]) -> None:
         launch_distributed(
             cfg=config, node_id=args.node_id, engine_name=args.engine_name, hook_generator=hook_generator
         )
+
+
+def run(overrides: Sequence[str]) -> None:
+    """`prepare`, then `launch`."""
+    launch(*prepare(overrides))

@@ -106,6 +106,8 @@ def validate(config: Any) -> None:
     from convit_ssl.vissl.llrd import validate_layer_decay
 
     validate_task(config)
+    if config.SLURM.USE_SLURM and not config.SLURM.PARTITION:
+        raise ValueError("config.SLURM.PARTITION must be set when config.SLURM.USE_SLURM=true")
     validate_hook_configs(config)
     validate_layer_decay(config)
     model = config.MODEL

@@ -15,7 +15,6 @@ is adapted.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,7 +23,8 @@ import torch
 
 from convit_ssl.checkpoints.io import atomic_torch_save, load_checkpoint
 from convit_ssl.checkpoints.resample import resize_patch_embed
-from convit_ssl.models import resample_pos_embed
+from convit_ssl.models import ConViT, resample_pos_embed
+from convit_ssl.models.geometry import square_grid
 from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME, trunk_kwargs
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,14 @@ def _adapt(node: Any, grid: Tuple[int, int], patch: int, path: str, changes: Lis
         last = str(key).rsplit(".", 1)[-1]
         if isinstance(value, torch.Tensor) and last == "pos_embed" and value.ndim == 3:
             tokens = value.shape[1]
-            side = math.isqrt(tokens)
             if tokens != grid[0] * grid[1]:
-                if side * side != tokens:
-                    raise ValueError(f"{name} has {tokens} positions, not a square grid: resample it with "
-                                     "tools/convert_checkpoint.py (image_size=...) before fine-tuning")
-                value = resample_pos_embed(value, grid, (side, side))
-                changes.append(f"{name}: {side}x{side} -> {grid[0]}x{grid[1]} patches")
+                try:
+                    old = square_grid(tokens, name)
+                except ValueError as e:
+                    raise ValueError(f"{e}: resample it with tools/convert_checkpoint.py (image_size=...) "
+                                     "before fine-tuning") from None
+                value = resample_pos_embed(value, grid, old)
+                changes.append(f"{name}: {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches")
         elif isinstance(value, torch.Tensor) and str(key).endswith("patch_embed.proj.weight") and value.ndim == 4:
             if value.shape[-1] != patch:
                 changes.append(f"{name}: patch {value.shape[-1]} -> {patch} (FlexiViT pseudo-inverse resize)")
@@ -65,11 +66,9 @@ def prepare_weights_init(config: Any) -> Optional[str]:
         return None
     if not os.path.isfile(params_file):
         raise FileNotFoundError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {params_file!r} does not exist")
-    kwargs = trunk_kwargs(model.TRUNK.get(CONFIG_BLOCK))
-    img = kwargs.get("img_size", 224)
-    height, width = (img, img) if isinstance(img, int) else img
-    patch = kwargs.get("patch_size", 16)
-    grid = (height // patch, width // patch)
+    with torch.device("meta"):  # the trunk's own grid and patch size, its defaults included
+        trunk = ConViT(**trunk_kwargs(model.TRUNK.get(CONFIG_BLOCK)))
+    grid, patch = trunk.grid, trunk.patch_size
     changes: List[str] = []
     adapted = _adapt(load_checkpoint(params_file), grid, patch, "", changes)
     if not changes:
@@ -82,7 +81,7 @@ def prepare_weights_init(config: Any) -> Optional[str]:
     atomic_torch_save(adapted, target)
     for change in changes:
         logger.info("weights init: resampled %s", change)
-    print(f"convit_ssl: {params_file} resampled for a {height}x{width} input with {patch} px patches "
+    print(f"convit_ssl: {params_file} resampled for a {trunk.img_size[0]}x{trunk.img_size[1]} input with {patch} px patches "
           f"({'; '.join(changes)}) -> {target}", flush=True)
     model.WEIGHTS_INIT.PARAMS_FILE = str(target)
     return str(target)

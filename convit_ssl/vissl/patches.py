@@ -1,49 +1,138 @@
-"""Fixes VISSL 0.1.6 needs to run its self-supervised methods with the
-`convit_ssl` trunk and on machines without a GPU. `apply()` is idempotent;
-each patch names the upstream lines it answers.
+"""Every change convit_ssl makes to VISSL 0.1.6, ClassyVision 0.7.0 and what
+they call, in one table: `PATCHES` (name, target, the upstream line it
+answers, why, and the function that applies it).
 
-- DINO: VISSL's hook builds the teacher "without stochastic depth" by zeroing
-  `MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE`
-  (vissl/hooks/dino_hooks.py:48), a key only VISSL's own ViT reads; the teacher
-  is never put in eval mode, so a `convit_ssl` teacher would keep the
-  student's stochastic depth. The patched method is upstream's, zeroing
-  `MODEL.TRUNK.CONVIT_SSL.DROP_PATH_RATE` as well before the teacher is built,
-  and converting the teacher's BatchNorm layers to SyncBatchNorm (:66-68)
-  only on GPUs: SyncBatchNorm refuses CPU tensors, so a DINO head with
-  `use_bn: true` could not run on the CPU.
-- DeepCluster-v2: the memory bank and k-means call `.cuda()` unconditionally
-  (vissl/losses/deepclusterv2_loss.py:118, 123, 156, 179, 180), which fails
-  without a GPU. The patched methods are upstream's with every tensor placed
-  on the loss's own device (its buffers follow the task's device), so on a
-  GPU they do exactly what upstream does.
-- Feature extraction (the `extract_features` engine behind VISSL's kNN, SVM
-  and low-shot benchmarks) asserts a GPU (vissl/trainer/trainer_main.py:345)
-  and moves each batch with `.cuda()` (:433). The patched methods are
-  upstream's with the assertion dropped and each batch moved to the task's
-  device, so on a GPU they do what upstream does.
-- SVM benchmarks: `calculate_ap` (vissl/utils/svm_utils/evaluate.py:9-23)
-  returns a 1-element array, which `SVMTrainer.test` and
-  `SVMLowShotTrainer.test` store into one cell of a float matrix
-  (svm_trainer.py:256, svm_low_shot_trainer.py:176); numpy >= 2.4 refuses
-  that ("setting an array element with a sequence"). The patch returns
-  upstream's value as a Python float; `SVMLowShotTrainer.test` also stores
-  the class mean, a 1-element array (svm_low_shot_trainer.py:179-180), and is
-  replaced by upstream's method storing the scalar.
+`apply()` applies them in table order and is idempotent. `convit_ssl.vissl`
+calls it when imported, before anything imports VISSL, so every VISSL entry
+point (`convit-ssl run`, tools/*, the trunk module, each spawned rank, a
+SLURM job on its node) runs patched. Nothing outside VISSL's world is
+touched: `import convit_ssl` and `convit_ssl.models` / `checkpoints` /
+`analysis` never import this module. A patch does nothing where what it
+restores already exists (a setuptools with pkg_resources, an older numpy).
+The README's list is this table (`markdown_table()`, checked by
+tests/test_patches.py). Run `python -m convit_ssl.vissl.patches` to print it.
+
+The replacement methods below are upstream's line for line except where the
+table says; they log through the root logger as upstream does (VISSL's log
+handlers sit there).
 """
 
 from __future__ import annotations
 
+import collections
+import collections.abc
 import functools
+import importlib.metadata
+import importlib.util
 import logging
-from typing import Any
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME
+_APPLIED: List[str] = []
 
-_APPLIED: list[str] = []
+
+# ------------------------------------------------------------------ before VISSL is imported
+def _pkg_resources_standin() -> types.ModuleType:
+    """A minimal `pkg_resources` with the two calls VISSL makes."""
+    module = types.ModuleType("pkg_resources")
+    module.__doc__ = "convit_ssl stand-in for the pkg_resources removed from setuptools >= 81"
+
+    class DistributionNotFound(ImportError):
+        pass
+
+    def resource_filename(package: str, resource: str) -> str:
+        import importlib.resources
+
+        return str(importlib.resources.files(package).joinpath(resource))
+
+    def get_distribution(name: str) -> types.SimpleNamespace:
+        try:
+            return types.SimpleNamespace(project_name=name, version=importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError as e:
+            raise DistributionNotFound(name) from e
+
+    module.DistributionNotFound = DistributionNotFound  # type: ignore[attr-defined]
+    module.resource_filename = resource_filename  # type: ignore[attr-defined]
+    module.get_distribution = get_distribution  # type: ignore[attr-defined]
+    return module
+
+
+def shim_pkg_resources() -> bool:
+    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        return False
+    sys.modules["pkg_resources"] = _pkg_resources_standin()
+    return True
+
+
+def shim_numpy_aliases() -> bool:
+    missing = [name for name in ("float", "int", "bool") if name not in np.__dict__]
+    for name in missing:
+        setattr(np, name, {"float": float, "int": int, "bool": bool}[name])
+    return bool(missing)
+
+
+def shim_collections_abcs() -> bool:
+    names = ("Mapping", "MutableMapping", "Sequence", "MutableSequence", "Iterable", "Callable")
+    missing = [name for name in names if not hasattr(collections, name)]
+    for name in missing:
+        setattr(collections, name, getattr(collections.abc, name))
+    return bool(missing)
+
+
+# ------------------------------------------------------------------ ClassyVision / VISSL
+def _atomic_save_checkpoint(checkpoint_folder, state, checkpoint_file="checkpoint.torch"):
+    """ClassyVision's save_checkpoint, written to a temporary file and renamed into place."""
+    from iopath.common.file_io import g_pathmgr
+
+    from convit_ssl.checkpoints.io import atomic_torch_save
+
+    g_pathmgr.mkdirs(checkpoint_folder)
+    full_filename = f"{checkpoint_folder}/{checkpoint_file}"
+    if "://" in str(checkpoint_folder):  # remote storage has no rename: upstream behaviour
+        with g_pathmgr.open(full_filename, "wb") as f:
+            torch.save(state, f)
+    else:
+        atomic_torch_save(state, full_filename)
+    return full_filename
+
+
+def patch_atomic_checkpoints() -> bool:
+    import classy_vision.generic.util as classy_util
+    import vissl.utils.checkpoint as vissl_checkpoint
+
+    if vissl_checkpoint.save_checkpoint is _atomic_save_checkpoint:
+        return False
+    classy_util.save_checkpoint = vissl_checkpoint.save_checkpoint = _atomic_save_checkpoint
+    return True
+
+
+def _posterize(img, bits_to_keep, **__):
+    """timm's posterize, with 0 bits giving the black image older Pillow gave."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def patch_posterize() -> bool:
+    import vissl.data.ssl_transforms.rand_auto_aug as rand_auto_aug
+
+    if rand_auto_aug.posterize is _posterize:
+        return False
+    rand_auto_aug.posterize = _posterize
+    for name, op in list(rand_auto_aug.NAME_TO_OP.items()):
+        if getattr(op, "__name__", "") == "posterize":
+            rand_auto_aug.NAME_TO_OP[name] = _posterize
+    return True
 
 
 def _build_dino_teacher(self, task: Any) -> None:
@@ -51,6 +140,8 @@ def _build_dino_teacher(self, task: Any) -> None:
     depth off for a convit_ssl trunk too, and SyncBatchNorm only on GPUs."""
     from vissl.models import build_model
     from vissl.models.model_helpers import get_no_ddp_model
+
+    from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME
 
     logging.info("Building momentum encoder")  # noqa: LOG015
     trunk = task.config["MODEL"]["TRUNK"]
@@ -69,19 +160,13 @@ def _build_dino_teacher(self, task: Any) -> None:
         task.loss.momentum_teacher = nn.SyncBatchNorm.convert_sync_batchnorm(task.loss.momentum_teacher)
 
 
-def patch_dino_teacher() -> None:
-    """Build DINO's teacher without stochastic depth (also for convit_ssl) and,
-    on the CPU, without SyncBatchNorm."""
+def patch_dino_teacher() -> bool:
     from vissl.hooks.dino_hooks import DINOHook
 
     if DINOHook._build_momentum_network is _build_dino_teacher:
-        return
+        return False
     DINOHook._build_momentum_network = _build_dino_teacher
-    _APPLIED.append("DINOHook teacher without stochastic depth")
-
-
-# The two methods below are upstream's, line for line, but for the device; they
-# log through the root logger as upstream does (VISSL's log handlers sit there).
+    return True
 
 
 def _init_memory(self, dataloader, model) -> None:
@@ -170,15 +255,14 @@ def _cluster_memory(self) -> None:
     logging.info(f"Rank: {get_rank()}, clustering of the memory bank done")  # noqa: LOG015
 
 
-def patch_deepclusterv2_device() -> None:
-    """Run DeepCluster-v2's memory bank and k-means on the task's device."""
+def patch_deepclusterv2_device() -> bool:
     from vissl.losses.deepclusterv2_loss import DeepClusterV2Loss
 
     if DeepClusterV2Loss.init_memory is _init_memory:
-        return
+        return False
     DeepClusterV2Loss.init_memory = _init_memory
     DeepClusterV2Loss.cluster_memory = _cluster_memory
-    _APPLIED.append("DeepClusterV2Loss on the task's device")
+    return True
 
 
 def _extract(self, output_folder: str) -> None:
@@ -239,15 +323,14 @@ def _extract_split_features(self, feat_names, task, split_name: str, output_fold
                                   chunk_index=chunk_index, split=split_name, output_folder=output_folder)
 
 
-def patch_extraction_device() -> None:
-    """Run VISSL's feature extraction on the task's device, the CPU included."""
+def patch_extraction_device() -> bool:
     from vissl.trainer.trainer_main import SelfSupervisionTrainer
 
     if SelfSupervisionTrainer.extract is _extract:
-        return
+        return False
     SelfSupervisionTrainer.extract = _extract
     SelfSupervisionTrainer._extract_split_features = _extract_split_features
-    _APPLIED.append("feature extraction on the task's device")
+    return True
 
 
 def _low_shot_test(self, features, targets, sample_num, low_shot_kvalue) -> None:
@@ -276,14 +359,13 @@ def _low_shot_test(self, features, targets, sample_num, low_shot_kvalue) -> None
     logging.info(f"Saved sample test k_idx AP: {out_k_sample_file} {save_data.shape}")  # noqa: LOG015
 
 
-def patch_svm_average_precision() -> None:
-    """VISSL's VOC average precision as a scalar, which numpy 2 can store in a matrix cell."""
+def patch_svm_average_precision() -> bool:
     from vissl.utils.svm_utils import evaluate
     from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer
 
     original = evaluate.calculate_ap
     if getattr(original, "__convit_ssl_patch__", False):
-        return
+        return False
 
     @functools.wraps(original)
     def calculate_ap(rec, prec) -> float:
@@ -292,18 +374,83 @@ def patch_svm_average_precision() -> None:
     calculate_ap.__convit_ssl_patch__ = True  # type: ignore[attr-defined]
     evaluate.calculate_ap = calculate_ap
     SVMLowShotTrainer.test = _low_shot_test
-    _APPLIED.append("SVM average precision as a scalar")
+    return True
 
 
-def applied() -> list[str]:
-    """The patches applied so far in this process."""
-    return list(_APPLIED)
+# ------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    target: str                 # what is replaced or added
+    upstream: str               # the upstream line(s) it answers
+    why: str
+    apply: Callable[[], bool]   # True when this call changed something
 
 
-def apply() -> list[str]:
-    """Apply every patch (idempotent); return the names applied so far."""
-    patch_dino_teacher()
-    patch_deepclusterv2_device()
-    patch_extraction_device()
-    patch_svm_average_precision()
+PATCHES: Tuple[Patch, ...] = (
+    Patch("pkg_resources stand-in", "sys.modules['pkg_resources']",
+          "vissl/utils/misc.py:16,233; vissl/utils/collect_env.py:12,125",
+          "setuptools >= 81 no longer ships pkg_resources; VISSL calls only resource_filename and get_distribution",
+          shim_pkg_resources),
+    Patch("numpy aliases", "numpy.float, numpy.int, numpy.bool",
+          "vissl/meters/mean_ap_meter.py:70; vissl/utils/svm_utils/evaluate.py:43; "
+          "classy_vision/dataset/transforms/autoaugment.py:168; vissl/data/collators/cutmixup_collator.py:372",
+          "numpy 1.24 removed the aliases (numpy 2 has np.bool again)", shim_numpy_aliases),
+    Patch("collections ABC aliases", "collections.Mapping, MutableMapping, Sequence, ...",
+          "vissl/utils/misc.py:373", "Python 3.10 removed the aliases", shim_collections_abcs),
+    Patch("atomic save_checkpoint", "classy_vision.generic.util.save_checkpoint (and VISSL's import of it)",
+          "classy_vision/generic/util.py:349; vissl/utils/checkpoint.py:17",
+          "it writes the final file in place: a run killed while saving leaves a truncated checkpoint that "
+          "auto-resume then fails to load; write to a temporary file and rename",
+          patch_atomic_checkpoints),
+    Patch("RandAugment posterize(0 bits)", "vissl.data.ssl_transforms.rand_auto_aug.posterize",
+          "vissl/data/ssl_transforms/rand_auto_aug.py:272-275",
+          "increasing-severity RandAugment asks for 0 bits, which Pillow >= 10 refuses; Pillow 9 gave a black image",
+          patch_posterize),
+    Patch("DINOHook teacher without stochastic depth", "vissl.hooks.dino_hooks.DINOHook._build_momentum_network",
+          "vissl/hooks/dino_hooks.py:48,66-68",
+          "upstream zeroes only its own ViT's DROP_PATH_RATE (and never puts the teacher in eval mode), so a "
+          "convit_ssl teacher kept the student's stochastic depth; and it converts the teacher to SyncBatchNorm, "
+          "which refuses CPU tensors: converted on GPUs only",
+          patch_dino_teacher),
+    Patch("DeepClusterV2Loss on the task's device",
+          "vissl.losses.deepclusterv2_loss.DeepClusterV2Loss.init_memory, .cluster_memory",
+          "vissl/losses/deepclusterv2_loss.py:118,123,156,179,180",
+          "the memory bank and k-means call .cuda(); every tensor goes on the loss's device instead",
+          patch_deepclusterv2_device),
+    Patch("feature extraction on the task's device",
+          "vissl.trainer.trainer_main.SelfSupervisionTrainer.extract, ._extract_split_features",
+          "vissl/trainer/trainer_main.py:345,433",
+          "the extract_features engine (kNN, SVM, low-shot benchmarks) asserts a GPU and moves batches with "
+          ".cuda(); each batch goes to the task's device instead",
+          patch_extraction_device),
+    Patch("SVM average precision as a scalar",
+          "vissl.utils.svm_utils.evaluate.calculate_ap; SVMLowShotTrainer.test",
+          "vissl/utils/svm_utils/evaluate.py:9-23; svm_trainer.py:256; svm_low_shot_trainer.py:176-180",
+          "a 1-element array stored into a matrix cell, which numpy >= 2.4 refuses; the value as a float",
+          patch_svm_average_precision),
+)
+
+
+def apply() -> List[str]:
+    """Apply every patch in table order (idempotent); return the names this process has applied."""
+    for patch in PATCHES:
+        if patch.apply() and patch.name not in _APPLIED:
+            _APPLIED.append(patch.name)
     return applied()
+
+
+def applied() -> List[str]:
+    """The names of the patches that changed something in this process, in table order."""
+    return [patch.name for patch in PATCHES if patch.name in _APPLIED]
+
+
+def markdown_table() -> str:
+    """The README's list of patches."""
+    rows = ["| patch | replaces | answers | why |", "|---|---|---|---|"]
+    rows += [f"| {p.name} | `{p.target}` | {p.upstream} | {p.why} |" for p in PATCHES]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

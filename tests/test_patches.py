@@ -1,0 +1,167 @@
+"""`convit_ssl.vissl.patches`, the one module that changes VISSL and what it
+calls: each patch restores what VISSL uses, is idempotent and a no-op where
+the thing exists; the upstream lines it answers run; the README lists the
+table. And the other side: a PyTorch user's `import convit_ssl` loads no
+VISSL and changes nothing process-wide (fresh interpreters)."""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import importlib.metadata
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from convit_ssl.vissl import patches
+
+VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",
+                 "DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
+                 "feature extraction on the task's device", "SVM average precision as a scalar"]
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_table_is_complete_and_idempotent():
+    assert len({p.name for p in patches.PATCHES}) == len(patches.PATCHES)
+    for patch in patches.PATCHES:
+        assert patch.target and patch.upstream and patch.why, patch.name
+        assert patch.apply() is False, f"{patch.name}: a second application changed something"
+    assert patches.apply() == patches.applied()
+    assert set(VISSL_PATCHES) <= set(patches.applied())
+
+
+def test_readme_lists_the_table():
+    assert patches.markdown_table() in (REPO / "README.md").read_text()
+
+
+def test_pkg_resources_standin_calls():
+    module = patches._pkg_resources_standin()
+    path = module.resource_filename("configs", "config/dataset_catalog.json")
+    assert path.endswith("configs/config/dataset_catalog.json")
+    assert module.get_distribution("torch").version == importlib.metadata.version("torch")
+    with pytest.raises(module.DistributionNotFound):
+        module.get_distribution("surely-not-installed-package-xyz")
+    assert issubclass(module.DistributionNotFound, ImportError)  # VISSL catches ImportError
+
+
+def test_pkg_resources_shim_is_noop_when_present(monkeypatch):
+    sentinel = object()
+    monkeypatch.setitem(sys.modules, "pkg_resources", sentinel)
+    assert patches.shim_pkg_resources() is False
+    assert sys.modules["pkg_resources"] is sentinel
+
+
+def test_numpy_aliases():
+    assert np.float is float and np.int is int
+    assert np.zeros(2, dtype=np.bool).dtype == np.bool_
+
+
+def test_numpy_shim_keeps_existing(monkeypatch):
+    sentinel = type("Sentinel", (), {})
+    monkeypatch.setattr(np, "float", sentinel, raising=False)
+    patches.shim_numpy_aliases()
+    assert np.float is sentinel
+
+
+def test_collections_aliases():
+    assert collections.MutableMapping is collections.abc.MutableMapping
+
+
+def test_upstream_lines_run():
+    from vissl.utils.misc import flatten_dict, get_json_data_catalog_file
+
+    assert flatten_dict({"a": {"b": 1}}) == {"a_b": 1}  # misc.py: collections.MutableMapping
+    assert get_json_data_catalog_file().endswith("dataset_catalog.json")  # misc.py: pkg_resources
+    import classy_vision.dataset.transforms.autoaugment  # noqa: F401  (np.int at import)
+    from vissl.utils.svm_utils.evaluate import calculate_ap, get_precision_recall
+
+    precision, recall, _, _ = get_precision_recall(np.array([1, -1, 1, -1]), np.array([0.9, 0.8, 0.3, 0.1]))
+    assert precision[0] == 1.0 and recall[-1] == 1.0  # evaluate.py:43 np.float
+    ap = calculate_ap(recall, precision)
+    assert isinstance(ap, float)
+    matrix = np.zeros((1, 1))
+    matrix[0][0] = ap  # what numpy >= 2.4 refuses for a 1-element array
+
+
+def test_vissl_trunk_registered():
+    from vissl.models.trunks import MODEL_TRUNKS_REGISTRY
+
+    from convit_ssl.vissl import ConViTSSLTrunk, register
+
+    register()  # idempotent
+    assert MODEL_TRUNKS_REGISTRY["convit_ssl"] is ConViTSSLTrunk
+    assert MODEL_TRUNKS_REGISTRY["convit"] is not ConViTSSLTrunk  # VISSL's own stays
+
+
+def test_checkpoint_save_is_atomic(tmp_path):
+    import classy_vision.generic.util as classy_util
+    import torch
+    import vissl.utils.checkpoint as vissl_checkpoint
+
+    assert vissl_checkpoint.save_checkpoint is classy_util.save_checkpoint
+    save = vissl_checkpoint.save_checkpoint
+    save(str(tmp_path), {"x": torch.ones(3)}, "ok.torch")
+    assert torch.load(tmp_path / "ok.torch", weights_only=True)["x"].sum() == 3
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    (tmp_path / "old.torch").write_bytes(b"previous checkpoint")
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save(str(tmp_path), {"x": torch.ones(3), "bad": Unpicklable()}, "old.torch")
+    assert (tmp_path / "old.torch").read_bytes() == b"previous checkpoint"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.torch", "old.torch"]  # no partial file
+
+
+def test_randaugment_posterize_zero_bits():
+    """VISSL's RandAugment (increasing severity) asks for 0 bits; Pillow >= 10 refuses."""
+    from PIL import Image
+    from vissl.data.ssl_transforms.rand_auto_aug import NAME_TO_OP
+
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert list(NAME_TO_OP["PosterizeIncreasing"](img, 0).getdata())[0] == (0, 0, 0)
+    assert list(NAME_TO_OP["PosterizeIncreasing"](img, 4).getdata())[0] == (192, 96, 48)
+    assert NAME_TO_OP["Posterize"](img, 8) is img
+
+
+PURE_IMPORT = """
+import collections, json, sys, warnings
+import numpy as np
+import torch
+filters = list(warnings.filters)  # after torch, which adds its own
+import convit_ssl, convit_ssl.models, convit_ssl.checkpoints, convit_ssl.analysis, convit_ssl.convert
+m = convit_ssl.create_model("convit_tiny", img_size=32, patch_size=8, depth=2, num_gpsa_layers=1)
+roots = sorted({name.split(".")[0] for name in sys.modules})
+print(json.dumps({"roots": roots, "np_float": "float" in np.__dict__, "mapping": hasattr(collections, "Mapping"),
+                  "pkg_resources": getattr(sys.modules.get("pkg_resources"), "__doc__", None),
+                  "filters_unchanged": warnings.filters == filters}))
+"""
+
+
+def test_pure_pytorch_import_loads_no_vissl_and_changes_nothing():
+    """A PyTorch / timm user's import: no VISSL, ClassyVision, Hydra or stand-in
+    module, no numpy or collections alias, warning filters untouched."""
+    state = json.loads(_fresh(PURE_IMPORT).stdout.strip().splitlines()[-1])
+    assert not {"vissl", "classy_vision", "hydra", "fvcore", "submitit", "timm", "matplotlib"} & set(state["roots"])
+    assert state["pkg_resources"] is None or "convit_ssl" not in state["pkg_resources"]
+    assert state == {**state, "np_float": False, "mapping": False, "filters_unchanged": True}
+
+
+def test_importing_the_vissl_package_sets_vissl_up():
+    code = ("import convit_ssl.vissl, sys\n"
+            "from convit_ssl.vissl import patches\n"
+            "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
+            "from classy_vision.tasks import TASK_REGISTRY\n"
+            "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n")
+    lines = _fresh(code).stdout.strip().splitlines()
+    assert set(VISSL_PATCHES) <= set(eval(lines[-2])) and lines[-1] == "True True"
