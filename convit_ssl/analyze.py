@@ -39,9 +39,9 @@ from convit_ssl.checkpoints.formats import FORMATS, detect_format, read
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
+from convit_ssl.files import IMAGE_SUFFIXES, atomic_write_text, is_image
 from convit_ssl.models import ConViT, list_models
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_NUM_IMAGES = 8
@@ -87,7 +87,7 @@ def load_model(path: os.PathLike, fmt: str = "auto", arch: Optional[str] = None,
 
 # --------------------------------------------------------------------------- images
 def find_images(folder: os.PathLike, limit: Optional[int] = None) -> List[Path]:
-    """Image files under `folder` (recursive, IMAGE_EXTENSIONS in any case), sorted by
+    """Image files under `folder` (recursive, IMAGE_SUFFIXES in any case), sorted by
     their path relative to `folder`, at most `limit` of them; hidden files and folders are skipped."""
     folder = Path(folder)
     if not folder.exists():
@@ -98,7 +98,7 @@ def find_images(folder: os.PathLike, limit: Optional[int] = None) -> List[Path]:
         raise ValueError(f"the number of images must be at least 1, got {limit}")
     found = list(itertools.islice(_walk_sorted(folder, set()), limit))
     if not found:
-        raise ValueError(f"no images under {str(folder)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+        raise ValueError(f"no images under {str(folder)!r} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)")
     return found
 
 
@@ -115,7 +115,7 @@ def _walk_sorted(folder: Path, seen: set) -> Iterator[Path]:
     for key, entry in sorted(entries, key=lambda pair: pair[0]):
         if key.endswith("/"):
             yield from _walk_sorted(Path(entry.path), seen)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+        elif is_image(entry.name) and entry.is_file():
             yield Path(entry.path)
 
 
@@ -188,14 +188,7 @@ def _render(report: Dict[str, Any], display: torch.Tensor, training_log: Any, st
 
 
 def _write_json(data: Dict[str, Any], path: Path) -> None:
-    text = json.dumps(data, allow_nan=False)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_text(text + "\n", encoding="utf-8")
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, allow_nan=False) + "\n")
 
 
 def run_analysis(checkpoint: os.PathLike, images: os.PathLike, out: os.PathLike, *, fmt: str = "auto",

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from convit_ssl.checkpoints.io import atomic_write_text
+from convit_ssl.files import atomic_write_text
 from convit_ssl.demo import final_accuracies, final_checkpoint, run_stage
 
 # method -> its folder under configs/config/pretrain

@@ -21,8 +21,9 @@ from convit_ssl.analysis import analyze
 from convit_ssl.models import create_model
 from convit_ssl.vissl.analysis_hook import (
     RECORD_FILE, AnalysisSettings, ConViTAnalysisHook, analysis_record, analysis_settings, eval_transforms,
-    find_convit, load_held_out_images, scalars,
+    load_held_out_images, scalars,
 )
+from convit_ssl.vissl.trunk import find_convit
 from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
@@ -102,12 +103,14 @@ def test_scalars_tags():
 
 def test_find_convit():
     trunk = _micro_model()
-    assert find_convit(nn.Sequential(nn.Identity(), nn.Sequential(trunk))) is trunk
+    assert find_convit(nn.Sequential(nn.Identity(), nn.Sequential(trunk)), "hook") is trunk
     holder = nn.Module()
     holder.trunk = trunk
-    assert find_convit(holder) is trunk
-    with pytest.raises(ValueError, match="no convit_ssl ConViT in the model"):
-        find_convit(nn.Linear(2, 2))
+    assert find_convit(holder, "hook") is trunk
+    with pytest.raises(ValueError, match="hook: no convit_ssl ConViT in the model"):
+        find_convit(nn.Linear(2, 2), "hook")
+    with pytest.raises(ValueError, match="hook: 2 convit_ssl ConViTs in the model"):
+        find_convit(nn.Sequential(trunk, _micro_model()), "hook")
 
 
 def test_hook_leaves_training_state_alone(tmp_path):

@@ -322,5 +322,5 @@ def test_layer_of_an_unknown_parameter_is_an_error():
     assert [llrd.trunk_layer_id(n, 3) for n in ("pos_embed", "blocks.2.attn.qkv.weight", "norm.bias")] == [0, 3, 4]
     with pytest.raises(ValueError, match="'blocks.3.mlp.fc1.weight' has no layer"):
         llrd.trunk_layer_id("blocks.3.mlp.fc1.weight", 3)
-    with pytest.raises(ValueError, match="found 0"):
-        llrd.find_trunk(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="layer-wise lr decay .*: no convit_ssl ConViT in the model"):
+        llrd.layer_ids(torch.nn.Linear(2, 2))

@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from convit_ssl.files import atomic_path
 from convit_ssl.models.geometry import pairwise_distances
 
 PathLike = Union[str, os.PathLike]
@@ -103,13 +104,8 @@ def save_png(fig: Figure, path: PathLike) -> Path:
     """Write `fig` as a PNG of exactly its figure size x DPI pixels, atomically
     (temporary file in the same folder, then rename); return the path."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with atomic_path(path) as partial:
         fig.savefig(partial, dpi=DPI, format="png", metadata={"Software": None})
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -27,9 +27,11 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def analyze(model: ConViT, images: torch.Tensor, query: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+def analyze(model: ConViT, images: torch.Tensor, query: Optional[Sequence[int]] = None,
+            detail: bool = True) -> Dict[str, Any]:
     """Gates, positional centres and spans, nonlocality and query attention maps
     of `model` on `images` (B, C, H_img, W_img), from one forward in eval mode.
+    With ``detail=False`` only gates and nonlocality (what the training hook logs).
 
     Returns a dict that ``json.dumps(..., allow_nan=False)`` accepts::
 
@@ -53,14 +55,12 @@ def analyze(model: ConViT, images: torch.Tensor, query: Optional[Sequence[int]] 
     records = collect_attention(model, images)
     grid = records[0].grid
     row_col = check_query(query, grid)
-    maps = attention_maps(records, row_col)
+    maps = attention_maps(records, row_col) if detail else [None] * len(records)
     nonloc = {term: nonlocality(records, term) for term in ("combined", "positional", "content")}
-    gpsa = {
-        "gate": gates(model),
-        "positional_centre": positional_centres(model),
-        "locality_strength": locality_strengths(model),
-        "span": positional_spans(model),
-    }
+    gpsa = {"gate": gates(model)}
+    if detail:
+        gpsa.update(positional_centre=positional_centres(model), locality_strength=locality_strengths(model),
+                    span=positional_spans(model))
     gpsa_blocks = [i for i, kind in enumerate(attention_kinds(model)) if kind == GPSA_KIND]
     gpsa_row = {index: row for row, index in enumerate(gpsa_blocks)}  # block index -> row of gates() etc.
     layers = []
@@ -68,7 +68,8 @@ def analyze(model: ConViT, images: torch.Tensor, query: Optional[Sequence[int]] 
         entry: Dict[str, Any] = {"index": record.index, "kind": record.kind}
         terms = ("combined", "positional", "content") if record.kind == GPSA_KIND else ("combined",)
         entry["nonlocality"] = {term: nonloc[term][row] for term in terms}
-        entry["attention_map"] = layer_maps
+        if detail:
+            entry["attention_map"] = layer_maps
         if record.kind == GPSA_KIND:
             entry.update({name: values[gpsa_row[record.index]] for name, values in gpsa.items()})
         layers.append(entry)

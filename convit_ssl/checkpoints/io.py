@@ -18,6 +18,8 @@ from typing import Any, Union
 
 import torch
 
+from convit_ssl.files import atomic_path
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -60,31 +62,13 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """torch.save to `path` through a temporary file in the same folder, flushed
     to disk, then renamed into place. torch.save is given a file name (its C++
     writer is several times faster than writing through a Python file object)."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    with atomic_path(path) as partial:
         torch.save(obj, str(partial))
         fd = os.open(partial, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(obj: Any, path: PathLike, overwrite: bool = False) -> Path:

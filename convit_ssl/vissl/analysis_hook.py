@@ -55,13 +55,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from classy_vision.hooks.classy_hook import ClassyHook
-from torch import nn
 
-from convit_ssl.analysis import collect_attention, gates, nonlocality, to_plain
-from convit_ssl.analysis.collect import GPSA_KIND
+from convit_ssl.analysis import analyze
 from convit_ssl.models.convit import ConViT
-from convit_ssl.vissl import hook_utils
 from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, is_primary, preserved_rng, read_block
+from convit_ssl.vissl.trunk import find_convit
 
 CONFIG_BLOCK = "CONVIT_ANALYSIS"
 RECORD_FILE = "convit_analysis.jsonl"
@@ -71,7 +69,6 @@ CONFIG_KEYS: BlockKeys = {
     "FREQUENCY_ITERS": (0, int, lambda v: v >= 0, "an integer >= 0 (0: at the end of each training phase)"),
     "NUM_IMAGES": (8, int, lambda v: v >= 1, "an integer >= 1"),
 }
-GPSA_TERMS = ("combined", "positional", "content")
 
 
 @dataclass(frozen=True)
@@ -93,33 +90,13 @@ def analysis_settings(config: Any) -> Optional[AnalysisSettings]:
 
 
 # ----------------------------------------------------------------- the numbers
-def find_convit(model: nn.Module) -> ConViT:
-    """The ConViT trunk inside a VISSL model (see `hook_utils.find_convit`)."""
-    return hook_utils.find_convit(model, f"HOOKS.{CONFIG_BLOCK}")
-
-
 def analysis_record(model: ConViT, images: torch.Tensor) -> Dict[str, Any]:
     """Gates and nonlocality of `model` on `images` (B, C, H_img, W_img) as plain
     JSON data: ``{"num_images", "grid", "layers"}``, the layer entries of
-    `convit_ssl.analysis.analyze` without maps, centres and spans.
-
-    One forward in eval mode under no_grad (`collect_attention`); the model's
-    train/eval flags are restored."""
-    records = collect_attention(model, images)
-    nonloc = {term: nonlocality(records, term) for term in GPSA_TERMS}
-    gate_rows = gates(model)
-    gpsa_blocks = [r.index for r in records if r.kind == GPSA_KIND]
-    layers = []
-    for row, record in enumerate(records):
-        entry: Dict[str, Any] = {"index": record.index, "kind": record.kind}
-        if record.kind == GPSA_KIND:
-            entry["gate"] = gate_rows[gpsa_blocks.index(record.index)]
-            terms = GPSA_TERMS
-        else:
-            terms = ("combined",)
-        entry["nonlocality"] = {term: nonloc[term][row] for term in terms}
-        layers.append(entry)
-    return to_plain({"num_images": int(images.shape[0]), "grid": list(records[0].grid), "layers": layers})
+    `convit_ssl.analysis.analyze(..., detail=False)`. One forward in eval mode
+    under no_grad; the model's train/eval flags are restored."""
+    report = analyze(model, images, detail=False)
+    return {key: report[key] for key in ("num_images", "grid", "layers")}
 
 
 def scalars(record: Mapping[str, Any]) -> Dict[str, float]:
@@ -213,7 +190,7 @@ class ConViTAnalysisHook(ClassyHook):
     def on_start(self, task: Any) -> None:
         if not is_primary():
             return
-        model = find_convit(task.base_model)
+        model = find_convit(task.base_model, f"HOOKS.{CONFIG_BLOCK}")
         device = model.patch_embed.proj.weight.device
         with preserved_rng(device):
             images = load_held_out_images(task.config, self.settings.num_images, model.img_size)
@@ -244,7 +221,7 @@ class ConViTAnalysisHook(ClassyHook):
         if not is_primary():
             return
         assert self.images is not None, "on_start loads the held-out images"
-        model = find_convit(task.base_model)
+        model = find_convit(task.base_model, f"HOOKS.{CONFIG_BLOCK}")
         with preserved_rng(self.images.device):
             numbers = analysis_record(model, self.images)
         record = {"iteration": int(task.iteration), "epoch": int(task.train_phase_idx), **numbers}

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 import torch
 
-from convit_ssl.checkpoints.io import atomic_write_text
+from convit_ssl.files import atomic_write_text
 from convit_ssl.evaluation import knn_accuracy
 
 LOG = logging.getLogger(__name__)

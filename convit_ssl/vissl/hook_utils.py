@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from convit_ssl.checkpoints.io import atomic_write_text
-from convit_ssl.models.convit import ConViT
+from convit_ssl.files import atomic_write_text
 
 # config key -> (default, accepted type, condition, what the condition says)
 BlockKeys = Dict[str, Tuple[Any, type, Callable[[Any], bool], str]]
@@ -52,21 +51,6 @@ def read_block(config: Any, name: str, keys: BlockKeys) -> Optional[Dict[str, An
     if config.MODEL.TRUNK.NAME != TRUNK_NAME:
         raise ValueError(f"{where}.USE=true needs config.MODEL.TRUNK.NAME={TRUNK_NAME}, got {config.MODEL.TRUNK.NAME!r}")
     return values
-
-
-def find_convit(model: nn.Module, hook: str = "the hook") -> ConViT:
-    """The ConViT trunk inside a VISSL model (DDP wrapper, if any, removed):
-    ``model.trunk`` when it is one, else the first ConViT among the submodules."""
-    while isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    trunk = getattr(model, "trunk", None)
-    if isinstance(trunk, ConViT):
-        return trunk
-    for module in model.modules():
-        if isinstance(module, ConViT):
-            return module
-    raise ValueError(f"{hook}: no convit_ssl ConViT in the model ({type(model).__name__}); "
-                     "it needs MODEL.TRUNK.NAME=convit_ssl")
 
 
 @contextlib.contextmanager

@@ -63,7 +63,8 @@ from classy_vision.hooks.classy_hook import ClassyHook
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.analysis_hook import eval_transforms
-from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, eval_mode, find_convit, is_primary, preserved_rng, read_block
+from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, eval_mode, is_primary, preserved_rng, read_block
+from convit_ssl.vissl.trunk import find_convit
 
 CONFIG_BLOCK = "CONVIT_KNN"
 RECORD_FILE = "convit_knn.jsonl"

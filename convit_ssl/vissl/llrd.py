@@ -49,7 +49,7 @@ from classy_vision.optim.param_scheduler import ClassyParamScheduler, ConstantPa
 from vissl.optimizers import get_optimizer_param_groups
 from vissl.trainer.train_task import SelfSupervisionTask
 
-from convit_ssl.models import ConViT
+from convit_ssl.vissl.trunk import find_convit
 
 TASK_NAME = "convit_ssl_llrd_task"
 CONFIG_KEY = "layer_decay"  # under config.OPTIMIZER
@@ -99,19 +99,10 @@ def trunk_layer_id(name: str, depth: int) -> int:
                      f"(expected patch_embed.*, cls_token, pos_embed, blocks.<0..{depth - 1}>.*, norm.*, head.*)")
 
 
-def find_trunk(model: nn.Module) -> ConViT:
-    """The (single) ConViT inside a VISSL model, also when wrapped for feature evaluation."""
-    trunks = [m for m in model.modules() if isinstance(m, ConViT)]
-    if len(trunks) != 1:
-        raise ValueError(f"layer-wise lr decay needs exactly one convit_ssl trunk in the model, found {len(trunks)} "
-                         "(set config.MODEL.TRUNK.NAME: convit_ssl)")
-    return trunks[0]
-
-
 def layer_ids(model: nn.Module) -> Dict[int, int]:
     """id(parameter) -> layer for every parameter of `model`: the trunk's by
     `trunk_layer_id`, everything else (heads) at the top layer, depth + 1."""
-    trunk = find_trunk(model)
+    trunk = find_convit(model, "layer-wise lr decay (OPTIMIZER.layer_decay)")
     top = trunk.depth + 1
     ids = {id(p): top for p in model.parameters()}
     for name, param in trunk.named_parameters():
@@ -131,7 +122,7 @@ def layer_decay_param_groups(model: nn.Module, param_groups: Sequence[Mapping[st
     """
     layer_decay = check_layer_decay(layer_decay)
     ids = layer_ids(model)
-    num_layers = find_trunk(model).depth + 1
+    num_layers = find_convit(model, "layer-wise lr decay (OPTIMIZER.layer_decay)").depth + 1
     out: List[Dict[str, Any]] = []
     for group in param_groups:
         by_layer: Dict[int, list] = {}

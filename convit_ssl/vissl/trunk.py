@@ -151,3 +151,16 @@ def register() -> None:
     if MODEL_TRUNKS_REGISTRY.get(TRUNK_NAME) is ConViTSSLTrunk:
         return
     register_model_trunk(TRUNK_NAME)(ConViTSSLTrunk)
+
+
+def find_convit(model: torch.nn.Module, who: str) -> ConViT:
+    """The one ConViT inside a VISSL model (a DDP wrapper removed; also when
+    wrapped for feature evaluation); `who` (the hook or option) names the error."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    found = [m for m in model.modules() if isinstance(m, ConViT)]
+    if len(found) != 1:
+        what = "no convit_ssl ConViT" if not found else f"{len(found)} convit_ssl ConViTs"
+        raise ValueError(f"{who}: {what} in the model ({type(model).__name__}); "
+                         f"it needs exactly one, MODEL.TRUNK.NAME={TRUNK_NAME}")
+    return found[0]

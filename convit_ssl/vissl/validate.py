@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any, List
 
+from convit_ssl.files import is_image
 from convit_ssl.vissl.trunk import TRUNK_NAME, validate_trunk_config
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def used_splits(config: Any) -> List[str]:
@@ -27,7 +27,7 @@ def _check_image_folder(path: str, where: str) -> None:
         raise FileNotFoundError(f"{where}: {path!r} has no class sub-folders (expected {path}/<class>/<image>)")
     for name in classes:
         folder = os.path.join(path, name)
-        if any(f.lower().endswith(IMAGE_SUFFIXES) for f in os.listdir(folder)):
+        if any(is_image(f) for f in os.listdir(folder)):
             return
     raise FileNotFoundError(f"{where}: no images in the class folders of {path!r}")
 
