@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, folder_overrides, run_engine
 from convit_ssl.vissl import llrd
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.trunk import validate_trunk_config
+from convit_ssl.vissl.trunk import named_features, validate_trunk_config
 
 CONFIG_DIR = REPO / "configs" / "config"
 LINEAR = "benchmark/linear_image_classification"
@@ -78,7 +78,7 @@ def _feature_widths(config) -> list:
     model = validate_trunk_config(config.MODEL)
     names = [item[0] for item in config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP]
     size = config.MODEL.TRUNK.CONVIT_SSL.IMAGE_SIZE
-    features = model.forward_features(torch.empty(1, 3, size, size, device="meta"), names)
+    features = named_features(model, torch.empty(1, 3, size, size, device="meta"), names)
     return [f.shape[-1] for f in features]
 
 

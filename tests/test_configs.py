@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from convit_ssl.vissl.configs import compose, config_root
-from convit_ssl.vissl.trunk import TRUNK_NAME, validate_trunk_config
+from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "config"
@@ -31,7 +31,7 @@ def test_config_composes(name):
         model = validate_trunk_config(config.MODEL)
         feature_map = config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP
         if feature_map:
-            model.parse_feature_names([item[0] for item in feature_map])
+            parse_feature_names([item[0] for item in feature_map], model.depth)
 
 
 def test_no_config_shadows_vissl():

@@ -22,6 +22,7 @@ from convit_ssl.checkpoints import io as ckpt_io
 from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS, vissl_convit_to_timm
 from convit_ssl.convert import ConvertConfig, convert, load_config
+from convit_ssl.vissl.trunk import named_features
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
@@ -287,7 +288,7 @@ def test_eval_mlp_head_is_folded(tmp_path, tiny):
     features = _tiny_model(trunk)
     x = _images(32, 32)
     with torch.no_grad():
-        feat = features.forward_features(x, ["lastCLS"])[0]
+        feat = named_features(features, x, ["lastCLS"])[0]
         torch.testing.assert_close(model(x), head(feat), rtol=0, atol=1e-5)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from convit_ssl.models import create_model
+from convit_ssl.vissl.trunk import named_features
 
 SMALL = dict(img_size=(32, 48), patch_size=8, depth=4, num_gpsa_layers=2, num_classes=5)
 
@@ -97,7 +98,7 @@ def test_torch_compile_has_no_graph_breaks_and_matches_eager():
 
     model = _trained_looking().train()
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
-    for fn in (model, lambda t: model.forward_features(t, ["concatCLS2", "lastMAP"])):
+    for fn in (model, lambda t: named_features(model, t, ["concatCLS2", "lastMAP"])):
         explained = torch._dynamo.explain(fn)(x)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
@@ -166,6 +167,7 @@ def state():
 before = state()
 import convit_ssl.vissl  # noqa: F401
 from convit_ssl.models import create_model
+from convit_ssl.vissl.trunk import named_features
 from convit_ssl.vissl.trunk import ConViTSSLTrunk
 m = create_model("convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2, num_classes=3)
 m(torch.randn(2, 3, 32, 32)).sum().backward()

@@ -22,6 +22,7 @@ from conftest import REPO, filelist_overrides, folder_overrides, run_tool
 from convit_ssl.evaluation import knn_accuracy, knn_scores
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.trunk import named_features
 
 MICRO = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2, num_classes=0)
 KNN_TWIN = "config=test/convit_ssl/benchmark/knn_micro_folder_in1k"
@@ -115,7 +116,7 @@ def test_extraction_on_cpu_is_the_trunk_forward(knn_run, micro_checkpoint, digit
     chosen = [0, 100, 358]
     images = torch.stack([prepare(Image.open(paths[i]).convert("RGB")) for i in chosen])
     with torch.no_grad():
-        expected = micro_checkpoint[1].forward_features(images, ["lastCLS"])[0]
+        expected = named_features(micro_checkpoint[1], images, ["lastCLS"])[0]
     torch.testing.assert_close(torch.from_numpy(feats[chosen]), expected, atol=1e-5, rtol=1e-5)
 
 

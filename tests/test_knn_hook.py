@@ -26,6 +26,7 @@ from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.knn_hook import RECORD_FILE, ConViTKnnHook, knn_settings
 from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.trunk import named_features
 
 FOLDER = "config=test/convit_ssl/supervised_micro_folder"
 MICRO = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2, num_classes=0)
@@ -60,7 +61,7 @@ def _independent_knn(trunk: dict, digits: Path) -> float:
         chosen = np.linspace(0, len(paths) - 1, limit).round().astype(int)
         images = torch.stack([prepare(Image.open(paths[i]).convert("RGB")) for i in chosen])
         with torch.no_grad():
-            out = model.forward_features(images, ["lastCLS"])[0].numpy()
+            out = named_features(model, images, ["lastCLS"])[0].numpy()
         return out, np.array([int(paths[i].parent.name) for i in chosen])
 
     (bank, bank_y), (queries, query_y) = features("train", BANK), features("val", QUERIES)

@@ -21,6 +21,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.convit import GPSA as TimmGPSA
 
 from convit_ssl.models import GPSA, MHSA, create_model, list_models, model_kwargs, resample_pos_embed
+from helpers import block_outputs, perturb_
 from convit_ssl.models.attention import _merge_heads, _split_heads
 from convit_ssl.models.geometry import relative_offsets
 
@@ -34,17 +35,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 # --------------------------------------------------------------------------- helpers
 @torch.no_grad()
-def _perturb_(model: torch.nn.Module, seed: int) -> None:
-    """Make weights look trained: every parameter gets N(0, 0.02^2) noise (the
-    local init, the unit norms and the zero biases are all broken), and the
-    gates get a larger spread so that heads mix content and position differently."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        p.add_(0.02 * torch.randn(p.shape, generator=gen))
-        if name.endswith("gating_param"):
-            p.add_(torch.randn(p.shape, generator=gen))
-
-
 def _timm_and_ours(timm_arch: str, our_arch: str, seed: int, timm_kwargs: dict, our_kwargs: dict):
     """timm's model with perturbed weights, and ours with the same state dict (strict)."""
     torch.manual_seed(seed)
@@ -53,7 +43,7 @@ def _timm_and_ours(timm_arch: str, our_arch: str, seed: int, timm_kwargs: dict, 
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
     assert set(ref_sd) == set(our_sd)
     assert {k: tuple(v.shape) for k, v in ref_sd.items()} == {k: tuple(v.shape) for k, v in our_sd.items()}
-    _perturb_(ref, seed + 1)
+    perturb_(ref, seed + 1)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -133,7 +123,7 @@ def test_our_checkpoint_loads_into_timm(tmp_path):
     """The reverse direction: our state dict, saved and reloaded, is a strict timm checkpoint."""
     torch.manual_seed(0)
     ours = create_model("convit_small", **_SMALL_OURS).eval()
-    _perturb_(ours, 1)
+    perturb_(ours, 1)
     path = tmp_path / "convit.pth"
     torch.save(ours.state_dict(), path)
     ref = timm.create_model("convit_small", **_SMALL_TIMM).eval()
@@ -205,7 +195,7 @@ def test_local_init_matches_timm_on_kernel_grid(num_heads, strength):
 def test_reset_parameters_restores_local_init():
     torch.manual_seed(0)
     model = create_model("convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2)
-    _perturb_(model, 1)
+    perturb_(model, 1)
     model.reset_parameters()
     for layer in _gpsa_layers(model):
         assert torch.equal(layer.v.weight, torch.eye(192))
@@ -299,7 +289,7 @@ def test_every_parameter_receives_a_gradient():
     torch.manual_seed(0)
     model = create_model("convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2,
                          num_classes=5, drop_path_rate=0.1)
-    _perturb_(model, 1)
+    perturb_(model, 1)
     model.train()
     x = torch.randn(4, 3, 32, 32)
     loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
@@ -338,7 +328,7 @@ def test_non_square_input():
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         assert model(x).shape == (2, 5)
-        (fmap,) = model.forward_features(x, ["lastMAP"])
+        (fmap,) = model.forward_intermediates(x, indices=1, intermediates_only=True)
     assert fmap.shape == (2, 192, 4, 6)
 
 
@@ -349,7 +339,7 @@ def test_forward_at_other_size_resamples_pos_embed():
     torch.manual_seed(0)
     kw = dict(patch_size=8, depth=3, num_gpsa_layers=2, num_classes=5)
     small = create_model("convit_tiny", img_size=32, **kw).eval()
-    _perturb_(small, 1)
+    perturb_(small, 1)
     big = create_model("convit_tiny", img_size=(48, 64), **kw).eval()
     sd = small.state_dict()
     pe = sd["pos_embed"].reshape(1, 4, 4, 192).permute(0, 3, 1, 2)
@@ -362,7 +352,7 @@ def test_forward_at_other_size_resamples_pos_embed():
     assert out_small.shape == (2, 5)
     assert (out_small - out_big).abs().max().item() < 1e-5
     with torch.no_grad():
-        (fmap,) = small.forward_features(x, ["lastMAP"])
+        (fmap,) = small.forward_intermediates(x, indices=1, intermediates_only=True)
     assert fmap.shape == (2, 192, 6, 8)
 
 
@@ -526,79 +516,55 @@ def test_mhsa_matches_explicit_softmax_attention():
         assert (mhsa(x) - expected).abs().max().item() <= 1e-5
 
 
-# ---------------------------------------------------------------- 9. named features
+# ---------------------------------------------------------------- 9. timm's interface
 @pytest.fixture(scope="module")
 def feature_model():
     torch.manual_seed(0)
     model = create_model("convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2,
                          num_classes=5).eval()
-    _perturb_(model, 1)
+    perturb_(model, 1)
     return model
 
 
-def _block_outputs(model, x):
-    """Raw output of every block, via forward hooks."""
-    outs = {}
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o)) for i, b in enumerate(model.blocks)]
-    try:
-        with torch.no_grad():
-            model.forward_tokens(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
-
-
-def test_forward_features_shapes_and_values(feature_model):
-    model = feature_model
-    width, grid, batch = 192, (4, 6), 2
-    x = torch.randn(batch, 3, 32, 48, generator=torch.Generator().manual_seed(2))
-    names = ["lastCLS", "blkCLS0", "blkCLS1", "blkCLS2", "concatCLS2", "concatCLS3", "lastPOOL", "blkPOOL0",
-             "blkPOOL2", "concatPOOL2", "lastBLK", "lastMAP"]
+def test_forward_features_and_head(feature_model):
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        feats = dict(zip(names, model.forward_features(x, names)))
-        tokens = model.forward_tokens(x)
-    shapes = {n: tuple(f.shape) for n, f in feats.items()}
-    assert shapes == {
-        "lastCLS": (batch, width), "blkCLS0": (batch, width), "blkCLS1": (batch, width), "blkCLS2": (batch, width),
-        "concatCLS2": (batch, 2 * width), "concatCLS3": (batch, 3 * width), "lastPOOL": (batch, width),
-        "blkPOOL0": (batch, width), "blkPOOL2": (batch, width), "concatPOOL2": (batch, 2 * width),
-        "lastBLK": (batch, 1 + 24, width), "lastMAP": (batch, width, *grid),
-    }
-    raw = _block_outputs(model, x)
-    normed = {i: model.norm(t) for i, t in raw.items()}
-    assert raw[0].shape == (batch, 24, width) and raw[2].shape == (batch, 25, width)
-    tol = dict(atol=1e-5, rtol=0)
-    assert torch.allclose(feats["lastCLS"], tokens[:, 0], **tol)
-    assert torch.allclose(feats["lastBLK"], tokens, **tol)
-    # GPSA block: no class token yet, its "CLS" is the mean patch token (after the final norm)
-    assert torch.allclose(feats["blkCLS0"], normed[0].mean(1), **tol)
-    assert torch.allclose(feats["blkCLS1"], normed[1].mean(1), **tol)
-    # MHSA block: the class token
-    assert torch.allclose(feats["blkCLS2"], normed[2][:, 0], **tol)
-    assert torch.allclose(feats["blkCLS2"], feats["lastCLS"], **tol)
-    assert torch.allclose(feats["concatCLS2"], torch.cat([feats["blkCLS1"], feats["blkCLS2"]], -1), **tol)
-    assert torch.allclose(feats["concatCLS3"], torch.cat([feats[f"blkCLS{i}"] for i in range(3)], -1), **tol)
-    assert torch.allclose(feats["lastPOOL"], tokens[:, 1:].mean(1), **tol)
-    assert torch.allclose(feats["blkPOOL2"], feats["lastPOOL"], **tol)
-    assert torch.allclose(feats["blkPOOL0"], normed[0].mean(1), **tol)
-    assert torch.allclose(feats["concatPOOL2"], torch.cat([normed[1].mean(1), normed[2][:, 1:].mean(1)], -1), **tol)
-    # lastMAP[:, :, y, x] is patch token y * W + x (row-major)
-    fmap = feats["lastMAP"]
-    for y, xx in [(0, 0), (1, 5), (3, 2)]:
-        assert torch.allclose(fmap[:, :, y, xx], tokens[:, 1 + y * grid[1] + xx], **tol)
-    with torch.no_grad():
-        assert torch.allclose(model.forward_head(tokens), model(x), **tol)
+        tokens = feature_model.forward_features(x)
+        raw = block_outputs(feature_model, x)
+        assert tokens.shape == (2, 25, 192)
+        torch.testing.assert_close(tokens, feature_model.norm(raw[2]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(feature_model.forward_head(tokens), feature_model(x), atol=1e-6, rtol=0)
+        assert feature_model.forward_head(tokens, pre_logits=True).shape == (2, 192)
 
 
-def test_forward_features_order_and_early_stop(feature_model):
-    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+def test_forward_intermediates_as_timm_defines_them(feature_model):
+    """Each block's output (forward hooks), patch tokens only, NCHW by default;
+    the class token as prefix after it joins; timm's `indices` rules."""
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        a, b = feature_model.forward_features(x, ["blkPOOL1", "blkCLS0"])
-        (c,) = feature_model.forward_features(x, ["blkCLS0"])
-        (blk,) = feature_model.forward_features(x, ["lastBLK"])
-    assert torch.allclose(b, c, atol=1e-6) and not torch.allclose(a, b)
-    assert blk.shape == (1, 25, 192)
+        raw = block_outputs(feature_model, x)
+        final, maps = feature_model.forward_intermediates(x)
+        assert len(maps) == 3 and all(m.shape == (2, 192, 4, 6) for m in maps)
+        torch.testing.assert_close(final, feature_model.forward_features(x), atol=1e-6, rtol=0)
+        # GPSA blocks 0, 1: every token is a patch; MHSA block 2: class token first
+        patches = [raw[0], raw[1], raw[2][:, 1:]]
+        for m, p in zip(maps, patches, strict=True):
+            torch.testing.assert_close(m, p.transpose(1, 2).reshape(2, 192, 4, 6), atol=1e-6, rtol=0)
+        nlc = feature_model.forward_intermediates(x, indices=[-1, 0], norm=True, output_fmt="NLC",
+                                                  return_prefix_tokens=True, intermediates_only=True)
+        (p0, c0), (p2, c2) = nlc
+        torch.testing.assert_close(p0, feature_model.norm(raw[0]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(p2, feature_model.norm(raw[2])[:, 1:], atol=1e-6, rtol=0)
+        assert c0.shape == (2, 0, 192) and torch.equal(c2, feature_model.norm(raw[2])[:, :1])
+        last_two = feature_model.forward_intermediates(x, indices=2, intermediates_only=True)
+        torch.testing.assert_close(last_two[0], maps[1]) and torch.testing.assert_close(last_two[1], maps[2])
+        early, (only,) = feature_model.forward_intermediates(x, indices=[0], stop_early=True, norm=True)
+        torch.testing.assert_close(early, feature_model.norm(raw[0]), atol=1e-6, rtol=0)
+    for bad in (4, 0, [3], [-4], []):
+        with pytest.raises(ValueError, match="indices="):
+            feature_model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt"):
+        feature_model.forward_intermediates(x, output_fmt="NHWC")
 
 
 # ---------------------------------------------------------------- 10. bad input
@@ -618,19 +584,6 @@ def test_bad_input_image_size_at_forward():
         model(torch.randn(1, 3, 33, 32))
     with pytest.raises(ValueError, match="expected images of shape"):
         model(torch.randn(3, 32, 32))
-
-
-def test_bad_feature_names():
-    model = create_model("convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2)
-    x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"unknown feature name 'lastFOO'; valid names: lastCLS"):
-        model.forward_features(x, ["lastFOO"])
-    with pytest.raises(ValueError, match=r"feature 'blkCLS3': block index must be in 0\.\.2"):
-        model.forward_features(x, ["blkCLS3"])
-    with pytest.raises(ValueError, match=r"feature 'concatCLS4': the number of blocks must be in 1\.\.3"):
-        model.forward_features(x, ["concatCLS4"])
-    with pytest.raises(ValueError, match=r"concatPOOL0"):
-        model.forward_features(x, ["concatPOOL0"])
 
 
 def test_unknown_architecture():
@@ -678,10 +631,11 @@ def test_small_deit_runs_and_has_class_token_first():
     model = create_model("deit_small", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        tokens = model.forward_tokens(x)
-        (cls,) = model.forward_features(x, ["blkCLS0"])
+        tokens = model.forward_features(x)
+        (_, prefix), = model.forward_intermediates(x, indices=[0], norm=True, return_prefix_tokens=True,
+                                                   intermediates_only=True)
     assert tokens.shape == (2, 17, 384)
-    assert torch.allclose(cls, model.norm(_block_outputs(model, x)[0])[:, 0], atol=1e-5)
+    assert torch.allclose(prefix[:, 0], model.norm(block_outputs(model, x)[0])[:, 0], atol=1e-5)
 
 
 @pytest.mark.parametrize(

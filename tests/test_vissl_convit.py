@@ -20,6 +20,7 @@ from convit_ssl.checkpoints.vissl_convit import (
 )
 from convit_ssl.models import ConViT, create_model
 from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.trunk import named_features
 
 # (width, heads, qkv_bias, MLP_DIM): the paper's 4x MLP with 9 heads, and an
 # odd MLP width (not a multiple of the width) with biases and 4 heads.
@@ -99,7 +100,7 @@ def test_converted_model_matches_vissl_trunk(vissl_trunk):
     with torch.no_grad():
         ref = vissl_trunk(x, None)[0]
         out = model(x)
-        feat = model.forward_features(x, ["lastCLS"])[0]
+        feat = named_features(model, x, ["lastCLS"])[0]
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(feat, ref, rtol=0, atol=1e-5)

@@ -157,10 +157,7 @@ def collect_attention(
     handles = [model.blocks[i].attn.register_forward_pre_hook(recorder(i), with_kwargs=True) for i in chosen]
     try:
         with evaluating(model), torch.no_grad():
-            x, grid = model._embed(_check_images(model, images))
-            for i, _ in model._blocks(x, grid):
-                if i == chosen[-1]:
-                    break
+            model.forward_intermediates(_check_images(model, images), chosen, intermediates_only=True)
             records = [_layer_attention(i, kinds[i], model.blocks[i].attn, *seen[i]) for i in chosen]
     finally:
         for handle in handles:

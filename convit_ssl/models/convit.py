@@ -4,14 +4,16 @@ State-dict keys equal timm's `ConVit` (and the official release): a timm or
 official checkpoint is this model's state dict. Differences from timm, all
 additive: the width argument is the total width (timm's `embed_dim` is per
 head), any H x W patch grid works and the input size may differ from the
-construction size (the position embedding is resampled to the input grid),
-and intermediate features are available by name (`forward_features`).
+construction size (the position embedding is resampled to the input grid).
+timm's interface: `forward_features(x)` (normalised tokens), `forward_head`,
+`forward_intermediates(x, indices, norm, output_fmt, ...)`; VISSL's named
+features (lastCLS, concatPOOL2, ...) live in the trunk adapter,
+`convit_ssl.vissl.trunk`.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -25,12 +27,6 @@ from convit_ssl.models.pos_embed import resample_pos_embed
 
 # Feature names (VISSL's ViT names plus pooled and map variants). Every
 # feature is taken after the final LayerNorm `norm`, as VISSL's ViT does.
-FEATURE_NAMES_HELP = (
-    "lastCLS, blkCLS{i}, concatCLS{n}, lastPOOL, blkPOOL{i}, concatPOOL{n}, lastBLK, lastMAP"
-)
-_FEATURE_RE = re.compile(r"^(lastCLS|lastPOOL|lastBLK|lastMAP|blkCLS\d+|blkPOOL\d+|concatCLS\d+|concatPOOL\d+)$")
-
-
 class Block(nn.Module):
     """Pre-norm transformer block whose attention is GPSA or MHSA."""
 
@@ -206,93 +202,75 @@ class ConViT(nn.Module):
                 x = block(x, grid)
             yield i, x
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, 1 + N, width), class token first."""
         x, grid = self._embed(x)
         for _, x in self._blocks(x, grid):
             pass
         return self.norm(x)
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Normalised tokens (B, 1 + N, width) -> logits (B, num_classes) from the class token."""
-        x = self.head_drop(tokens[:, 0])
+        x = self.head_drop(x[:, 0])
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> logits (B, num_classes), or (B, width) when num_classes == 0."""
-        return self.forward_head(self.forward_tokens(x))
+        return self.forward_head(self.forward_features(x))
 
-    # ------------------------------------------------------------ features
-    def parse_feature_names(self, names: Sequence[str]) -> Dict[str, Tuple[str, List[int]]]:
-        """Validate names; map each to (kind, block indices) with kind in
-        CLS / POOL / BLK / MAP. Raises ValueError naming an unknown or out-of-range name."""
-        if not names:
-            raise ValueError(f"no feature names given; valid names: {FEATURE_NAMES_HELP}")
-        parsed: Dict[str, Tuple[str, List[int]]] = {}
-        last = self.depth - 1
-        for name in names:
-            if not isinstance(name, str) or not _FEATURE_RE.match(name):
-                raise ValueError(f"unknown feature name {name!r}; valid names: {FEATURE_NAMES_HELP}")
-            kind = re.sub(r"^(last|blk|concat)|\d+$", "", name)
-            number = int(re.sub(r"^\D+", "", name) or -1)
-            if name.startswith("last"):
-                blocks = [last]
-            elif name.startswith("blk"):
-                if not 0 <= number <= last:
-                    raise ValueError(f"feature {name!r}: block index must be in 0..{last}")
-                blocks = [number]
-            else:
-                if not 1 <= number <= self.depth:
-                    raise ValueError(f"feature {name!r}: the number of blocks must be in 1..{self.depth}")
-                blocks = list(range(self.depth - number, self.depth))
-            parsed[name] = (kind, blocks)
-        return parsed
-
-    def forward_features(self, x: torch.Tensor, names: Sequence[str]) -> List[torch.Tensor]:
-        """Named features of images (B, C, H, W), in the order of `names`.
-
-        Every feature is taken from a block's output after the final norm:
-        - ``lastCLS`` (B, width): class token of the last block.
-        - ``blkCLS{i}`` (B, width): class token after block i. Blocks before the
-          class token joins (GPSA blocks) have none; their "CLS" is the mean of
-          their patch tokens, the global summary they carry.
-        - ``concatCLS{n}`` (B, n * width): blkCLS of the last n blocks, concatenated.
-        - ``lastPOOL`` / ``blkPOOL{i}`` (B, width): mean of the patch tokens.
-        - ``concatPOOL{n}`` (B, n * width): blkPOOL of the last n blocks, concatenated.
-        - ``lastBLK`` (B, 1 + N, width): all tokens of the last block, class token first.
-        - ``lastMAP`` (B, width, H, W): patch tokens of the last block as a feature map.
-        """
-        parsed = self.parse_feature_names(names)
-        wanted = {b for _, blocks in parsed.values() for b in blocks}
-        stop = max(wanted)
-        normed: Dict[int, torch.Tensor] = {}
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
+        """timm's `forward_intermediates` (as its VisionTransformer has it): the
+        outputs of the blocks `indices` (an int n: the last n; a sequence: those,
+        negative counting from the end; None: all), patch tokens only, as
+        (B, C, H, W) (``output_fmt="NCHW"``) or (B, N, C) (``"NLC"``), normalised
+        with the final norm if `norm`. ``return_prefix_tokens`` makes each entry a
+        pair (patch tokens, prefix tokens (B, P, C)): P = 1 (the class token) for
+        the blocks after the class token joins, P = 0 for the GPSA blocks before.
+        Returns the list, or (the final normalised tokens, the list) unless
+        `intermediates_only`; with `stop_early` the blocks after the last index do
+        not run (and the final tokens are those of that block)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = block_indices(indices, self.depth)
+        stop = max(take) if stop_early or intermediates_only else self.depth - 1
         x, grid = self._embed(x)
+        intermediates: List[Any] = []
         for i, x in self._blocks(x, grid):
-            if i in wanted:
-                normed[i] = self.norm(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                prefix, patches = (y[:, :0], y) if i < self.num_gpsa_layers else (y[:, :1], y[:, 1:])
+                if output_fmt == "NCHW":
+                    patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
+                intermediates.append((patches, prefix) if return_prefix_tokens else patches)
             if i == stop:
                 break
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
-        def patches(i: int) -> torch.Tensor:
-            t = normed[i]
-            return t if i < self.num_gpsa_layers else t[:, 1:]
 
-        def cls(i: int) -> torch.Tensor:
-            return patches(i).mean(dim=1) if i < self.num_gpsa_layers else normed[i][:, 0]
-
-        out = []
-        for name in names:
-            kind, blocks = parsed[name]
-            if kind == "CLS":
-                out.append(torch.cat([cls(i) for i in blocks], dim=-1))
-            elif kind == "POOL":
-                out.append(torch.cat([patches(i).mean(dim=1) for i in blocks], dim=-1))
-            elif kind == "BLK":
-                out.append(normed[blocks[0]])
-            else:  # MAP
-                t = patches(blocks[0])
-                out.append(t.transpose(1, 2).reshape(t.shape[0], -1, *grid))
-        return out
+def block_indices(indices: Optional[Union[int, Sequence[int]]], depth: int) -> List[int]:
+    """timm's rule for `forward_intermediates(indices=...)`: None -> every block; an
+    int n -> the last n; a sequence -> those blocks (negative from the end), sorted."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 1 <= indices <= depth:
+            raise ValueError(f"indices={indices}: the number of last blocks must be in 1..{depth}")
+        return list(range(depth - indices, depth))
+    chosen = sorted({int(i) + depth if int(i) < 0 else int(i) for i in indices})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= depth:
+        raise ValueError(f"indices={list(indices)}: block indices must be in -{depth}..{depth - 1}")
+    return chosen
 
 
 def _check_config(
@@ -305,10 +283,7 @@ def _check_config(
     num_classes: int,
     rates: Dict[str, float],
 ) -> None:
-    if patch_size <= 0 or img_hw[0] % patch_size or img_hw[1] % patch_size:
-        raise ValueError(
-            f"image size {img_hw[0]}x{img_hw[1]} is not divisible by the patch size {patch_size}"
-        )
+    patch_grid(img_hw, patch_size)
     if num_heads <= 0 or width <= 0 or width % num_heads:
         raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     if depth <= 0:

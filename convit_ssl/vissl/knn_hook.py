@@ -9,7 +9,7 @@ Switched on by the config block (absent = off; every key optional)::
       FREQUENCY_EPOCHS: 1     # after every N training phases (epochs) ...
       FREQUENCY_ITERS: 0      # ... or, when N > 0, after every N training iterations instead
       AT_START: true          # also measure before the first iteration (the baseline of this init)
-      FEATURE: lastCLS        # a convit_ssl trunk feature (see MODEL.TRUNK / forward_features)
+      FEATURE: lastCLS        # a convit_ssl trunk feature (see convit_ssl.vissl.trunk.named_features)
       TOPK: 20                # DINO's protocol: cosine similarity, k = 20,
       TEMPERATURE: 0.07       #   votes weighted by exp(similarity / T)
       TEACHER: false          # also the momentum teacher (DINO's or MoCo's loss)
@@ -64,7 +64,7 @@ from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.analysis_hook import eval_transforms
 from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, eval_mode, is_primary, preserved_rng, read_block
-from convit_ssl.vissl.trunk import find_convit
+from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names
 
 CONFIG_BLOCK = "CONVIT_KNN"
 RECORD_FILE = "convit_knn.jsonl"
@@ -118,7 +118,7 @@ def knn_settings(config: Any) -> Optional[KnnSettings]:
     if values["FREQUENCY_EPOCHS"] == 0 and values["FREQUENCY_ITERS"] == 0 and not values["AT_START"]:
         raise ValueError(f"{where}: FREQUENCY_EPOCHS, FREQUENCY_ITERS and AT_START are all off; set one")
     try:
-        validate_trunk_config(config.MODEL).parse_feature_names([values["FEATURE"]])
+        parse_feature_names([values["FEATURE"]], validate_trunk_config(config.MODEL).depth)
     except ValueError as e:
         raise ValueError(f"{where}.FEATURE: {e}") from e
     if values["TEACHER"] and config.LOSS.name not in TEACHER_ATTRIBUTES:
@@ -204,7 +204,7 @@ def extract_features(model: ConViT, data: LabelledImages, indices: np.ndarray, f
     with eval_mode(model):
         for start in range(0, len(indices), batch_size):
             images, targets = data.batch(indices[start:start + batch_size])
-            out = model.forward_features(images.to(device), [feature])[0]
+            out = named_features(model, images.to(device), [feature])[0]
             features.append(out.reshape(len(images), -1).float().cpu())
             labels.append(targets)
     if not features:

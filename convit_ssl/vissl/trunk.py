@@ -34,11 +34,13 @@ NUM_ACTIVATION_CHECKPOINTING_SPLITS does not apply (the unit is one block).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from convit_ssl.models import ConViT, model_kwargs
+from convit_ssl.models.geometry import patch_grid
 
 TRUNK_NAME = "convit_ssl"
 CONFIG_BLOCK = "CONVIT_SSL"
@@ -121,11 +123,83 @@ def validate_trunk_config(model_config: Mapping[str, Any]) -> ConViT:
         raise ValueError(f"MODEL.TRUNK.{CONFIG_BLOCK}: {e}") from e
 
 
+# ---------------------------------------------------------------- VISSL's named features
+FEATURE_NAMES_HELP = "lastCLS, blkCLS{i}, concatCLS{n}, lastPOOL, blkPOOL{i}, concatPOOL{n}, lastBLK, lastMAP"
+_FEATURE_RE = re.compile(r"^(lastCLS|lastPOOL|lastBLK|lastMAP|blkCLS\d+|blkPOOL\d+|concatCLS\d+|concatPOOL\d+)$")
+
+
+def parse_feature_names(names: Sequence[str], depth: int) -> Dict[str, Tuple[str, List[int]]]:
+    """Validate feature names for a trunk of `depth` blocks; map each to (kind,
+    block indices), kind in CLS / POOL / BLK / MAP. ValueError names a bad one."""
+    if not names:
+        raise ValueError(f"no feature names given; valid names: {FEATURE_NAMES_HELP}")
+    parsed: Dict[str, Tuple[str, List[int]]] = {}
+    last = depth - 1
+    for name in names:
+        if not isinstance(name, str) or not _FEATURE_RE.match(name):
+            raise ValueError(f"unknown feature name {name!r}; valid names: {FEATURE_NAMES_HELP}")
+        kind = re.sub(r"^(last|blk|concat)|\d+$", "", name)
+        number = int(re.sub(r"^\D+", "", name) or -1)
+        if name.startswith("last"):
+            blocks = [last]
+        elif name.startswith("blk"):
+            if not 0 <= number <= last:
+                raise ValueError(f"feature {name!r}: block index must be in 0..{last}")
+            blocks = [number]
+        else:
+            if not 1 <= number <= depth:
+                raise ValueError(f"feature {name!r}: the number of blocks must be in 1..{depth}")
+            blocks = list(range(depth - number, depth))
+        parsed[name] = (kind, blocks)
+    return parsed
+
+
+def named_features(model: ConViT, x: torch.Tensor, names: Sequence[str]) -> List[torch.Tensor]:
+    """VISSL's named features of images (B, C, H, W), in the order of `names`, from
+    one `forward_intermediates` (after the final norm; blocks after the last one
+    asked for do not run):
+
+    - ``lastCLS`` (B, width): class token of the last block.
+    - ``blkCLS{i}`` (B, width): class token after block i. Blocks before the
+      class token joins (GPSA blocks) have none; their "CLS" is the mean of
+      their patch tokens, the global summary they carry.
+    - ``concatCLS{n}`` (B, n * width): blkCLS of the last n blocks, concatenated.
+    - ``lastPOOL`` / ``blkPOOL{i}`` (B, width): mean of the patch tokens.
+    - ``concatPOOL{n}`` (B, n * width): blkPOOL of the last n blocks, concatenated.
+    - ``lastBLK`` (B, 1 + N, width): all tokens of the last block, class token first.
+    - ``lastMAP`` (B, width, H, W): patch tokens of the last block as a feature map.
+    """
+    parsed = parse_feature_names(names, model.depth)
+    wanted = sorted({b for _, blocks in parsed.values() for b in blocks})
+    outputs = model.forward_intermediates(x, wanted, return_prefix_tokens=True, norm=True, output_fmt="NLC",
+                                          intermediates_only=True)
+    taken = dict(zip(wanted, outputs, strict=True))  # block -> (patch tokens (B, N, C), prefix (B, 0 or 1, C))
+
+    def cls(i: int) -> torch.Tensor:
+        patches, prefix = taken[i]
+        return prefix[:, 0] if prefix.shape[1] else patches.mean(dim=1)
+
+    out = []
+    for name in names:
+        kind, blocks = parsed[name]
+        if kind == "CLS":
+            out.append(torch.cat([cls(i) for i in blocks], dim=-1))
+        elif kind == "POOL":
+            out.append(torch.cat([taken[i][0].mean(dim=1) for i in blocks], dim=-1))
+        elif kind == "BLK":
+            out.append(torch.cat(taken[blocks[0]][::-1], dim=1))
+        else:  # MAP
+            patches = taken[blocks[0]][0]
+            grid = patch_grid((x.shape[-2], x.shape[-1]), model.patch_size)
+            out.append(patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid))
+    return out
+
+
 class ConViTSSLTrunk(ConViT):
     """ConViT as a VISSL trunk: `forward(x, out_feat_keys) -> List[Tensor]`.
 
     Without feature names it returns ``[lastCLS]`` (B, width); with names it
-    returns those features in order (see `ConViT.forward_features`).
+    returns those features in order (`named_features`).
     """
 
     def __init__(self, model_config: Mapping[str, Any], model_name: str) -> None:
@@ -140,8 +214,8 @@ class ConViTSSLTrunk(ConViT):
 
     def forward(self, x: torch.Tensor, out_feat_keys: Optional[List[str]] = None) -> List[torch.Tensor]:  # type: ignore[override]
         if not out_feat_keys:
-            return [self.forward_tokens(x)[:, 0]]
-        return self.forward_features(x, out_feat_keys)
+            return [self.forward_features(x)[:, 0]]
+        return named_features(self, x, out_feat_keys)
 
 
 def register() -> None:

@@ -7,7 +7,7 @@ import os
 from typing import Any, List
 
 from convit_ssl.files import is_image
-from convit_ssl.vissl.trunk import TRUNK_NAME, validate_trunk_config
+from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
 
 
 
@@ -117,7 +117,7 @@ def validate(config: Any) -> None:
         if model.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON and feature_map:
             names = [item[0] for item in feature_map]
             try:
-                trunk.parse_feature_names(names)
+                parse_feature_names(names, trunk.depth)
             except ValueError as e:
                 raise ValueError(f"config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP: {e}") from e
     validate_data(config)
