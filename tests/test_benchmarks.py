@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, folder_overrides, run_engine
 from convit_ssl.vissl import llrd
 from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.task import ConViTSSLTask
 from convit_ssl.vissl.trunk import named_features, validate_trunk_config
 
 CONFIG_DIR = REPO / "configs" / "config"
@@ -60,10 +61,6 @@ FINETUNE_CONFIGS = {
     for size in (224, 384)
 }
 PROBE_FEATURES = ["lastCLS", "concatCLS4", "lastPOOL"]
-
-
-def setup_module():
-    llrd.register()
 
 
 def _shipped(family: str) -> set:
@@ -246,7 +243,7 @@ def _llrd_task(overrides=()):
 
 def test_layer_decay_rates_survive_the_schedule():
     config, task = _llrd_task()
-    assert isinstance(task, llrd.ConViTLLRDTask)
+    assert isinstance(task, ConViTSSLTask)
     model, optimizer = task.base_model, task.optimizer
     depth, decay = config.MODEL.TRUNK.CONVIT_SSL.DEPTH, config.OPTIMIZER.layer_decay
     schedule = task.optimizer_schedulers["lr"]
@@ -288,19 +285,24 @@ def test_layer_decay_one_is_vissls_rates():
     assert {g["lr"] for g in task.optimizer.param_groups} == {schedule(0.5)}
 
 
-def test_register_is_idempotent():
-    from classy_vision.tasks import TASK_REGISTRY
+def test_layer_decay_combines_with_repeated_augmentation():
+    """One task, every option independent: the shipped llrd override plus repeated augmentation."""
+    from convit_ssl.vissl.validate import validate_task
 
-    llrd.register()
-    llrd.register()
-    assert TASK_REGISTRY[llrd.TASK_NAME] is llrd.ConViTLLRDTask
+    _, config = compose([f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd",
+                         "+config.DATA.TRAIN.REPEATED_AUGMENTATIONS=2"])
+    assert config.TRAINER.TASK_NAME == "convit_ssl_task" and config.OPTIMIZER.layer_decay == 0.65
+    validate_task(config)
+    llrd.validate_layer_decay(config)
+    _, task = _llrd_task(["+config.DATA.TRAIN.REPEATED_AUGMENTATIONS=2"])
+    assert len({g["lr_scale"] for g in task.optimizer.param_groups}) > 1
 
 
 def test_layer_decay_config_errors():
     _, plain = compose([f"config={TWINS}/finetune_micro_folder_cifar100_384"])
     llrd.validate_layer_decay(plain)  # no key, VISSL's task: fine
     plain.OPTIMIZER.layer_decay = 0.65
-    with pytest.raises(ValueError, match="layer_decay=0.65 needs config.TRAINER.TASK_NAME=convit_ssl_llrd_task"):
+    with pytest.raises(ValueError, match="layer_decay=0.65 needs config.TRAINER.TASK_NAME=convit_ssl_task"):
         llrd.validate_layer_decay(plain)
     _, config = compose([f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd"])
     llrd.validate_layer_decay(config)
@@ -309,13 +311,11 @@ def test_layer_decay_config_errors():
         with pytest.raises(ValueError, match=r"layer_decay must be a number in \(0, 1\]"):
             llrd.validate_layer_decay(config)
     config.OPTIMIZER.layer_decay = None
-    with pytest.raises(ValueError, match="needs config.OPTIMIZER.layer_decay"):
-        llrd.validate_layer_decay(config)
+    llrd.validate_layer_decay(config)  # null under convit_ssl_task: VISSL's groups
+    config.OPTIMIZER.layer_decay = 0.65
     config.TRAINER.TASK_NAME = "convit_ssl_no_such_task"
     with pytest.raises(ValueError, match="'convit_ssl_no_such_task' is not a registered task"):
         llrd.validate_layer_decay(config)
-    with pytest.raises(ValueError, match="needs config.OPTIMIZER.layer_decay"):
-        _llrd_task(["config.OPTIMIZER.layer_decay=null"])
 
 
 def test_layer_of_an_unknown_parameter_is_an_error():

@@ -19,11 +19,10 @@ from convit_ssl.vissl.trunk import TRUNK_NAME, ConViTSSLTrunk, trunk_kwargs  # n
 
 def register() -> None:
     """Register everything convit_ssl adds to VISSL: the trunk and the tasks (idempotent)."""
-    from convit_ssl.vissl import llrd, task, trunk
+    from convit_ssl.vissl import task, trunk
 
     trunk.register()
     task.register()
-    llrd.register()
 
 
 register()

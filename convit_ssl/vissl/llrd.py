@@ -24,18 +24,16 @@ the value written and survives any schedule (constant, cosine, composite
 warmup, auto LR scaling), any optimizer (sgd, adamw, lars, ...), and resuming
 (the split is deterministic, so checkpointed optimizer state lines up).
 
-Configuration (both keys are needed; see `validate_layer_decay`):
+Configuration (convit_ssl's one training task, `convit_ssl_task`, has the
+option beside repeated augmentation and subsets; see `validate_layer_decay`):
 
     TRAINER:
-      TASK_NAME: convit_ssl_llrd_task
+      TASK_NAME: convit_ssl_task
     OPTIMIZER:
       layer_decay: 0.65        # 0 < decay <= 1; 1.0 trains every layer at the base rate
 
-`register()` (idempotent) adds the task to ClassyVision's task registry; it
-must run in every process that builds the task (VISSL's ranks re-import the
-entry script, so call it where the trunk is registered). Another task gains
-the option by listing `LayerDecayTaskMixin` first among its bases; there,
-`layer_decay` unset or null means VISSL's groups unchanged.
+Unset or null means VISSL's groups unchanged. Another task gains the option by
+listing `LayerDecayTaskMixin` first among its bases.
 """
 
 from __future__ import annotations
@@ -47,11 +45,9 @@ import torch.nn as nn
 from classy_vision.optim.classy_optimizer import OptionsView
 from classy_vision.optim.param_scheduler import ClassyParamScheduler, ConstantParamScheduler, ParamScheduler
 from vissl.optimizers import get_optimizer_param_groups
-from vissl.trainer.train_task import SelfSupervisionTask
 
 from convit_ssl.vissl.trunk import find_convit
 
-TASK_NAME = "convit_ssl_llrd_task"
 CONFIG_KEY = "layer_decay"  # under config.OPTIMIZER
 
 # Trunk parameters (relative to the ConViT module) that sit below block 0.
@@ -155,16 +151,11 @@ class _LayerDecayOptionsView(OptionsView):
 class LayerDecayTaskMixin:
     """For a VISSL task class: build the optimizer's param groups with
     layer-wise lr decay when `config.OPTIMIZER.layer_decay` is set, VISSL's
-    groups unchanged when it is not (unless `layer_decay_required`)."""
-
-    layer_decay_required = False
+    groups unchanged when it is not."""
 
     def prepare_optimizer(self) -> None:
         layer_decay = self.config["OPTIMIZER"].get(CONFIG_KEY)
         if layer_decay is None:
-            if self.layer_decay_required:
-                raise ValueError(f"config.TRAINER.TASK_NAME={TASK_NAME} needs config.OPTIMIZER.{CONFIG_KEY} "
-                                 "(a number in (0, 1], e.g. 0.65)")
             super().prepare_optimizer()
             return
         groups = get_optimizer_param_groups(
@@ -182,16 +173,9 @@ class LayerDecayTaskMixin:
                     layer_decay, len(groups), scales[0], scales[-1])
 
 
-class ConViTLLRDTask(LayerDecayTaskMixin, SelfSupervisionTask):
-    """VISSL's task with layer-wise lr decay (`TRAINER.TASK_NAME: convit_ssl_llrd_task`);
-    `config.OPTIMIZER.layer_decay` is required."""
-
-    layer_decay_required = True
-
-
 def validate_layer_decay(config: Any) -> None:
-    """Pre-launch check: `OPTIMIZER.layer_decay` is valid, present when the
-    task requires it, and refused under a task that would ignore it."""
+    """Pre-launch check: `OPTIMIZER.layer_decay` is valid and refused under a
+    task that would ignore it."""
     from classy_vision.tasks import TASK_REGISTRY
 
     value = config.OPTIMIZER.get(CONFIG_KEY)
@@ -199,29 +183,15 @@ def validate_layer_decay(config: Any) -> None:
     if task is None:
         raise ValueError(f"config.TRAINER.TASK_NAME={config.TRAINER.TASK_NAME!r} is not a registered task "
                          f"(registered: {', '.join(sorted(TASK_REGISTRY))})")
-    applies = isinstance(task, type) and issubclass(task, LayerDecayTaskMixin)
     if value is None:
-        if applies and task.layer_decay_required:
-            raise ValueError(f"config.TRAINER.TASK_NAME={config.TRAINER.TASK_NAME} needs "
-                             f"config.OPTIMIZER.{CONFIG_KEY} (a number in (0, 1], e.g. 0.65)")
         return
     check_layer_decay(value)
-    if not applies:
-        raise ValueError(f"config.OPTIMIZER.{CONFIG_KEY}={value} needs config.TRAINER.TASK_NAME={TASK_NAME} "
-                         f"or convit_ssl_task (got {config.TRAINER.TASK_NAME!r}, which would ignore it)")
-
-
-def register() -> None:
-    """Register `convit_ssl_llrd_task` with ClassyVision (idempotent)."""
-    from classy_vision.tasks import TASK_REGISTRY, register_task
-
-    if TASK_REGISTRY.get(TASK_NAME) is ConViTLLRDTask:
-        return
-    register_task(TASK_NAME)(ConViTLLRDTask)
+    if not (isinstance(task, type) and issubclass(task, LayerDecayTaskMixin)):
+        raise ValueError(f"config.OPTIMIZER.{CONFIG_KEY}={value} needs config.TRAINER.TASK_NAME=convit_ssl_task "
+                         f"(got {config.TRAINER.TASK_NAME!r}, which would ignore it)")
 
 
 __all__ = [
-    "CONFIG_KEY", "TASK_NAME", "ConViTLLRDTask", "LayerDecayTaskMixin", "ScaledParamScheduler",
-    "check_layer_decay", "layer_decay_param_groups", "layer_ids", "register", "trunk_layer_id",
-    "validate_layer_decay",
+    "CONFIG_KEY", "LayerDecayTaskMixin", "ScaledParamScheduler", "check_layer_decay", "layer_decay_param_groups",
+    "layer_ids", "trunk_layer_id", "validate_layer_decay",
 ]
