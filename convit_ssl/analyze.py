@@ -200,7 +200,7 @@ def run_analysis(checkpoint: os.PathLike, images: os.PathLike, out: os.PathLike,
     """Analyse `checkpoint` on the images of `images` and write analysis.json and
     the figures into `out`; return the written paths (see the module docstring)."""
     from convit_ssl.analysis import analyze
-    from convit_ssl.analysis.plots import read_training_log
+    from convit_ssl.analysis.training_log import read_training_log
 
     out = Path(out)
     if out.exists() and not out.is_dir():

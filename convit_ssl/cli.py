@@ -87,6 +87,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CommandError as e:
         print(e, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `convit-ssl models | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(argv: List[str]) -> int:

@@ -20,9 +20,9 @@ from torch import nn
 from convit_ssl.analysis import analyze
 from convit_ssl.models import create_model
 from convit_ssl.vissl.analysis_hook import (
-    RECORD_FILE, AnalysisSettings, ConViTAnalysisHook, analysis_record, analysis_settings, eval_transforms,
-    load_held_out_images, scalars,
+    RECORD_FILE, AnalysisSettings, ConViTAnalysisHook, analysis_record, analysis_settings, scalars,
 )
+from convit_ssl.vissl.hook_images import eval_transforms, load_held_out_images
 from convit_ssl.vissl.trunk import find_convit
 from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose

@@ -33,8 +33,8 @@ from convit_ssl.analysis.plots import (
     NONLOCALITY_PIXELS,
     attention_figsize,
     figure_pixels,
-    read_training_log,
 )
+from convit_ssl.analysis.training_log import read_training_log
 from convit_ssl.analyze import IMAGENET_MEAN, IMAGENET_STD, find_images, load_model, run_analysis
 from convit_ssl.checkpoints.formats import Weights, write
 from convit_ssl.checkpoints.io import save_checkpoint

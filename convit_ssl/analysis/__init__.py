@@ -9,8 +9,9 @@ hidden states of each block.
     analyze(model, images)                         # everything, JSON-serialisable
 
 Figures live in `convit_ssl.analysis.plots` (`gating_figure`,
-`nonlocality_figure`, `attention_figure`, `curves_figure`, `read_training_log`,
-`save_png`); it imports matplotlib, so this package does not import it.
+`nonlocality_figure`, `attention_figure`, `curves_figure`, `save_png`); it
+imports matplotlib, so this package does not import it. The training hook's
+log (schema, reader): `convit_ssl.analysis.training_log`.
 """
 
 from convit_ssl.analysis.collect import LayerAttention, attention_kinds, collect_attention, evaluating

@@ -11,29 +11,20 @@ users.
     save_png(gating_figure(report), "gating.png")        # GATING_PIXELS
     save_png(nonlocality_figure(report), "nonlocality.png")
     save_png(attention_figure(report, display_image), "attention_combined.png")
-    log = read_training_log("checkpoints/convit_analysis.jsonl")
+    log = read_training_log("checkpoints/convit_analysis.jsonl")  # convit_ssl.analysis.training_log
     save_png(curves_figure(log.records), "training_curves.png")
 
 Pixel sizes are fixed: `DPI` and the figure sizes below (inches), so every PNG
 has a known size (`figure_pixels`); the attention grid grows with layers x heads
 (`attention_figsize`).
 
-Training log (`convit_analysis.jsonl`, one JSON object per line, written by
-the VISSL analysis hook)::
-
-    {"iteration": int, "epoch": int, "num_images": int, "grid": [H, W],
-     "layers": [{"index": i, "kind": "gpsa" | "mhsa",
-                 "gate": [per head],                                   # GPSA only
-                 "nonlocality": {"combined": [per head],
-                                 "positional": [...], "content": [...]}}]}   # the last two GPSA only
+The training log's schema and reader: `convit_ssl.analysis.training_log`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -46,6 +37,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from convit_ssl.analysis.collect import GPSA_KIND, MHSA_KIND
+from convit_ssl.analysis.training_log import check_record
 from convit_ssl.files import atomic_path
 from convit_ssl.models.geometry import pairwise_distances
 
@@ -67,7 +60,7 @@ PANEL_SIZE = 8
 INITIAL_GATE = 1.0 / (1.0 + math.exp(-1.0))  # sigma(1): every gate at local init
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 TERMS = ("combined", "positional")
-GPSA, MHSA = "gpsa", "mhsa"
+GPSA, MHSA = GPSA_KIND, MHSA_KIND
 
 
 def figure_pixels(figsize: Tuple[float, float], dpi: int = DPI) -> Tuple[int, int]:
@@ -395,82 +388,6 @@ def _panel_label(layer: Mapping[str, Any], head: int, term: str) -> str:
 def _legend_line(term: str) -> str:
     key = "σ: gate    d: nonlocality (patches)"
     return key + ("    cls: weight on the class token" if term == "combined" else "")
-
-
-# --------------------------------------------------------------------------- training log
-@dataclass
-class TrainingLog:
-    """Records of a training log, in file order; `truncated_line` is the number
-    of an incomplete last line that was skipped (a run killed while writing)."""
-
-    path: Path
-    records: List[Dict[str, Any]]
-    truncated_line: Optional[int] = None
-
-
-def _check_numbers(values: Any, where: str) -> None:
-    if not isinstance(values, list) or not values or not all(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
-        raise ValueError(f"{where}: expected a non-empty list of numbers (per head), got {values!r}"[:300])
-
-
-def check_record(record: Any) -> Dict[str, Any]:
-    """A training-log record with the fields the curves need, or a ValueError naming the bad field."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    iteration = record.get("iteration")
-    if not isinstance(iteration, int) or isinstance(iteration, bool):
-        raise ValueError(f"'iteration' must be an integer, got {iteration!r}")
-    layers = record.get("layers")
-    if not isinstance(layers, list) or not layers:
-        raise ValueError("'layers' must be a non-empty list")
-    for i, layer in enumerate(layers):
-        where = f"layers[{i}]"
-        if not isinstance(layer, dict):
-            raise ValueError(f"{where}: expected an object, got {type(layer).__name__}")
-        if not isinstance(layer.get("index"), int) or isinstance(layer.get("index"), bool):
-            raise ValueError(f"{where}.index must be an integer, got {layer.get('index')!r}")
-        if layer.get("kind") not in (GPSA, MHSA):
-            raise ValueError(f"{where}.kind must be 'gpsa' or 'mhsa', got {layer.get('kind')!r}")
-        if layer["kind"] == GPSA:
-            _check_numbers(layer.get("gate"), f"{where}.gate")
-        nonloc = layer.get("nonlocality")
-        if not isinstance(nonloc, dict):
-            raise ValueError(f"{where}.nonlocality must be an object with 'combined', got {nonloc!r}")
-        _check_numbers(nonloc.get("combined"), f"{where}.nonlocality.combined")
-    return record
-
-
-def read_training_log(path: PathLike) -> TrainingLog:
-    """Read a JSON-lines training log. An incomplete last line (no newline at
-    the end and not valid JSON: the writer was killed) is skipped and reported
-    in `truncated_line`; any other bad line is a ValueError naming the file and
-    line number. Blank lines are ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training log {str(path)!r} does not exist" if not path.exists()
-                                else f"training log {str(path)!r} is not a file")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records, truncated = [], None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        last = number == len(lines)  # only the final piece can lack a newline
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if last:
-                truncated = number
-                continue
-            raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
-        try:
-            records.append(check_record(record))
-        except ValueError as e:
-            raise ValueError(f"{path}, line {number}: {e}") from e
-    if not records:
-        raise ValueError(f"{path}: no records" + (f" (line {truncated} is incomplete)" if truncated else ""))
-    return TrainingLog(path, records, truncated)
 
 
 def curves_data(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:

@@ -47,17 +47,17 @@ then appends, so the file holds exactly one record per trigger.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from classy_vision.hooks.classy_hook import ClassyHook
 
 from convit_ssl.analysis import analyze
 from convit_ssl.models.convit import ConViT
+from convit_ssl.vissl.hook_images import held_out_split, load_held_out_images
 from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, is_primary, preserved_rng, read_block
 from convit_ssl.vissl.trunk import find_convit
 
@@ -120,58 +120,6 @@ def scalars(record: Mapping[str, Any]) -> Dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------- held-out images
-def held_out_split(config: Any) -> str:
-    """TEST when the run reads its TEST split (and it has data sources), else TRAIN."""
-    from convit_ssl.vissl.validate import used_splits
-
-    if "TEST" in used_splits(config) and config.DATA.TEST.DATA_SOURCES:
-        return "TEST"
-    return "TRAIN"
-
-
-def eval_transforms(config: Any, split: str, image_size: Tuple[int, int]) -> List[Dict[str, Any]]:
-    """VISSL transform list without randomness: Resize, CenterCrop to `image_size`
-    (H, W), ToTensor, and the Normalize of `split` (else of TRAIN), if any."""
-    height, width = image_size
-    transforms: List[Dict[str, Any]] = [
-        {"name": "Resize", "size": max(height, width)},
-        {"name": "CenterCrop", "size": [height, width]},
-        {"name": "ToTensor"},
-    ]
-    for source in (split, "TRAIN"):
-        normalize = [t for t in config.DATA[source].TRANSFORMS if t.get("name") == "Normalize"]
-        if normalize:
-            transforms.append({"name": "Normalize", "mean": list(normalize[-1]["mean"]),
-                               "std": list(normalize[-1]["std"])})
-            break
-    return transforms
-
-
-def load_held_out_images(config: Any, num_images: int, image_size: Tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) the first `num_images` samples (fewer if the split is smaller)
-    of the held-out split, transformed by `eval_transforms`, on the CPU."""
-    from vissl.data import build_dataset
-
-    split = held_out_split(config)
-    where = f"HOOKS.{CONFIG_BLOCK}: held-out images from config.DATA.{split} {list(config.DATA[split].DATASET_NAMES)}"
-    local = copy.deepcopy(config)
-    local.DATA[split].TRANSFORMS = eval_transforms(config, split, image_size)
-    local.DATA[split].LABEL_SOURCES = []  # images only: labels are not read
-    try:
-        dataset = build_dataset(local, split)
-        count = min(num_images, len(dataset))
-        items = [dataset[i] for i in range(count)]
-    except Exception as e:
-        raise RuntimeError(f"{where}: could not be read ({type(e).__name__}: {e})") from e
-    if count == 0:
-        raise RuntimeError(f"{where}: the split has no samples")
-    bad = [i for i, item in enumerate(items) if item["data_valid"][0] != 1]
-    if bad:
-        raise RuntimeError(f"{where}: samples {bad} could not be read (VISSL returned placeholder images)")
-    return torch.stack([item["data"][0] for item in items])
-
-
 # ------------------------------------------------------------------- the hook
 class ConViTAnalysisHook(ClassyHook):
     """Logs gates and nonlocality of the ConViT trunk on a fixed held-out batch
@@ -193,7 +141,7 @@ class ConViTAnalysisHook(ClassyHook):
         model = find_convit(task.base_model, f"HOOKS.{CONFIG_BLOCK}")
         device = model.patch_embed.proj.weight.device
         with preserved_rng(device):
-            images = load_held_out_images(task.config, self.settings.num_images, model.img_size)
+            images = load_held_out_images(task.config, self.settings.num_images, model.img_size, f"HOOKS.{CONFIG_BLOCK}")
         self.images = images.to(device)
         self.records.drop_after(task.iteration)
         logging.info(

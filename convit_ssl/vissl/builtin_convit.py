@@ -12,16 +12,18 @@ from convit_ssl.checkpoints.formats import vissl_model_parts
 from convit_ssl.checkpoints.vissl_convit import vissl_convit_model_kwargs
 
 
+REFERENCE_CONFIG = "convit_ssl/reference/vissl_builtin_convit"
+
+
 def vissl_convit_overrides(kwargs: Dict[str, Any], locality_dim: int) -> list:
     """Hydra overrides that configure VISSL's `convit` trunk like the ConViT `kwargs`."""
     vt, cv = "config.MODEL.TRUNK.VISION_TRANSFORMERS.", "config.MODEL.TRUNK.CONVIT."
     return [
-        "config.MODEL.TRUNK.NAME=convit",
+        f"config={REFERENCE_CONFIG}",
         f"{vt}IMAGE_SIZE={kwargs['img_size']}", f"{vt}PATCH_SIZE={kwargs['patch_size']}",
         f"{vt}HIDDEN_DIM={kwargs['width']}", f"{vt}NUM_HEADS={kwargs['num_heads']}",
         f"{vt}NUM_LAYERS={kwargs['depth']}", f"{vt}MLP_DIM={int(kwargs['width'] * kwargs['mlp_ratio'])}",
-        f"{vt}QKV_BIAS={kwargs['qkv_bias']}", f"{vt}DROP_PATH_RATE=0", f"{vt}DROPOUT_RATE=0",
-        f"{vt}ATTENTION_DROPOUT_RATE=0", f"{cv}N_GPSA_LAYERS={kwargs['num_gpsa_layers']}",
+        f"{vt}QKV_BIAS={kwargs['qkv_bias']}", f"{cv}N_GPSA_LAYERS={kwargs['num_gpsa_layers']}",
         f"{cv}LOCALITY_DIM={locality_dim}",
     ]
 
@@ -38,8 +40,7 @@ def build_vissl_convit(checkpoint: Any, kwargs: Dict[str, Any] | None = None) ->
     if kwargs is None:
         kwargs = vissl_convit_model_kwargs(trunk_state)
     locality_dim = trunk_state["blocks.0.attn.pos_proj.weight"].shape[1] // 3
-    _, cfg = compose(["config=test/convit_ssl/supervised_micro_synthetic",
-                      *vissl_convit_overrides(kwargs, locality_dim)])
+    _, cfg = compose(vissl_convit_overrides(kwargs, locality_dim))
     model: nn.Module = VisslConViT(cfg.MODEL, "convit")
     model.load_state_dict({k: v.float() for k, v in trunk_state.items()}, strict=True)
     model.eval()

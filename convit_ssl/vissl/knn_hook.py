@@ -25,7 +25,7 @@ At each trigger every rank extracts the features of its shard (every
 world-size-th image) of both splits, with the trunk in eval mode under
 no_grad, images transformed without randomness (Resize, CenterCrop to the
 trunk's image size, ToTensor, the split's Normalize; see
-`analysis_hook.eval_transforms`); the shards are gathered, so the features
+`hook_images.eval_transforms`); the shards are gathered, so the features
 (and the result) are those of 1 process, and rank 0 classifies the queries
 (`convit_ssl.evaluation.knn`) and logs one record::
 
@@ -62,7 +62,7 @@ from classy_vision.hooks.classy_hook import ClassyHook
 
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.models.convit import ConViT
-from convit_ssl.vissl.analysis_hook import eval_transforms
+from convit_ssl.vissl.hook_images import eval_transforms
 from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, eval_mode, is_primary, preserved_rng, read_block
 from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names
 
