@@ -1,10 +1,61 @@
-"""Helpers shared by the tests (import as `from helpers import ...`)."""
+"""Helpers shared by the tests (`from helpers import ...`; tests/ is on sys.path
+because the test folders below it are packages): the repository's paths, Hydra
+overrides for the digits, runners of real VISSL jobs, model helpers."""
 
 from __future__ import annotations
 
-from typing import Dict
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_SCRIPT = REPO / "tools" / "run_distributed_engines.py"
+
+
+def folder_overrides(root: Path) -> List[str]:
+    train, val = root / "train", root / "val"
+    return [
+        f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
+        f"config.DATA.TEST.DATA_PATHS=[{val}]", f"config.DATA.TEST.LABEL_PATHS=[{val}]",
+    ]
+
+
+def run_engine(overrides: List[str], cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`python tools/run_distributed_engines.py OVERRIDES` from `cwd` (not the repo)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(RUN_SCRIPT), *overrides], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"VISSL run failed ({proc.returncode}):\n{proc.stdout[-5000:]}")
+    return proc
+
+
+def filelist_overrides(root: Path, labels: str) -> List[str]:
+    """DATA_PATHS / LABEL_PATHS of `digits_filelists`; `labels` is "labels" or "voc_labels"."""
+    return [
+        f"config.DATA.TRAIN.DATA_PATHS=[{root / 'train_images.npy'}]",
+        f"config.DATA.TRAIN.LABEL_PATHS=[{root / f'train_{labels}.npy'}]",
+        f"config.DATA.TEST.DATA_PATHS=[{root / 'test_images.npy'}]",
+        f"config.DATA.TEST.LABEL_PATHS=[{root / f'test_{labels}.npy'}]",
+    ]
+
+
+def run_tool(tool: str, overrides: List[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python tools/<tool>.py OVERRIDES` from `cwd`; fails the test on a non-zero exit."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), *overrides], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"tools/{tool}.py failed ({proc.returncode}):\n{proc.stdout[-5000:]}")
+    return proc
+
+
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> None:

@@ -3,11 +3,13 @@ themselves are measured by hand, never asserted in a test)."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -15,6 +17,7 @@ def _run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600, check=True)
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run("benchmark.py", "--arch", "convit_tiny", "--batch", "2", "--size", "32", "--mem-size", "64",

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import REPO
 from convit_ssl import create_model
 from convit_ssl.checkpoints import io as ckpt_io
 from convit_ssl.checkpoints.io import CheckpointError
@@ -24,7 +25,6 @@ from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS, vissl_con
 from convit_ssl.convert import ConvertConfig, convert, load_config
 from convit_ssl.vissl.trunk import named_features
 
-REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 TINY = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2)
 CLASSES = 5

@@ -10,9 +10,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", "demo", "--out", str(out), "--epochs", "1",

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tomllib
 
-from conftest import REPO
+from helpers import REPO
 
 # A fresh interpreter in which VISSL's world cannot be imported.
 WITHOUT_VISSL = """

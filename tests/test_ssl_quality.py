@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from convit_ssl import ssl_quality
 from convit_ssl.vissl.configs import compose
 
@@ -51,6 +51,7 @@ def test_every_method_has_a_small_scale_config():
         ssl_quality.pretrain_config("byol")
 
 
+@pytest.mark.slow
 def test_simclr_learns_on_the_digits(tmp_path):
     """The script end to end, one method, kNN only: pretraining beats the same trunk at random init."""
     out = tmp_path / "quality"

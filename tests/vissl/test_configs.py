@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from convit_ssl.vissl.configs import compose, config_root
 from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "config"
 SHIPPED = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import folder_overrides, run_engine
+from helpers import folder_overrides, run_engine
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
 

@@ -91,6 +91,7 @@ def test_vissl_trunk_honours_activation_checkpointing_config():
 
 
 # ------------------------------------------------------------------ compile
+@pytest.mark.slow
 def test_torch_compile_has_no_graph_breaks_and_matches_eager():
     """One graph for the whole forward (training and named features alike), and the
     compiled model (inductor) gives eager's outputs and gradients."""

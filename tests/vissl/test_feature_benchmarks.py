@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 from torchvision import transforms
 
-from conftest import REPO, filelist_overrides, folder_overrides, run_tool
+from helpers import REPO, filelist_overrides, folder_overrides, run_tool
 from convit_ssl.evaluation import knn_accuracy, knn_scores
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
@@ -133,6 +133,7 @@ def test_knn_benchmark_equals_sklearn(knn_run):
         assert f"{feature}: kNN top-1 {got['top1']:.2f}%" in stdout
 
 
+@pytest.mark.slow
 def test_knn_benchmark_two_processes_agree(knn_run, micro_checkpoint, digits, tmp_path):
     """2 ranks each extract half of each split; the merged result is the 1-process one."""
     run_tool("nearest_neighbor_test", [KNN_TWIN, *folder_overrides(digits), "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from convit_ssl.models import create_model
-from conftest import RUN_SCRIPT, folder_overrides, run_engine
+from helpers import RUN_SCRIPT, folder_overrides, run_engine
 
 SUPERVISED_SYNTHETIC = "config=test/convit_ssl/supervised_micro_synthetic"
 
@@ -56,6 +56,7 @@ def test_supervised_folder_one_process(supervised_folder_run):
     assert any("test_accuracy_list_meter" in r for r in records)
 
 
+@pytest.mark.slow
 def test_supervised_synthetic_two_processes(tmp_path):
     checkpoint_dir = tmp_path / "ck"
     proc = run_engine([SUPERVISED_SYNTHETIC, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
@@ -66,6 +67,7 @@ def test_supervised_synthetic_two_processes(tmp_path):
     assert "'num_replicas': 2" in proc.stdout
 
 
+@pytest.mark.slow
 def test_auto_resume_after_interruption(tmp_path):
     checkpoint_dir = tmp_path / "ck"
     overrides = [SUPERVISED_SYNTHETIC, "config.OPTIMIZER.num_epochs=3", "config.DATA.TRAIN.DATA_LIMIT=240",

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_engine
+from helpers import run_engine
 
 from convit_ssl.vissl import patches
 from convit_ssl.vissl.configs import compose

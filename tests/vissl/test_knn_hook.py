@@ -21,7 +21,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 from torchvision import transforms
 
-from conftest import folder_overrides, run_engine
+from helpers import folder_overrides, run_engine
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.knn_hook import RECORD_FILE, ConViTKnnHook, knn_settings
@@ -170,6 +170,7 @@ def test_hook_does_not_change_training(epoch_run, digits, tmp_path):
         assert torch.equal(value, without[key]), key
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_numbers(epoch_run, digits, tmp_path):
     """2 ranks extract half of each split each; rank 0 logs. Before training both
     runs hold the same weights, so the numbers are the 1-process ones; after

@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import REPO
 from convit_ssl import cli
 from convit_ssl.analysis import analyze, plots
 from convit_ssl.analysis.plots import (
@@ -40,7 +41,6 @@ from convit_ssl.checkpoints.formats import Weights, write
 from convit_ssl.checkpoints.io import save_checkpoint
 from convit_ssl.models import ConViT, create_model
 
-REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "analyze.py"
 TINY = dict(img_size=32, patch_size=8, width=32, num_heads=4, depth=4, num_gpsa_layers=2, num_classes=0)
 HEADS, DEPTH, GPSA_LAYERS = 4, 4, 2

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from convit_ssl.vissl import patches
 
 VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import folder_overrides, run_engine
+from helpers import folder_overrides, run_engine
 from convit_ssl.data.subsets import subset_indices
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate

@@ -27,7 +27,7 @@ from convit_ssl.vissl.trunk import find_convit
 from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
-from conftest import folder_overrides, run_engine
+from helpers import folder_overrides, run_engine
 
 ANALYSIS_FOLDER = "config=test/convit_ssl/analysis_hook_micro_folder"
 SYNTHETIC = "config=test/convit_ssl/supervised_micro_synthetic"
@@ -321,6 +321,7 @@ def test_resume_drops_records_past_the_checkpoint(epoch_run, digits, tmp_path):
     _check_gates_match(records[1], _trunk(checkpoint_dir / "model_final_checkpoint_phase1.torch"))
 
 
+@pytest.mark.slow
 def test_every_n_iterations_two_processes(digits, tmp_path):
     """2 ranks x 4 images per batch on 32 images: 4 iterations per epoch, 8 in all;
     FREQUENCY_ITERS=3 gives records at iterations 3 and 6, written by rank 0 only."""
