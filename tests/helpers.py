@@ -81,3 +81,36 @@ def block_outputs(model: torch.nn.Module, x: torch.Tensor) -> Dict[int, torch.Te
         for h in handles:
             h.remove()
     return outs
+
+
+LOCALITY_DIM = 10  # VISSL's default
+
+
+def vissl_builtin_trunk(width: int, heads: int, qkv_bias: bool, mlp_dim: int, seed: int = 0) -> torch.nn.Module:
+    """VISSL's built-in convit trunk (3 blocks: 2 GPSA + 1 MHSA, 32 px, 8 px patches),
+    perturbed to look trained, in eval mode."""
+    from vissl.models.trunks.convit import ConViT as VisslConViT
+
+    from convit_ssl.vissl.configs import compose
+
+    vt = "config.MODEL.TRUNK.VISION_TRANSFORMERS."
+    _, cfg = compose([
+        "config=test/convit_ssl/supervised_micro_synthetic",
+        "config.MODEL.TRUNK.NAME=convit",
+        f"{vt}IMAGE_SIZE=32", f"{vt}PATCH_SIZE=8", f"{vt}HIDDEN_DIM={width}", f"{vt}NUM_HEADS={heads}",
+        f"{vt}NUM_LAYERS=3", f"{vt}MLP_DIM={mlp_dim}", f"{vt}QKV_BIAS={qkv_bias}",
+        f"{vt}DROP_PATH_RATE=0", f"{vt}DROPOUT_RATE=0", f"{vt}ATTENTION_DROPOUT_RATE=0",
+        "config.MODEL.TRUNK.CONVIT.N_GPSA_LAYERS=2",
+        f"config.MODEL.TRUNK.CONVIT.LOCALITY_DIM={LOCALITY_DIM}",
+    ])
+    torch.manual_seed(seed)
+    trunk = VisslConViT(cfg.MODEL, "convit")
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in trunk.named_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+            if name.endswith("attn.alpha") or name.endswith("attn.pos_proj.weight"):
+                # gates spread around sigmoid(1); the L copies of each of dx, dy, d2
+                # get different weights, so only their sum / L is meaningful
+                p.add_(torch.randn(p.shape, generator=gen))
+    return trunk.eval()

@@ -108,9 +108,9 @@ def tiny() -> Dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def vissl_convit_trunk():
     """VISSL's own built-in `convit` trunk (same tiny geometry, qkv biases, MLP 100), perturbed."""
-    from test_vissl_convit import _vissl_trunk
+    from helpers import vissl_builtin_trunk
 
-    return _vissl_trunk(48, 4, True, 100)
+    return vissl_builtin_trunk(48, 4, True, 100)
 
 
 # --------------------------------------------------------------------------- 1. round trips

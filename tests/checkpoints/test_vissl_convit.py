@@ -19,46 +19,17 @@ from convit_ssl.checkpoints.vissl_convit import (
     vissl_convit_to_timm,
 )
 from convit_ssl.models import ConViT, create_model
-from convit_ssl.vissl.configs import compose
+from helpers import LOCALITY_DIM, vissl_builtin_trunk
 from convit_ssl.vissl.trunk import named_features
 
 # (width, heads, qkv_bias, MLP_DIM): the paper's 4x MLP with 9 heads, and an
 # odd MLP width (not a multiple of the width) with biases and 4 heads.
 CONFIGS = [(36, 9, False, 144), (48, 4, True, 100)]
-LOCALITY_DIM = 10  # VISSL's default
-
-
-def _vissl_trunk(width: int, heads: int, qkv_bias: bool, mlp_dim: int, seed: int = 0) -> torch.nn.Module:
-    """VISSL's built-in convit trunk (3 blocks: 2 GPSA + 1 MHSA, 32 px, 8 px patches),
-    perturbed to look trained, in eval mode."""
-    from vissl.models.trunks.convit import ConViT as VisslConViT
-
-    vt = "config.MODEL.TRUNK.VISION_TRANSFORMERS."
-    _, cfg = compose([
-        "config=test/convit_ssl/supervised_micro_synthetic",
-        "config.MODEL.TRUNK.NAME=convit",
-        f"{vt}IMAGE_SIZE=32", f"{vt}PATCH_SIZE=8", f"{vt}HIDDEN_DIM={width}", f"{vt}NUM_HEADS={heads}",
-        f"{vt}NUM_LAYERS=3", f"{vt}MLP_DIM={mlp_dim}", f"{vt}QKV_BIAS={qkv_bias}",
-        f"{vt}DROP_PATH_RATE=0", f"{vt}DROPOUT_RATE=0", f"{vt}ATTENTION_DROPOUT_RATE=0",
-        "config.MODEL.TRUNK.CONVIT.N_GPSA_LAYERS=2",
-        f"config.MODEL.TRUNK.CONVIT.LOCALITY_DIM={LOCALITY_DIM}",
-    ])
-    torch.manual_seed(seed)
-    trunk = VisslConViT(cfg.MODEL, "convit")
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in trunk.named_parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-            if name.endswith("attn.alpha") or name.endswith("attn.pos_proj.weight"):
-                # gates spread around sigmoid(1); the L copies of each of dx, dy, d2
-                # get different weights, so only their sum / L is meaningful
-                p.add_(torch.randn(p.shape, generator=gen))
-    return trunk.eval()
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"w{c[0]}h{c[1]}bias{int(c[2])}mlp{c[3]}")
 def vissl_trunk(request) -> torch.nn.Module:
-    return _vissl_trunk(*request.param)
+    return vissl_builtin_trunk(*request.param)
 
 
 def _images(seed: int = 2) -> torch.Tensor:
@@ -90,7 +61,7 @@ def test_vissl_trunk_layout(vissl_trunk):
 
 
 # --------------------------------------------------------------------------- parity
-def test_converted_model_matches_vissl_trunk(vissl_trunk):
+def test_converted_model_matchesvissl_builtin_trunk(vissl_trunk):
     """Converted weights in convit_ssl's ConViT (eps 1e-5) give VISSL's features.
     Observed max |difference| (fp32): 4.8e-7 for both configurations (36 wide,
     9 heads; 48 wide, 4 heads, biases, MLP 100); features are O(1)."""
@@ -132,11 +103,11 @@ def test_pos_proj_needs_the_block_sums(vissl_trunk):
         assert (model(x) - vissl_trunk(x, None)[0]).abs().max().item() > 1e-3
 
 
-def test_timm_weights_run_in_vissl_trunk():
+def test_timm_weights_run_invissl_builtin_trunk():
     """timm_to_vissl_convit output loads strictly into VISSL's trunk and computes
     what convit_ssl's model computes (same eps). Observed max error 4.8e-7."""
     width, heads, qkv_bias, mlp_dim = CONFIGS[1]
-    trunk = _vissl_trunk(width, heads, qkv_bias, mlp_dim, seed=5)
+    trunk = vissl_builtin_trunk(width, heads, qkv_bias, mlp_dim, seed=5)
     model = ConViT(**vissl_convit_model_kwargs(trunk.state_dict())).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from helpers import folder_overrides, run_engine
@@ -59,13 +63,36 @@ def test_empty_data_folder(tmp_path):
 
 
 def test_script_reports_before_spawning(tmp_path):
-    """Through the real entry point: non-zero exit, the message, nothing written."""
+    """Through the real entry point: exit 2, one line (no traceback, no library
+    warnings), nothing written."""
     checkpoint_dir = tmp_path / "ck"
     proc = run_engine([MICRO, f"{TRUNK}.WIDTH=50", f"config.CHECKPOINT.DIR={checkpoint_dir}"],
                       cwd=tmp_path, check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "width 50 is not divisible by num_heads 4" in proc.stdout
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines() == [
+        "convit-ssl run: error: MODEL.TRUNK.CONVIT_SSL: width 50 is not divisible by num_heads 4"]
     assert not checkpoint_dir.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "config=test/convit_ssl/no_such_config"], "convit-ssl run: error: In 'defaults': Could not find"),
+    (["run", MICRO, "config.OPTIMIZER.no_such_key=1"],
+     "convit-ssl run: error: Could not override 'config.OPTIMIZER.no_such_key'. To append to your config use +"),
+    (["demo", "--data", "/no/such/folder"], "convit-ssl demo: error: --data /no/such/folder: expected"),
+], ids=["unknown-config", "unknown-key", "demo-data"])
+def test_every_command_reports_a_user_error_in_one_line(argv, message, tmp_path):
+    """`convit-ssl <cmd>: error: ...` and exit 2 (convert, analyze and the
+    benchmarks are checked in their own tests); CONVIT_SSL_TRACEBACK=1 shows the traceback."""
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)  # the command itself keeps library warnings quiet
+    proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
+    if argv[0] == "run" and "no_such_config" in argv[1]:
+        loud = subprocess.run([sys.executable, "-m", "convit_ssl.cli", *argv], cwd=tmp_path,
+                              env=dict(env, CONVIT_SSL_TRACEBACK="1"), capture_output=True, text=True, timeout=120)
+        assert loud.returncode != 0 and "Traceback (most recent call last)" in loud.stderr
 
 
 def test_dataset_catalog_resolves_and_checks_paths(digits, tmp_path):

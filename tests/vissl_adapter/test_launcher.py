@@ -15,16 +15,19 @@ from convit_ssl.vissl.launcher import ConViTSlurmJob, launch_on_slurm
 from convit_ssl.vissl.validate import validate
 
 
-def test_cli_run_trains(tmp_path):
+def test_cli_run_trains_on_two_processes(tmp_path):
+    """`convit-ssl run` sets VISSL up in the ranks VISSL spawns too (they re-import
+    the CLI with its argv before unpickling VISSL's worker, which builds our trunk)."""
     checkpoint_dir = tmp_path / "ck"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, "-m", "convit_ssl.cli", "run", "config=test/convit_ssl/supervised_micro_synthetic",
-         f"config.CHECKPOINT.DIR={checkpoint_dir}"],
+         "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", f"config.CHECKPOINT.DIR={checkpoint_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (checkpoint_dir / "model_final_checkpoint_phase0.torch").is_file()
+    assert "Rank: 1" in proc.stdout + proc.stderr
 
 
 def test_cli_lists_models(capsys):
