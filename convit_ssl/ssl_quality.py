@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from convit_ssl.files import atomic_write_text
 from convit_ssl.demo import final_accuracies, final_checkpoint, run_stage
@@ -161,6 +161,43 @@ def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return summary
 
 
+NAMES = {"simclr": "SimCLR", "barlow_twins": "Barlow Twins", "moco": "MoCo v2", "swav": "SwAV",
+         "deepclusterv2": "DeepCluster-v2", "dino": "DINO"}
+
+
+def markdown_tables(results: Mapping[str, Any]) -> str:
+    """The README's tables from a results.json: every run of seed 0 (kNN and
+    linear probes, random init -> pretrained), then per method and architecture
+    the kNN gain over seeds (mean +- std, min .. max)."""
+    def probe(linear: Mapping[str, Any], feature: str) -> str:
+        if not linear:
+            return ""
+        return f"{linear['random_init'][feature]:.1f} -> {linear['pretrained'][feature]:.1f}"
+
+    lines = ["| method | arch | epochs (iterations) | pretraining | final loss | kNN top-1: random init -> pretrained "
+             "| linear `lastCLS` | linear `concatPOOL2` |", "|---|---|---|---|---|---|---|---|"]
+    for run in sorted((r for r in results["runs"] if r["seed"] == 0),
+                      key=lambda r: (list(NAMES).index(r["method"]), r["arch"])):
+        knn = run["knn_top1"]
+        teacher = f" (teacher {knn['teacher']:.1f})" if "teacher" in knn else ""
+        lines.append(
+            f"| {NAMES[run['method']]} | {run['arch']} | {run['epochs']} ({run['iterations']}) | "
+            f"{run['pretrain_seconds']:.0f} s | {run['final_loss']} | {knn['random_init']:.1f} -> "
+            f"**{knn['pretrained']:.1f}** ({knn['pretrained'] - knn['random_init']:+.1f}){teacher} | "
+            f"{probe(run['linear_top1'], 'lastCLS')} | {probe(run['linear_top1'], 'concatPOOL2')} |")
+    lines += ["", "| method | arch | seeds | kNN random init | kNN pretrained | gain: mean +- std (min .. max) |",
+              "|---|---|---|---|---|---|"]
+    summary = summarize(list(results["runs"]))
+    for method in (m for m in NAMES if m in summary):
+        for arch, row in sorted(summary[method].items()):
+            gain = row["knn_gain"]
+            lines.append(
+                f"| {NAMES[method]} | {arch} | {', '.join(map(str, row['seeds']))} | "
+                f"{row['knn_random_init']['mean']:.1f} | {row['knn_pretrained']['mean']:.1f} | "
+                f"{gain['mean']:+.1f} +- {gain['std']:.1f} ({gain['min']:+.1f} .. {gain['max']:+.1f}) |")
+    return "\n".join(lines)
+
+
 def _write(path: Path, results: Dict[str, Any]) -> None:
     results["summary"] = summarize(results["runs"])
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
@@ -176,7 +213,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
     parser.add_argument("--no-linear", action="store_true", help="kNN only: skip the linear probes")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--table", action="store_true", help="print the markdown tables of <out>/results.json; run nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        path = Path(args.out) / "results.json"
+        if not path.is_file():
+            parser.error(f"--table: {path} does not exist")
+        print(markdown_tables(json.loads(path.read_text())))
+        return 0
     methods = list(METHODS) if args.method == ["all"] else args.method
     for method in methods:
         pretrain_config(method)  # unknown names fail here, before any run

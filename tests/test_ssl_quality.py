@@ -41,6 +41,21 @@ def test_summary_spread_over_seeds():
     assert summary["linear_lastCLS_pretrained"]["mean"] == 80.5
 
 
+def test_markdown_tables_show_every_seed_0_run_and_the_spread():
+    def run(method, arch, seed, random_init, pretrained):
+        return {"method": method, "arch": arch, "seed": seed, "epochs": 20, "iterations": 220, "pretrain_seconds": 300.0,
+                "final_loss": 3.2, "knn_top1": {"random_init": random_init, "pretrained": pretrained},
+                "linear_top1": {}}
+
+    runs = [run("simclr", "convit", 0, 58.8, 75.2), run("simclr", "convit", 1, 57.7, 73.0),
+            run("simclr", "deit", 0, 50.0, 60.0)]
+    text = ssl_quality.markdown_tables({"runs": runs})
+    assert "| SimCLR | convit | 20 (220) | 300 s | 3.2 | 58.8 -> **75.2** (+16.4) |  |  |" in text
+    assert "| SimCLR | deit | 20 (220) | 300 s | 3.2 | 50.0 -> **60.0** (+10.0) |  |  |" in text
+    assert "| SimCLR | convit | 0, 1 | 58.2 | 74.1 | +15.8 +- 0.8 (+15.3 .. +16.4) |" in text
+    assert text.count("| SimCLR | convit |") == 2  # seed 1 only in the spread table
+
+
 def test_every_method_has_a_small_scale_config():
     for method in ssl_quality.METHODS:
         _, config = compose([f"config={ssl_quality.pretrain_config(method)}"])
