@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """The GPU check: numbers, speed, memory and VISSL on one CUDA device, in one run.
 
-On the GPU machine (torch there; everything else travels as wheels):
+Here, before any GPU time is spent (the last two also in CI, tests/test_gpu_check.py):
 
-    python tools/gpu_check.py --install WHEELS_DIR --out $OUT
-
-Here, before any GPU time is spent (and in CI, through tests/test_gpu_check.py):
-
-    python tools/gpu_check.py --download WHEELS_DIR          # the wheels of tools/gpu_wheels.txt, CPython 3.12
-    python tools/gpu_check.py --install WHEELS_DIR --dry-run  # resolve the install against that folder only
+    python tools/gpu_check.py --download gpu_wheels           # tools/gpu_wheels.txt for CPython 3.12 (41 MB)
+    python tools/gpu_check.py --install gpu_wheels --dry-run  # resolve the install against that folder only
     python tools/gpu_check.py --device cpu --quick --out DIR  # every step, tiny sizes
+
+On the GPU machine (torch there; `gpu_wheels/` is git-ignored and carried with
+the working tree, 64 MiB in all):
+
+    python tools/gpu_check.py --install gpu_wheels --out $OUT   # about 6 minutes on one H200
 
 Steps, each recorded in DIR/gpu_check.json and printed as one table:
 
