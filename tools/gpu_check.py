@@ -10,7 +10,7 @@ Here, before any GPU time is spent (the last two also in CI, tests/test_gpu_chec
 On the GPU machine (torch there; `gpu_wheels/` is git-ignored and carried with
 the working tree, 64 MiB in all):
 
-    python tools/gpu_check.py --install gpu_wheels --out $OUT   # about 6 minutes on one H200
+    python tools/gpu_check.py --install gpu_wheels --out $OUT   # sized for ~6 min on one GPU; never run on one yet
 
 Steps, each recorded in DIR/gpu_check.json and printed as one table:
 
