@@ -47,8 +47,9 @@ from typing import Any, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "tools" / "gpu_wheels.txt"
-sys.path.insert(0, str(REPO))  # the working tree, installed or not
+sys.path.insert(0, str(REPO))  # the working tree, installed or not (and for child processes too)
 sys.path.insert(0, str(REPO / "tools"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 # max |a - b| / max(1, max |b|): fp32 through different kernels (TF32 off for the check), bf16 autocast
 TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2}
@@ -210,7 +211,7 @@ def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", command, *overrides,
                            f"config.CHECKPOINT.DIR={folder}"], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     record: Dict[str, Any] = {"returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
     if proc.returncode != 0:
         record["error"] = (proc.stdout + proc.stderr)[-2000:]
