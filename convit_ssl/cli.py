@@ -125,9 +125,9 @@ def _run(argv: List[str]) -> int:
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
-    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 10)")
+    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 12)")
     demo.add_argument("--probe-epochs", type=int, default=None,
-                      help="epochs of the linear probes and the fine-tune (default: 3)")
+                      help="epochs of the linear probes and the fine-tune (default: the configs', 5)")
     from convit_ssl.analyze import add_arguments as analyze_arguments
 
     analyze_arguments(sub.add_parser(
