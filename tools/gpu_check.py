@@ -47,9 +47,8 @@ from typing import Any, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "tools" / "gpu_wheels.txt"
-sys.path.insert(0, str(REPO))  # the working tree, installed or not (and for child processes too)
+sys.path.insert(0, str(REPO))  # the working tree, installed or not
 sys.path.insert(0, str(REPO / "tools"))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 # max |a - b| / max(1, max |b|): fp32 through different kernels (TF32 off for the check), bf16 autocast
 TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2}
@@ -287,6 +286,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--install", metavar="DIR", help="pip install the wheels of DIR (no index) first")
     parser.add_argument("--dry-run", action="store_true", help="with --install: resolve only, then stop")
     args = parser.parse_args(argv)
+    # child processes (VISSL runs, the CPU memory rows) import the working tree too
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     if args.download:
         download(Path(args.download))
         return 0
