@@ -51,3 +51,16 @@ def digits_filelists(digits, tmp_path_factory) -> Path:
         np.save(out / f"{name}_labels.npy", labels)
         np.save(out / f"{name}_voc_labels.npy", voc)
     return out
+
+
+@pytest.fixture(scope="module")
+def feature_model():
+    """A 3-block ConViT (2 GPSA + 1 MHSA) on a 4 x 6 grid, weights perturbed to look trained, eval mode."""
+    from convit_ssl.models import create_model
+    from helpers import perturb_
+
+    torch.manual_seed(0)
+    model = create_model("convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2,
+                         num_classes=5).eval()
+    perturb_(model, 1)
+    return model

@@ -517,15 +517,6 @@ def test_mhsa_matches_explicit_softmax_attention():
 
 
 # ---------------------------------------------------------------- 9. timm's interface
-@pytest.fixture(scope="module")
-def feature_model():
-    torch.manual_seed(0)
-    model = create_model("convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2,
-                         num_classes=5).eval()
-    perturb_(model, 1)
-    return model
-
-
 def test_forward_features_and_head(feature_model):
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -9,16 +9,7 @@ import torch
 
 from convit_ssl.models import create_model
 from convit_ssl.vissl.trunk import named_features
-from helpers import block_outputs, perturb_
-
-
-@pytest.fixture(scope="module")
-def feature_model():
-    torch.manual_seed(0)
-    model = create_model("convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2,
-                         num_classes=5).eval()
-    perturb_(model, 1)
-    return model
+from helpers import block_outputs
 
 
 def test_named_features_shapes_and_values(feature_model):
