@@ -7,6 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+# --no-compile: Python compiles only the modules it imports, when it first imports them,
+# not all of torch's and sympy's (about 60 s of the install on 2 cores).
+INSTALL := $(PIP) install --no-compile -c constraints.txt
 DEMO_OUT ?= demo_output
 
 .PHONY: install demo test clean
@@ -15,13 +18,13 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt setuptools wheel
-	$(PIP) install -c constraints.txt torch torchvision
+	$(INSTALL) setuptools wheel
+	$(INSTALL) torch torchvision
 	# VISSL 0.1.6 then ClassyVision 0.7.0 (which replaces the copy inside the VISSL wheel),
 	# without their 2021 pins; their modern needs are the package's `vissl` extra below.
-	$(PIP) install --no-deps -c constraints.txt vissl==0.1.6
-	$(PIP) install --no-deps -c constraints.txt classy_vision==0.7.0
-	$(PIP) install -c constraints.txt -e ".[vissl,analysis,test]"
+	$(INSTALL) --no-deps vissl==0.1.6
+	$(INSTALL) --no-deps classy_vision==0.7.0
+	$(INSTALL) -e ".[vissl,analysis,test]"
 	touch $(STAMP)
 
 demo: install

@@ -34,9 +34,9 @@ STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetun
 # the self-supervised stage: the method that learns most reliably at this scale (README, tools/ssl_quality.py)
 SSL_METHOD = "SimCLR"
 SSL_CONFIG = "pretrain/simclr/simclr_convit_demo_digits_32"
-# SimCLR at 12 of its config's 20 epochs (the demo's time budget). Probes and the
-# fine-tune keep their configs' 5 epochs: at 3 the probes of the SimCLR trunk fell
-# below those of the random one (measured 2026-12-01), which says nothing.
+# SimCLR at 12 of its config's 20 epochs (the demo's time budget). The probes keep
+# their config's 5 epochs: at 3 the probes of the SimCLR trunk fell below those of
+# the random one (measured 2026-12-01), which says nothing.
 SSL_EPOCHS = 12
 # the normalisation of configs/config/demo/convit_ssl/digits_*.yaml, for the analysis images
 DEMO_MEAN, DEMO_STD = (0.3, 0.3, 0.3), (0.4, 0.4, 0.4)
