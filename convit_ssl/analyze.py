@@ -129,6 +129,8 @@ def load_images(paths: Sequence[Path], image_size: int, in_chans: int = 3,
     from PIL import Image
     from torchvision import transforms as T
 
+    from convit_ssl.images import open_image
+
     modes = {3: "RGB", 1: "L"}
     if in_chans not in modes:
         raise ValueError(f"the model takes {in_chans}-channel images; image folders give 1 (L) or 3 (RGB)")
@@ -143,8 +145,7 @@ def load_images(paths: Sequence[Path], image_size: int, in_chans: int = 3,
     pixels = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                pixels.append(to_pixels(image.convert(modes[in_chans])))
+            pixels.append(to_pixels(open_image(path, modes[in_chans])))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
     display = torch.stack(pixels)

@@ -14,8 +14,9 @@ the analysis hook logged).
 With no data it exports scikit-learn's bundled handwritten digits to an image
 folder; with `--data DIR` (holding `train/<class>/*` and `val/<class>/*`) it
 runs on the user's own images. Each stage runs in its own process (VISSL
-initialises a process group per run), with its progress lines echoed and its
-full log in `<out>/<stage>/log.txt`.
+initialises a process group per run), two at a time as soon as the stages
+they start from have finished, with its progress lines echoed under its name
+and its full log in `<out>/<stage>/log.txt`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
 # the self-supervised stage: the method that learns most reliably at this scale (README, tools/ssl_quality.py)
@@ -86,27 +90,83 @@ def _format_meter(text: str) -> str:
     return ", ".join(f"{name} {value:.1f}%" for name, value in top1.items())
 
 
-def run_stage(name: str, overrides: Sequence[str], stage_dir: Path) -> float:
-    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process, its progress
-    lines echoed; returns the wall time. A failure raises with the last output lines."""
-    command = [sys.executable, "-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
-    print(f"\n== {name}: {' '.join(command[3:])}", flush=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+@dataclass
+class Stage:
+    name: str                           # its folder under the output folder, one of STAGES
+    title: str
+    overrides: Callable[[], List[str]]  # called when it starts, after the stages it needs
+    needs: Tuple[str, ...] = ()
+
+
+class _Echo:
+    """Progress lines of concurrent stages, one whole line at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self._lock:
+            print(line, flush=True)
+
+
+def run_stage(stage: Stage, stage_dir: Path, threads: int, echo: Callable[[str], None],
+              children: List[subprocess.Popen]) -> float:
+    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process with
+    `threads` intra-op threads, its progress lines echoed under the stage's
+    name; returns the wall time. A failure raises with the last output lines."""
+    command = [sys.executable, "-m", "convit_ssl.cli", "run", *stage.overrides(), f"config.CHECKPOINT.DIR={stage_dir}"]
+    echo(f"\n== {stage.title}: {' '.join(command[3:])}")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
     tail: List[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        children.append(proc)
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-40:]
             progress = _PROGRESS.search(line)
             meter = _METER.search(line)
             if progress:
-                print(f"   epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}", flush=True)
+                echo(f"   [{stage.name}] epoch {int(progress.group(1)) + 1} iter {progress.group(2)} "
+                     f"loss {progress.group(3)}")
             elif meter:
-                print(f"   {'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}", flush=True)
+                echo(f"   [{stage.name}] {'val' if meter.group(1) == 'test' else 'train'} top-1: "
+                     f"{_format_meter(meter.group(2))}")
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {name!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+        raise RuntimeError(f"stage {stage.name!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
     return time.time() - start
+
+
+def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2) -> Dict[str, float]:
+    """Run `stages`, `slots` at a time, each as soon as the stages it needs have
+    finished, in list order; each child gets cpu_count / slots threads (on 2
+    cores, two 1-thread runs side by side do 1.4x the work of one 2-thread run:
+    measured 0.50 s and 0.35 s per step of the demo model). Returns each wall time.
+    A failed stage stops the others and raises."""
+    threads = max(1, (os.cpu_count() or 1) // slots)
+    echo, children = _Echo(), []
+    times: Dict[str, float] = {}
+    pending = list(stages)
+    with ThreadPoolExecutor(slots) as pool:
+        running: Dict[Future, Stage] = {}
+        while pending or running:
+            for stage in [s for s in pending if all(n in times for n in s.needs)][:slots - len(running)]:
+                pending.remove(stage)
+                running[pool.submit(run_stage, stage, out / stage.name, threads, echo, children)] = stage
+            if not running:
+                raise ValueError(f"stages {[s.name for s in pending]} need stages that are not listed")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage = running.pop(future)
+                try:
+                    times[stage.name] = future.result()
+                except BaseException:
+                    for child in children:
+                        if child.poll() is None:
+                            child.kill()
+                    raise
+    return times
 
 
 def _claim_output(out: Path, train: Path, val: Path) -> None:
@@ -187,26 +247,25 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     if classes != 10:
         linear += [f"config.MODEL.HEAD.PARAMS=[[eval_mlp,{{in_channels:96,dims:[96,{classes}]}}],"
                    f"[eval_mlp,{{in_channels:192,dims:[192,{classes}]}}]]"]
-    times: Dict[str, float] = {}
-
     supervised = ["config=demo/convit_ssl/digits_supervised", *common,
                   *([f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else [])]
     supervised += _knn_overrides(train, val, _epochs(supervised))
-    times["supervised"] = run_stage("supervised", supervised, out / "supervised")
     ssl = [f"config={SSL_CONFIG}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
            f"config.OPTIMIZER.num_epochs={ssl_epochs or SSL_EPOCHS}"]
     ssl += _knn_overrides(train, val, _epochs(ssl))
-    times["ssl"] = run_stage(f"self-supervised ({SSL_METHOD})", ssl, out / "ssl")
-    checkpoints = {"supervised": final_checkpoint(out / "supervised"), "ssl": final_checkpoint(out / "ssl")}
-    times["linear"] = run_stage("linear", [*linear, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['supervised']}"],
-                                out / "linear")
-    times["linear_ssl"] = run_stage(f"linear ({SSL_METHOD} trunk)",
-                                    [*linear, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['ssl']}"],
-                                    out / "linear_ssl")
-    times["linear_random"] = run_stage("linear (random trunk)", linear, out / "linear_random")
-    times["finetune"] = run_stage("finetune", ["config=demo/convit_ssl/digits_finetune", *common, *probe,
-                                               f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={checkpoints['supervised']}"],
-                                  out / "finetune")
+
+    def from_checkpoint(stage: str, overrides: List[str]) -> Callable[[], List[str]]:
+        return lambda: [*overrides, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final_checkpoint(out / stage)}"]
+
+    finetune = ["config=demo/convit_ssl/digits_finetune", *common, *probe]
+    times = run_stages([  # the longest first
+        Stage("ssl", f"self-supervised ({SSL_METHOD})", lambda: ssl),
+        Stage("supervised", "supervised", lambda: supervised),
+        Stage("linear_random", "linear (random trunk)", lambda: linear),
+        Stage("linear", "linear", from_checkpoint("supervised", linear), needs=("supervised",)),
+        Stage("finetune", "finetune", from_checkpoint("supervised", finetune), needs=("supervised",)),
+        Stage("linear_ssl", f"linear ({SSL_METHOD} trunk)", from_checkpoint("ssl", linear), needs=("ssl",)),
+    ], out)
 
     summary: Dict[str, dict] = {name: {"seconds": round(times[name], 1), **final_accuracies(out / name)}
                                 for name in STAGES if name != "ssl"}
@@ -214,7 +273,7 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     random_knn, supervised_knn = _knn_ends(out / "supervised")
     _, ssl_knn = _knn_ends(out / "ssl")
     summary["knn"] = {"random_init": random_knn, "ssl": ssl_knn, "supervised": supervised_knn}
-    figures = _analyse(checkpoints["supervised"], val, out)
+    figures = _analyse(final_checkpoint(out / "supervised"), val, out)
     _print_summary(summary, classes, out, figures)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -114,3 +114,44 @@ def vissl_builtin_trunk(width: int, heads: int, qkv_bias: bool, mlp_dim: int, se
                 # get different weights, so only their sum / L is meaningful
                 p.add_(torch.randn(p.shape, generator=gen))
     return trunk.eval()
+
+
+def _kmeans_rank(rank: int, world: int, port: int, memory: torch.Tensor, clusters: int, out: Path) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from convit_ssl.vissl import patches
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    share = len(memory) // world
+    loss = SimpleNamespace(
+        local_memory_embeddings=memory[rank * share:(rank + 1) * share].unsqueeze(0).clone(),
+        local_memory_index=torch.arange(rank * share, (rank + 1) * share),
+        num_clusters=[clusters], embedding_dim=memory.shape[1], nmb_kmeans_iters=10, nmb_mbs=1,
+        assignments=-100 * torch.ones(1, len(memory), dtype=torch.long), centroids0=torch.zeros(clusters, memory.shape[1]),
+    )
+    # rank 0 starts from its first `clusters` embeddings, whatever the world size
+    randperm = torch.randperm
+    torch.randperm = lambda n, *args, **kwargs: torch.arange(n)
+    try:
+        patches._cluster_memory(loss)
+    finally:
+        torch.randperm = randperm
+    if rank == 0:
+        torch.save({"assignments": loss.assignments[0], "centroids": loss.centroids0}, out)
+    dist.destroy_process_group()
+
+
+def kmeans_on_ranks(memory: torch.Tensor, clusters: int, world: int, out: Path) -> Dict[str, torch.Tensor]:
+    """DeepCluster-v2's distributed k-means (patches._cluster_memory) on `world`
+    gloo processes, each holding a consecutive share of `memory`; rank 0's result."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_kmeans_rank, args=(world, port, memory, clusters, out), nprocs=world)
+    return torch.load(out)

@@ -38,3 +38,44 @@ def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     analysis = json.loads((out / "analysis" / "analysis.json").read_text())
     assert len(analysis["images"]) == 32 and analysis["training_log"]["records"] == 1
     assert "figures of the supervised model" in proc.stdout
+
+
+def test_stages_run_two_at_a_time_after_what_they_need(monkeypatch, tmp_path):
+    """The demo's scheduler: list order, at most two at once, a stage only after
+    the stages it needs; a failing stage raises."""
+    import threading
+    import time
+
+    from convit_ssl import demo
+
+    events, lock, running = [], threading.Lock(), set()
+    durations = {"long": 0.3, "short": 0.05, "after_short": 0.05, "after_long": 0.05}
+
+    def fake_run(stage, stage_dir, threads, echo, children):
+        with lock:
+            running.add(stage.name)
+            events.append(("start", stage.name, frozenset(running)))
+        time.sleep(durations[stage.name])
+        with lock:
+            running.discard(stage.name)
+            events.append(("end", stage.name))
+        if stage.name == "after_long" and stage.overrides() == ["fail"]:
+            raise RuntimeError("stage 'after_long' failed")
+        return durations[stage.name]
+
+    monkeypatch.setattr(demo, "run_stage", fake_run)
+    stages = [demo.Stage("long", "", lambda: []), demo.Stage("short", "", lambda: []),
+              demo.Stage("after_long", "", lambda: [], needs=("long",)),
+              demo.Stage("after_short", "", lambda: [], needs=("short",))]
+    times = demo.run_stages(stages, tmp_path)
+    assert times == durations
+    starts = [e for e in events if e[0] == "start"]
+    assert [e[1] for e in starts] == ["long", "short", "after_short", "after_long"]
+    assert max(len(e[2]) for e in starts) == 2
+    order = [e[:2] for e in events]
+    assert order.index(("end", "short")) < order.index(("start", "after_short"))
+    assert order.index(("end", "long")) < order.index(("start", "after_long"))
+
+    stages[2] = demo.Stage("after_long", "", lambda: ["fail"], needs=("long",))
+    with pytest.raises(RuntimeError, match="stage 'after_long' failed"):
+        demo.run_stages(stages, tmp_path)

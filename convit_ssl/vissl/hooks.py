@@ -1,6 +1,7 @@
-"""The hooks of a convit_ssl VISSL run: VISSL's defaults plus convit_ssl's
-analysis (`analysis_hook`) and online kNN (`knn_hook`) monitors when their
-config blocks switch them on."""
+"""The hooks of a convit_ssl VISSL run: VISSL's defaults, the count of
+unreadable images (`unreadable_hook`, always), and convit_ssl's analysis
+(`analysis_hook`) and online kNN (`knn_hook`) monitors when their config
+blocks switch them on."""
 
 from __future__ import annotations
 
@@ -19,17 +20,19 @@ def validate_hook_configs(config: Any) -> None:
 
 
 def hook_generator(cfg: Any) -> List[ClassyHook]:
-    """VISSL's `default_hook_generator`, plus `ConViTAnalysisHook` and
-    `ConViTKnnHook` when switched on: placed before VISSL's checkpoint hook (so
-    that their records precede each checkpoint), writing to the TensorBoard
-    writer of VISSL's tensorboard hook, if any. Runs in every rank (a
+    """VISSL's `default_hook_generator`, plus `UnreadableImagesHook`, and
+    `ConViTAnalysisHook` and `ConViTKnnHook` when switched on: placed before
+    VISSL's checkpoint hook (so that their records precede each checkpoint),
+    writing to the TensorBoard writer of VISSL's tensorboard hook, if any. Runs in every rank (a
     module-level function, so spawn can pickle it)."""
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
     from convit_ssl.vissl import analysis_hook, knn_hook
+    from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
 
     hooks = default_hook_generator(cfg)
     tb_writer = next((h.tb_writer for h in hooks if isinstance(h, SSLTensorboardHook)), None)
-    ours = [hook for hook in (analysis_hook.build_hook(cfg, tb_writer), knn_hook.build_hook(cfg, tb_writer)) if hook]
+    monitors = (analysis_hook.build_hook(cfg, tb_writer), knn_hook.build_hook(cfg, tb_writer))
+    ours = [UnreadableImagesHook(), *(hook for hook in monitors if hook)]
     position = next((i for i, h in enumerate(hooks) if isinstance(h, LogLossMetricsCheckpointHook)), len(hooks))
     return hooks[:position] + ours + hooks[position:]

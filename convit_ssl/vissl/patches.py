@@ -33,6 +33,7 @@ from typing import Any, Callable, List, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torchvision.datasets import ImageFolder
 
 _APPLIED: List[str] = []
 
@@ -265,6 +266,86 @@ def patch_deepclusterv2_device() -> bool:
     return True
 
 
+def patch_moco_queue() -> bool:
+    """Upstream `MoCoLoss.forward`, after every rank takes rank 0's initial queue."""
+    from vissl.losses.moco_loss import MoCoLoss
+
+    if getattr(MoCoLoss.forward, "convit_ssl_patch", False):
+        return False
+    upstream = MoCoLoss.forward
+
+    @functools.wraps(upstream)
+    def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.initialized:
+            self.queue = self.queue.to(query.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(self.queue, src=0)
+        return upstream(self, query, *args, **kwargs)
+
+    forward.convit_ssl_patch = True
+    MoCoLoss.forward = forward
+    return True
+
+
+class _EightBitPIL(types.ModuleType):
+    """PIL.Image for vissl.data.disk_dataset, whose `open` returns the image as
+    8-bit RGB already (its caller's `.convert("RGB")` is then a copy)."""
+
+    def __init__(self) -> None:
+        super().__init__("PIL.Image")
+
+    def __getattr__(self, name: str) -> Any:
+        from PIL import Image
+
+        return getattr(Image, name)
+
+    @staticmethod
+    def open(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        from convit_ssl.images import open_image
+
+        return open_image(fp)
+
+
+class EightBitImageFolder(ImageFolder):
+    """torchvision's ImageFolder reading every image through `open_image`
+    (module level: dataloader workers unpickle the dataset)."""
+
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        from convit_ssl.images import open_image
+
+        super().__init__(root, loader=open_image, **kwargs)
+
+
+def patch_wide_images() -> bool:
+    from vissl.data import disk_dataset
+
+    if isinstance(disk_dataset.Image, _EightBitPIL):
+        return False
+    disk_dataset.ImageFolder = EightBitImageFolder
+    disk_dataset.Image = _EightBitPIL()
+    return True
+
+
+def patch_warmup_start() -> bool:
+    """Upstream `resolve_linear_schedule`, skipped for a schedule whose
+    ``auto_lr_scaling.keep_warmup_start`` is true."""
+    from vissl.utils import hydra_config
+
+    if getattr(hydra_config.resolve_linear_schedule, "convit_ssl_patch", False):
+        return False
+    upstream = hydra_config.resolve_linear_schedule
+
+    @functools.wraps(upstream)
+    def resolve_linear_schedule(cfg: Any, param_schedulers: Any) -> Any:
+        if param_schedulers.get("auto_lr_scaling", {}).get("keep_warmup_start", False):
+            return param_schedulers  # every value already scaled by get_scaled_lr_scheduler
+        return upstream(cfg, param_schedulers)
+
+    resolve_linear_schedule.convit_ssl_patch = True
+    hydra_config.resolve_linear_schedule = resolve_linear_schedule
+    return True
+
+
 def _extract(self, output_folder: str) -> None:
     """Upstream `SelfSupervisionTrainer.extract` on the task's device (GPU or CPU)."""
     from classy_vision.generic.distributed_util import is_primary
@@ -420,6 +501,24 @@ PATCHES: Tuple[Patch, ...] = (
           "vissl/losses/deepclusterv2_loss.py:118,123,156,179,180",
           "the memory bank and k-means call .cuda(); every tensor goes on the loss's device instead",
           patch_deepclusterv2_device),
+    Patch("warm-up start kept on request", "vissl.utils.hydra_config.resolve_linear_schedule",
+          "vissl/utils/hydra_config.py:144-184,240-245",
+          "with auto_lr_scaling, VISSL replaces a linear warm-up's start by the lr of one node's batch and drops "
+          "the warm-up on one node, so the schedule depends on how the GPUs are split into nodes; a schedule with "
+          "auto_lr_scaling.keep_warmup_start: True keeps its configured start (the DeiT recipe's 1e-6)",
+          patch_warmup_start),
+    Patch("MoCo queue shared by every rank", "vissl.losses.moco_loss.MoCoLoss.forward",
+          "vissl/losses/moco_loss.py:52-56,88",
+          "each rank filled its initial queue with its own random numbers (VISSL seeds each rank differently), "
+          "though the code keeps one queue duplicated on all ranks; rank 0's is broadcast at the first step, so "
+          "N processes train as 1",
+          patch_moco_queue),
+    Patch("8-bit images from 16-bit files", "vissl.data.disk_dataset.ImageFolder, .Image (the module's names)",
+          "vissl/data/disk_dataset.py:79,148",
+          "PIL's convert('RGB') clips 16-bit and 32-bit integer images to 255 (a 16-bit scan turns almost all "
+          "white); disk_folder and disk_filelist images are read through convit_ssl.images.open_image, which "
+          "scales them to 8 bits first",
+          patch_wide_images),
     Patch("feature extraction on the task's device",
           "vissl.trainer.trainer_main.SelfSupervisionTrainer.extract, ._extract_split_features",
           "vissl/trainer/trainer_main.py:345,433",

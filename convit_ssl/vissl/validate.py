@@ -4,7 +4,7 @@ missing dataset fails at once with a message naming it."""
 from __future__ import annotations
 
 import os
-from typing import Any, List
+from typing import Any, Dict, List
 
 from convit_ssl.files import is_image
 from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
@@ -19,49 +19,70 @@ def used_splits(config: Any) -> List[str]:
     return splits
 
 
-def _check_image_folder(path: str, where: str) -> None:
+def _folder_classes(path: str, where: str) -> List[str]:
+    """The class names of an image folder (path/<class>/<image>); every class
+    folder must hold an image (torchvision's ImageFolder, which VISSL uses, fails
+    inside each rank otherwise)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{where}: data folder {path!r} does not exist")
     classes = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
     if not classes:
         raise FileNotFoundError(f"{where}: {path!r} has no class sub-folders (expected {path}/<class>/<image>)")
-    for name in classes:
-        folder = os.path.join(path, name)
-        if any(is_image(f) for f in os.listdir(folder)):
-            return
-    raise FileNotFoundError(f"{where}: no images in the class folders of {path!r}")
+    empty = [name for name in classes if not _holds_an_image(os.path.join(path, name))]
+    if len(empty) == len(classes):
+        raise FileNotFoundError(f"{where}: no images in the class folders of {path!r}")
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise FileNotFoundError(
+            f"{where}: {len(empty)} of {len(classes)} class folders of {path!r} hold no image ({shown}); "
+            "add images or remove the folders"
+        )
+    return classes
 
 
-def validate_data(config: Any) -> None:
-    """Every dataset a run reads resolves to existing data."""
+def _holds_an_image(folder: str) -> bool:
+    with os.scandir(folder) as entries:  # stops at the first image: cheap for ImageNet's folders
+        return any(is_image(entry.name) for entry in entries)
+
+
+def _filelist_classes(path: str) -> int:
+    """The number of classes of a disk_filelist label file: N ints (max + 1) or N x C (C)."""
+    import numpy as np
+
+    labels = np.load(path, mmap_mode="r", allow_pickle=False)
+    return int(labels.shape[1]) if labels.ndim == 2 else int(labels.max()) + 1
+
+
+def _resolve(block: Any, split: str, key: str, i: int, name: str, where: str) -> str:
+    """Path `i` of DATA_PATHS / LABEL_PATHS, or the dataset catalog's for `name`."""
     from vissl.data.dataset_catalog import VisslDatasetCatalog
 
+    paths, sources = block[f"{key}_PATHS"], block[f"{key}_SOURCES"]
+    if paths:
+        if len(paths) != len(sources):
+            raise ValueError(
+                f"config.DATA.{split}: {len(sources)} {key}_SOURCES but {len(paths)} {key}_PATHS; "
+                "give one path per source"
+            )
+        return paths[i]
+    if VisslDatasetCatalog.has_data(name):
+        return VisslDatasetCatalog.get(name)["train" if split == "TRAIN" else "val"][0 if key == "DATA" else 1]
+    raise FileNotFoundError(
+        f"{where}: no path given and the name is not in the dataset catalog; set "
+        f"config.DATA.{split}.DATA_PATHS=[<folder>] (and LABEL_PATHS for disk_folder labels) "
+        "or point VISSL_DATASET_CATALOG_PATH at a catalog that defines it"
+    )
+
+
+def validate_data(config: Any) -> Dict[str, Any]:
+    """Every dataset a run reads resolves to existing data; image folders hold
+    images in every class folder. Returns each split's classes where its labels
+    say (a list of names for disk_folder, a count for disk_filelist)."""
+    from vissl.data.dataset_catalog import VisslDatasetCatalog
+
+    classes: Dict[str, Any] = {}
     for split in used_splits(config):
         block = config.DATA[split]
-        for i, source in enumerate(block.DATA_SOURCES):
-            if source == "synthetic":
-                continue
-            name = block.DATASET_NAMES[i] if i < len(block.DATASET_NAMES) else f"#{i}"
-            where = f"config.DATA.{split} dataset {name!r} ({source})"
-            if block.DATA_PATHS:
-                if len(block.DATA_PATHS) != len(block.DATA_SOURCES):
-                    raise ValueError(
-                        f"config.DATA.{split}: {len(block.DATA_SOURCES)} DATA_SOURCES but "
-                        f"{len(block.DATA_PATHS)} DATA_PATHS; give one path per source"
-                    )
-                path = block.DATA_PATHS[i]
-            elif VisslDatasetCatalog.has_data(name):
-                path = VisslDatasetCatalog.get(name)["train" if split == "TRAIN" else "val"][0]
-            else:
-                raise FileNotFoundError(
-                    f"{where}: no path given and the name is not in the dataset catalog; set "
-                    f"config.DATA.{split}.DATA_PATHS=[<folder>] (and LABEL_PATHS for disk_folder labels) "
-                    "or point VISSL_DATASET_CATALOG_PATH at a catalog that defines it"
-                )
-            if source == "disk_folder":
-                _check_image_folder(path, where)
-            elif not os.path.exists(path):
-                raise FileNotFoundError(f"{where}: {path!r} does not exist")
         if block.DATA_PATHS and not block.LABEL_PATHS:
             # VISSL looks labels up in the catalog whenever LABEL_PATHS is empty (even
             # for methods that read none) and fails inside the rank if the name is absent.
@@ -72,6 +93,82 @@ def validate_data(config: Any) -> None:
                     f"config.DATA.{split}: DATA_PATHS is set but LABEL_PATHS is empty and {absent} is not in the "
                     f"dataset catalog; set config.DATA.{split}.LABEL_PATHS to the same folder(s) as DATA_PATHS"
                 )
+        for i, source in enumerate(block.DATA_SOURCES):
+            if source == "synthetic":
+                continue
+            name = block.DATASET_NAMES[i] if i < len(block.DATASET_NAMES) else f"#{i}"
+            where = f"config.DATA.{split} dataset {name!r} ({source})"
+            path = _resolve(block, split, "DATA", i, name, where)
+            if source == "disk_folder":
+                _folder_classes(path, where)
+            elif not os.path.exists(path):
+                raise FileNotFoundError(f"{where}: {path!r} does not exist")
+        for i, source in enumerate(block.LABEL_SOURCES):
+            if source not in ("disk_folder", "disk_filelist") or not (block.LABEL_PATHS or block.DATA_PATHS):
+                continue
+            name = block.DATASET_NAMES[i] if i < len(block.DATASET_NAMES) else f"#{i}"
+            where = f"config.DATA.{split} labels of {name!r} ({source})"
+            path = _resolve(block, split, "LABEL", i, name, where)
+            if source == "disk_folder":
+                found = _folder_classes(path, where)
+            elif not os.path.exists(path):
+                raise FileNotFoundError(f"{where}: label file {path!r} does not exist")
+            else:
+                found = _filelist_classes(path)
+            if i == 0:
+                classes[split] = found
+    if isinstance(classes.get("TRAIN"), list) and isinstance(classes.get("TEST"), list):
+        _check_same_classes(classes["TRAIN"], classes["TEST"])
+    return classes
+
+
+def _check_same_classes(train: List[str], test: List[str]) -> None:
+    """ImageFolder numbers classes by sorted name: different sets shift every label."""
+    if train == test:
+        return
+    missing, extra = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+    parts = ([f"missing in TEST: {', '.join(missing[:5])}"] if missing else []) + \
+            ([f"only in TEST: {', '.join(extra[:5])}"] if extra else [])
+    raise ValueError(
+        f"config.DATA.TRAIN and config.DATA.TEST have different class folders ({len(train)} and {len(test)}; "
+        f"{'; '.join(parts)}): labels are the sorted folder names' positions, so every label after the "
+        "first difference would be wrong"
+    )
+
+
+# Losses whose targets are class indices that the head's outputs must cover.
+CLASSIFICATION_LOSSES = ("cross_entropy_multiple_output_single_target",)
+
+
+def validate_head_classes(config: Any, classes: Dict[str, Any]) -> None:
+    """A classifier head (mlp / eval_mlp) and the mixup collator have one output
+    per class of the training labels."""
+    found = classes.get("TRAIN")
+    if found is None or config.LOSS.name not in CLASSIFICATION_LOSSES:
+        return
+    count = len(found) if isinstance(found, list) else found
+    heads = list(config.MODEL.HEAD.PARAMS)
+    settings = config.MODEL.FEATURE_EVAL_SETTINGS
+    if settings.EVAL_MODE_ON and settings.LINEAR_EVAL_FEAT_POOL_OPS_MAP:
+        outputs = range(len(heads))       # linear evaluation: one classifier per feature
+    else:
+        outputs = range(len(heads))[-1:]  # a chain of heads that ends in the classifier
+    for i in outputs:
+        name, params = heads[i][0], heads[i][1] if len(heads[i]) > 1 else {}
+        dims = params.get("dims") if name in ("mlp", "eval_mlp") else None
+        if dims and dims[-1] != count:
+            raise ValueError(
+                f"config.MODEL.HEAD.PARAMS[{i}] ({name}) has {dims[-1]} outputs but the training labels have "
+                f"{count} classes; set its dims to end in {count}"
+            )
+    train = config.DATA.TRAIN
+    if train.COLLATE_FUNCTION == "cutmixup_collator":
+        declared = train.COLLATE_FUNCTION_PARAMS.get("num_classes")
+        if declared != count:
+            raise ValueError(
+                f"config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.num_classes is {declared} but the training labels have "
+                f"{count} classes"
+            )
 
 
 def validate_task(config: Any) -> None:
@@ -120,4 +217,4 @@ def validate(config: Any) -> None:
                 parse_feature_names(names, trunk.depth)
             except ValueError as e:
                 raise ValueError(f"config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP: {e}") from e
-    validate_data(config)
+    validate_head_classes(config, validate_data(config))

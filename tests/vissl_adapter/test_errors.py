@@ -125,3 +125,86 @@ def test_data_paths_without_label_paths(digits):
                          f"config.DATA.TRAIN.DATA_PATHS=[{train}]"])
     with pytest.raises(ValueError, match=r"LABEL_PATHS is empty and \['folder_train'\] is not in the dataset catalog"):
         validate(config)
+
+
+# ----------------------------------------------------------------------------
+# Data that would break a rank, refused before anything is spawned.
+# ----------------------------------------------------------------------------
+
+FOLDER = "config=test/convit_ssl/supervised_micro_folder"
+
+
+def _copy_digits(digits, root, classes=None, split_classes=None):
+    """root/{train,val}/<class>/ with the digits' images (a few per class)."""
+    import shutil
+
+    for split in ("train", "val"):
+        for folder in sorted((digits / split).iterdir()):
+            names = (split_classes or {}).get(split, classes)
+            if names is not None and folder.name not in names:
+                continue
+            target = root / split / folder.name
+            target.mkdir(parents=True)
+            for image in sorted(folder.glob("*.png"))[:3]:
+                shutil.copy(image, target / image.name)
+    return root
+
+
+def test_empty_class_folder_among_full_ones(digits, tmp_path):
+    root = _copy_digits(digits, tmp_path)
+    for image in (root / "train" / "3").iterdir():
+        image.unlink()
+    (root / "train" / "3" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"1 of 10 class folders of .*train.* hold no image \(3\)"):
+        _check_folder(root)
+
+
+def test_train_and_val_with_different_classes(digits, tmp_path):
+    root = _copy_digits(digits, tmp_path, split_classes={"train": [str(i) for i in range(10)],
+                                                           "val": [str(i) for i in range(1, 10)] + ["x"]})
+    (root / "val" / "x").mkdir()
+    import shutil
+
+    shutil.copy(next((root / "val" / "1").iterdir()), root / "val" / "x" / "a.png")
+    with pytest.raises(ValueError, match=r"different class folders \(10 and 10; missing in TEST: 0; only in TEST: x\)"):
+        _check_folder(root)
+
+
+def test_head_outputs_differ_from_the_classes(digits, tmp_path):
+    root = _copy_digits(digits, tmp_path, classes=[str(i) for i in range(7)])
+    with pytest.raises(ValueError, match=r"HEAD.PARAMS\[0\] \(mlp\) has 10 outputs but the training labels have 7 classes"):
+        _check_folder(root)
+    _check_folder(root, "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[48,7]}]]")
+
+
+def test_mixup_classes_differ_from_the_labels(digits):
+    from helpers import folder_overrides as folders
+
+    _, config = compose(["config=test/convit_ssl/recipe/supervised_recipe_micro_folder", *folders(digits),
+                         "config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.num_classes=1000"])
+    with pytest.raises(ValueError, match=r"COLLATE_FUNCTION_PARAMS.num_classes is 1000 but the training labels have 10"):
+        validate(config)
+
+
+def test_paths_and_sources_counts_differ(digits):
+    with pytest.raises(ValueError, match=r"1 DATA_SOURCES but 2 DATA_PATHS; give one path per source"):
+        _check_folder(digits, f"config.DATA.TRAIN.DATA_PATHS=[{digits / 'train'},{digits / 'train'}]")
+    with pytest.raises(ValueError, match=r"1 LABEL_SOURCES but 2 LABEL_PATHS"):
+        _check_folder(digits, f"config.DATA.TRAIN.LABEL_PATHS=[{digits / 'train'},{digits / 'train'}]")
+
+
+def test_missing_filelist(digits_filelists, tmp_path):
+    from helpers import filelist_overrides
+
+    base = ["config=test/convit_ssl/benchmark/linear_eval_micro_folder_in1k"]
+    _, config = compose([*base, *filelist_overrides(digits_filelists, "labels"),
+                         "config.DATA.TRAIN.DATA_SOURCES=[disk_filelist]", "config.DATA.TRAIN.LABEL_SOURCES=[disk_filelist]",
+                         "config.DATA.TEST.DATA_SOURCES=[disk_filelist]", "config.DATA.TEST.LABEL_SOURCES=[disk_filelist]",
+                         f"config.DATA.TRAIN.LABEL_PATHS=[{tmp_path / 'missing_labels.npy'}]"])
+    with pytest.raises(FileNotFoundError, match=r"labels of .* \(disk_filelist\): label file .*missing_labels.npy.* does not exist"):
+        validate(config)
+
+
+def _check_folder(root, *overrides):
+    _, config = compose([FOLDER, *folder_overrides(root), *overrides])
+    validate(config)

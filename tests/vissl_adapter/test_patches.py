@@ -21,6 +21,7 @@ from convit_ssl.vissl import patches
 
 VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",
                  "DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
+                 "warm-up start kept on request", "MoCo queue shared by every rank", "8-bit images from 16-bit files",
                  "feature extraction on the task's device", "SVM average precision as a scalar"]
 
 
@@ -165,3 +166,49 @@ def test_importing_the_vissl_package_sets_vissl_up():
             "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n")
     lines = _fresh(code).stdout.strip().splitlines()
     assert set(VISSL_PATCHES) <= set(eval(lines[-2])) and lines[-1] == "True True"
+
+
+def _odd_images(folder):
+    """RGBA, palette, 16-bit and 8-bit greyscale PNGs of one gradient, and its 8-bit RGB reference."""
+    from PIL import Image
+
+    gradient = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # 32 x 32, 0..248
+    rgb = np.stack([gradient, gradient[::-1], np.full_like(gradient, 100)], axis=-1)
+    folder.mkdir(parents=True)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full_like(gradient, 7)])).save(folder / "rgba.png")
+    Image.fromarray(rgb).quantize(256, dither=Image.Dither.NONE).save(folder / "palette.png")
+    Image.fromarray(gradient.astype(np.uint16) * 257).save(folder / "grey16.png")  # 0..63736, I;16
+    Image.fromarray(gradient).save(folder / "grey8.png")
+    return rgb, gradient
+
+
+@pytest.mark.parametrize("source", ["disk_folder", "disk_filelist"])
+def test_vissl_reads_rgba_palette_and_16_bit_images_as_8_bit_rgb(source, tmp_path):
+    """Through VISSL's own dataset: alpha dropped, the palette expanded, and a
+    16-bit image scaled to 8 bits (PIL's convert('RGB') clips it to white)."""
+    from PIL import Image
+    from vissl.data.disk_dataset import DiskImageDataset
+
+    from convit_ssl.vissl.configs import compose
+
+    rgb, gradient = _odd_images(tmp_path / "images" / "odd")
+    _, cfg = compose(["config=test/convit_ssl/supervised_micro_folder"])
+    if source == "disk_folder":
+        path = str(tmp_path / "images")
+    else:
+        path = str(tmp_path / "images.npy")
+        np.save(path, np.array(sorted(str(p) for p in (tmp_path / "images" / "odd").iterdir())))
+    dataset = DiskImageDataset(cfg, source, path, "TRAIN", "odd")
+    images = {}
+    for i in range(len(dataset)):
+        image, valid = dataset[i]
+        assert valid and image.mode == "RGB"
+        images[len(images)] = np.asarray(image)
+    by_name = dict(zip(["grey16", "grey8", "palette", "rgb", "rgba"], images.values()))  # sorted file names
+    assert np.array_equal(by_name["rgb"], rgb) and np.array_equal(by_name["rgba"], rgb)
+    assert np.abs(by_name["palette"].astype(int) - rgb).max() <= 8  # quantised to 256 colours
+    grey = np.repeat(gradient[..., None], 3, axis=-1)
+    assert np.array_equal(by_name["grey8"], grey)
+    assert np.array_equal(by_name["grey16"], grey)  # (v * 257) >> 8 == v
+    assert Image.open(tmp_path / "images" / "odd" / "grey16.png").mode == "I;16"

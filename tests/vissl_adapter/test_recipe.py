@@ -122,6 +122,34 @@ def test_recipe_weight_decay_groups():
     assert decay[id(names["trunk.blocks.0.attn.pos_proj.weight"])] == 0.05
 
 
+# ------------------------------------------------------------ lr schedule
+def _lr_schedule(recipe, nodes, procs):
+    _, config = compose([f"config={recipe}", f"config.DISTRIBUTED.NUM_NODES={nodes}",
+                         f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}"])
+    return config.OPTIMIZER.param_schedulers.lr
+
+
+def test_recipe_warms_up_from_1e6_however_the_gpus_are_split():
+    """The DeiT recipe: 5 epochs of warm-up from 1e-6 to 5e-4 x batch / 512, then
+    cosine, for 2 nodes x 8, 1 node x 16 and 1 node x 8 GPUs alike (VISSL alone
+    starts the warm-up at one node's lr: 5e-4 for 2 x 8, and drops it on one node)."""
+    recipe = "pretrain/supervised/supervised_convit_tiny_in1k_224_300ep"
+    schedules = {split: _lr_schedule(recipe, *split) for split in ((2, 8), (1, 16), (1, 8))}
+    for (nodes, procs), lr in schedules.items():
+        warmup, cosine = lr["schedulers"]
+        peak = 0.0005 * nodes * procs * 64 / 512
+        assert lr["name"] == "composite" and warmup["name"] == "linear" and cosine["name"] == "cosine"
+        assert warmup["start_value"] == pytest.approx(1e-6) and warmup["end_value"] == pytest.approx(peak)
+        assert cosine["start_value"] == pytest.approx(peak)
+    assert schedules[(2, 8)] == schedules[(1, 16)]
+
+
+def test_vissl_warmup_rule_stays_for_other_schedules():
+    """Without keep_warmup_start (the self-supervised recipes, which say so), VISSL's rule applies."""
+    lr = _lr_schedule("pretrain/simclr/simclr_convit_small_in1k_224_300ep", 2, 8)
+    assert lr["schedulers"][0]["start_value"] == pytest.approx(0.0005 * 8 * 64 / 512)  # one node's lr, not the 0.0 written
+
+
 # ------------------------------------------------------------ engine twins
 def test_recipe_twin_runs(digits, tmp_path):
     proc = run_engine([RECIPE_TWIN, *folder_overrides(digits), f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"], cwd=tmp_path)
