@@ -109,32 +109,35 @@ class _Echo:
             print(line, flush=True)
 
 
-def run_stage(stage: Stage, stage_dir: Path, threads: int, echo: Callable[[str], None],
-              children: List[subprocess.Popen]) -> float:
-    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process with
-    `threads` intra-op threads, its progress lines echoed under the stage's
-    name; returns the wall time. A failure raises with the last output lines."""
-    command = [sys.executable, "-m", "convit_ssl.cli", "run", *stage.overrides(), f"config.CHECKPOINT.DIR={stage_dir}"]
-    echo(f"\n== {stage.title}: {' '.join(command[3:])}")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: str = "",
+              threads: Optional[int] = None, echo: Callable[[str], None] = print,
+              children: Optional[List[subprocess.Popen]] = None) -> float:
+    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process (with
+    `threads` intra-op threads if given), its progress lines echoed (under
+    `[label]` if given); returns the wall time. A failure raises with the last
+    output lines. `children` collects the process, so that it can be stopped."""
+    command = [sys.executable, "-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
+    echo(f"\n== {title}: {' '.join(command[3:])}")
+    prefix = f"[{label}] " if label else ""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
     tail: List[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        children.append(proc)
+        if children is not None:
+            children.append(proc)
         assert proc.stdout is not None
         for line in proc.stdout:
             tail = (tail + [line.rstrip()])[-40:]
             progress = _PROGRESS.search(line)
             meter = _METER.search(line)
             if progress:
-                echo(f"   [{stage.name}] epoch {int(progress.group(1)) + 1} iter {progress.group(2)} "
-                     f"loss {progress.group(3)}")
+                echo(f"   {prefix}epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}")
             elif meter:
-                echo(f"   [{stage.name}] {'val' if meter.group(1) == 'test' else 'train'} top-1: "
-                     f"{_format_meter(meter.group(2))}")
+                echo(f"   {prefix}{'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}")
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage.name!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+        raise RuntimeError(f"stage {title!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
     return time.time() - start
 
 
@@ -153,7 +156,9 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2) -> Dict[str, 
         while pending or running:
             for stage in [s for s in pending if all(n in times for n in s.needs)][:slots - len(running)]:
                 pending.remove(stage)
-                running[pool.submit(run_stage, stage, out / stage.name, threads, echo, children)] = stage
+                future = pool.submit(run_stage, stage.title, stage.overrides(), out / stage.name, label=stage.name,
+                                     threads=threads, echo=echo, children=children)
+                running[future] = stage
             if not running:
                 raise ValueError(f"stages {[s.name for s in pending]} need stages that are not listed")
             done, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -51,17 +51,19 @@ def test_stages_run_two_at_a_time_after_what_they_need(monkeypatch, tmp_path):
     events, lock, running = [], threading.Lock(), set()
     durations = {"long": 0.3, "short": 0.05, "after_short": 0.05, "after_long": 0.05}
 
-    def fake_run(stage, stage_dir, threads, echo, children):
+    def fake_run(title, overrides, stage_dir, **kwargs):
+        name = stage_dir.name
+        assert kwargs["label"] == name and kwargs["threads"] >= 1
         with lock:
-            running.add(stage.name)
-            events.append(("start", stage.name, frozenset(running)))
-        time.sleep(durations[stage.name])
+            running.add(name)
+            events.append(("start", name, frozenset(running)))
+        time.sleep(durations[name])
         with lock:
-            running.discard(stage.name)
-            events.append(("end", stage.name))
-        if stage.name == "after_long" and stage.overrides() == ["fail"]:
-            raise RuntimeError("stage 'after_long' failed")
-        return durations[stage.name]
+            running.discard(name)
+            events.append(("end", name))
+        if overrides == ["fail"]:
+            raise RuntimeError(f"stage {name!r} failed")
+        return durations[name]
 
     monkeypatch.setattr(demo, "run_stage", fake_run)
     stages = [demo.Stage("long", "", lambda: []), demo.Stage("short", "", lambda: []),

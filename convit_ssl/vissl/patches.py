@@ -33,7 +33,6 @@ from typing import Any, Callable, List, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torchvision.datasets import ImageFolder
 
 _APPLIED: List[str] = []
 
@@ -287,42 +286,57 @@ def patch_moco_queue() -> bool:
     return True
 
 
-class _EightBitPIL(types.ModuleType):
-    """PIL.Image for vissl.data.disk_dataset, whose `open` returns the image as
-    8-bit RGB already (its caller's `.convert("RGB")` is then a copy)."""
+def _disk_image(self, idx: int) -> Tuple[Any, bool]:
+    """Upstream `DiskImageDataset.__getitem__`, reading each image once and as
+    8-bit RGB (`convit_ssl.images.open_image`). Upstream indexes the
+    ImageFolder, which decodes the image, before its try, again inside it and
+    again in its warning: every folder image was decoded twice, and an
+    unreadable one raised instead of becoming the grey image the code intends."""
+    from iopath.common.file_io import g_pathmgr
+    from vissl.data.data_helper import get_mean_image
 
-    def __init__(self) -> None:
-        super().__init__("PIL.Image")
+    from convit_ssl.images import open_image
 
-    def __getattr__(self, name: str) -> Any:
-        from PIL import Image
+    if not self.is_initialized:
+        self._load_data(self._path)
+        self.is_initialized = True
+    if not self.queue_init and self.enable_queue_dataset:
+        self._init_queues()
+    is_success = True
+    if self.data_source == "disk_folder":
+        image_path = self.image_dataset.samples[idx][0]
+    else:
+        image_path = self._replace_img_path_prefix(
+            self.image_dataset[idx], replace_prefix=self._remove_prefix, new_prefix=self._new_prefix
+        )
+    try:
+        if self.data_source == "disk_filelist":
+            with g_pathmgr.open(image_path, "rb") as fopen:
+                img = open_image(fopen)
+        elif self.data_source == "disk_folder":
+            img = open_image(image_path)
+        if is_success and self.enable_queue_dataset:
+            self.on_sucess(img)
+    except Exception as e:
+        logging.warning(f"Couldn't load: {image_path}. Exception: \n{e}")  # noqa: LOG015
+        is_success = False
+        # if we have queue dataset class enabled, we try to use it to get
+        # the seen valid images
+        if self.enable_queue_dataset:
+            img, is_success = self.on_failure()
+            if img is None:
+                img = get_mean_image(self.cfg["DATA"][self.split].DEFAULT_GRAY_IMG_SIZE)
+        else:
+            img = get_mean_image(self.cfg["DATA"][self.split].DEFAULT_GRAY_IMG_SIZE)
+    return img, is_success
 
-        return getattr(Image, name)
 
-    @staticmethod
-    def open(fp: Any, *args: Any, **kwargs: Any) -> Any:
-        from convit_ssl.images import open_image
+def patch_disk_images() -> bool:
+    from vissl.data.disk_dataset import DiskImageDataset
 
-        return open_image(fp)
-
-
-class EightBitImageFolder(ImageFolder):
-    """torchvision's ImageFolder reading every image through `open_image`
-    (module level: dataloader workers unpickle the dataset)."""
-
-    def __init__(self, root: str, **kwargs: Any) -> None:
-        from convit_ssl.images import open_image
-
-        super().__init__(root, loader=open_image, **kwargs)
-
-
-def patch_wide_images() -> bool:
-    from vissl.data import disk_dataset
-
-    if isinstance(disk_dataset.Image, _EightBitPIL):
+    if DiskImageDataset.__getitem__ is _disk_image:
         return False
-    disk_dataset.ImageFolder = EightBitImageFolder
-    disk_dataset.Image = _EightBitPIL()
+    DiskImageDataset.__getitem__ = _disk_image
     return True
 
 
@@ -513,12 +527,12 @@ PATCHES: Tuple[Patch, ...] = (
           "though the code keeps one queue duplicated on all ranks; rank 0's is broadcast at the first step, so "
           "N processes train as 1",
           patch_moco_queue),
-    Patch("8-bit images from 16-bit files", "vissl.data.disk_dataset.ImageFolder, .Image (the module's names)",
-          "vissl/data/disk_dataset.py:79,148",
-          "PIL's convert('RGB') clips 16-bit and 32-bit integer images to 255 (a 16-bit scan turns almost all "
-          "white); disk_folder and disk_filelist images are read through convit_ssl.images.open_image, which "
-          "scales them to 8 bits first",
-          patch_wide_images),
+    Patch("disk images read once, as 8-bit RGB", "vissl.data.disk_dataset.DiskImageDataset.__getitem__",
+          "vissl/data/disk_dataset.py:139,148-149,155",
+          "a disk_folder image was decoded twice (once before the try), so an unreadable file raised in the "
+          "rank instead of becoming a grey image; and PIL's convert('RGB') clips 16-bit images to 255 (a 16-bit "
+          "scan turns almost all white): each image is read once through convit_ssl.images.open_image",
+          patch_disk_images),
     Patch("feature extraction on the task's device",
           "vissl.trainer.trainer_main.SelfSupervisionTrainer.extract, ._extract_split_features",
           "vissl/trainer/trainer_main.py:345,433",

@@ -221,10 +221,15 @@ def test_config_defaults_and_off_switch():
 def test_hook_generator(tmp_path):
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
+    from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
+
     overrides = [SYNTHETIC, f"config.CHECKPOINT.DIR={tmp_path}", "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true"]
     _, config = compose(overrides)
     hooks = hook_generator(config)
-    assert [type(h) for h in hooks] == [type(h) for h in default_hook_generator(config)]  # off: VISSL's own
+    vissl_hooks = [type(h) for h in default_hook_generator(config)]
+    checkpoint = vissl_hooks.index(LogLossMetricsCheckpointHook)
+    # off: VISSL's own, and the count of unreadable images (always on) before the checkpoint
+    assert [type(h) for h in hooks] == vissl_hooks[:checkpoint] + [UnreadableImagesHook] + vissl_hooks[checkpoint:]
     _, config = compose([*overrides, "+config/convit_ssl/hooks=analysis"])
     hooks = hook_generator(config)
     names = [type(h) for h in hooks]

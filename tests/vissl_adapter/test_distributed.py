@@ -256,6 +256,15 @@ def test_two_nodes_equal_one_node_of_two_processes(supervised_runs):
     assert max_difference(two_nodes.weights, one_node.weights) == 0.0
 
 
+def test_two_nodes_of_two_processes_equal_one_node_of_four(digits, tmp_path):
+    """2 nodes x 2 processes against 1 node x 4 (global batch 8, 2 epochs): bit-identical."""
+    overrides = [*supervised_twin(digits), "config.OPTIMIZER.num_epochs=2", _batch(2)]
+    one_node = train(overrides, tmp_path / "1x4", procs=4)
+    two_nodes = train(overrides, tmp_path / "2x2", nodes=2, procs=2)
+    assert len(two_nodes.losses) == 8 and two_nodes.losses == one_node.losses
+    assert max_difference(two_nodes.weights, one_node.weights) == 0.0
+
+
 @pytest.mark.parametrize("method", sorted(SSL_TWINS))
 def test_self_supervised_method_agrees_on_1_and_2_processes(method, tmp_path):
     overrides = [*SSL_TWINS[method], NO_DROP_PATH, *SGD]

@@ -70,6 +70,7 @@ def test_unreadable_images_are_counted_per_epoch(digits, tmp_path):
         (tmp_path / "train" / "0" / name).write_bytes(b"not a png")
     checkpoint_dir = tmp_path / "ck"
     proc = run_engine(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(tmp_path),
+                       "config.DATA.TRAIN.DATA_LIMIT=-1", "config.DATA.TEST.DATA_LIMIT=-1",
                        f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
     assert "phase 0 (train): 2 of 12 images could not be read and were replaced by grey images" in proc.stdout
     assert "(test): " not in proc.stdout  # the val split read every image

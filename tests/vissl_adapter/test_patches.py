@@ -21,7 +21,7 @@ from convit_ssl.vissl import patches
 
 VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",
                  "DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
-                 "warm-up start kept on request", "MoCo queue shared by every rank", "8-bit images from 16-bit files",
+                 "warm-up start kept on request", "MoCo queue shared by every rank", "disk images read once, as 8-bit RGB",
                  "feature extraction on the task's device", "SVM average precision as a scalar"]
 
 
