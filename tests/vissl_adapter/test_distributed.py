@@ -201,7 +201,9 @@ def _batch(batch: int) -> str:
 # turns rounding-level gradients into whole steps where a gradient is near zero:
 # before the recipe kept its 1e-6 warm-up start, 6 of 95082 weights differed by up
 # to 9e-5, hence its looser bound.
-LOSS_TOLERANCE = 5e-5         # relative: Barlow Twins' loss sums 65536 squared correlations
+LOSS_TOLERANCE = {"default": 5e-5,      # relative
+                  # Barlow Twins' loss sums 65536 squared correlations: measured 3.8e-5 (2 threads), 6.9e-5 (1)
+                  "barlow_twins": 2e-4}
 ADAMW_TOLERANCE = (2e-4, 1e-3)   # largest element difference; fraction above 1e-6
 SGD_TOLERANCE = {"default": (1e-5, 0.0),
                  # its loss sums 65536 squared correlations: the largest rounding (measured 3.0e-5, 2.8 %)
@@ -224,8 +226,9 @@ def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], 
     assert differences.max().item() <= largest and stray <= stray_fraction, (differences.max().item(), stray)
 
 
-def assert_same_losses(a: List[float], b: List[float]) -> None:
-    assert len(a) == len(b) > 0 and all(abs(x - y) <= LOSS_TOLERANCE * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+def assert_same_losses(a: List[float], b: List[float], method: str = "default") -> None:
+    tolerance = LOSS_TOLERANCE.get(method, LOSS_TOLERANCE["default"])
+    assert len(a) == len(b) > 0 and all(abs(x - y) <= tolerance * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +280,7 @@ def test_self_supervised_method_agrees_on_1_and_2_processes(method, tmp_path):
         assignments = two.loss_state["assignments"]
         assert assignments.shape == (3, 12) and (assignments >= 0).all() and (assignments < 6).all()
         return
-    assert_same_losses(one.losses, two.losses)
+    assert_same_losses(one.losses, two.losses, method)
     assert_same_weights(one.weights, two.weights, SGD_TOLERANCE.get(method, SGD_TOLERANCE["default"]))
     if method == "moco":
         # The queue: rank 0's random start everywhere (patches, "MoCo queue shared by
