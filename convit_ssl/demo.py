@@ -110,13 +110,14 @@ class _Echo:
 
 
 def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: str = "",
-              threads: Optional[int] = None, echo: Callable[[str], None] = print,
+              threads: Optional[int] = None, echo: Optional[Callable[[str], None]] = None,
               children: Optional[List[subprocess.Popen]] = None) -> float:
     """`convit-ssl run OVERRIDES` into `stage_dir` in a child process (with
     `threads` intra-op threads if given), its progress lines echoed (under
     `[label]` if given); returns the wall time. A failure raises with the last
     output lines. `children` collects the process, so that it can be stopped."""
     command = [sys.executable, "-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
+    echo = echo or _Echo()
     echo(f"\n== {title}: {' '.join(command[3:])}")
     prefix = f"[{label}] " if label else ""
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")

@@ -4,7 +4,7 @@ missing dataset fails at once with a message naming it."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from convit_ssl.files import is_image
 from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
@@ -45,12 +45,20 @@ def _holds_an_image(folder: str) -> bool:
         return any(is_image(entry.name) for entry in entries)
 
 
-def _filelist_classes(path: str) -> int:
-    """The number of classes of a disk_filelist label file: N ints (max + 1) or N x C (C)."""
+def _filelist_classes(path: str) -> Optional[int]:
+    """The number of classes of a disk_filelist label file: N integers (max + 1)
+    or N x C (C); None for another layout (VISSL reads it as it does)."""
     import numpy as np
 
-    labels = np.load(path, mmap_mode="r", allow_pickle=False)
-    return int(labels.shape[1]) if labels.ndim == 2 else int(labels.max()) + 1
+    try:
+        labels = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):  # pickled objects, text file lists: not checked here
+        return None
+    if labels.ndim == 2:
+        return int(labels.shape[1])
+    if labels.ndim == 1 and labels.size and np.issubdtype(labels.dtype, np.integer):
+        return int(labels.max()) + 1
+    return None
 
 
 def _resolve(block: Any, split: str, key: str, i: int, name: str, where: str) -> str:
@@ -115,7 +123,7 @@ def validate_data(config: Any) -> Dict[str, Any]:
                 raise FileNotFoundError(f"{where}: label file {path!r} does not exist")
             else:
                 found = _filelist_classes(path)
-            if i == 0:
+            if i == 0 and found is not None:
                 classes[split] = found
     if isinstance(classes.get("TRAIN"), list) and isinstance(classes.get("TEST"), list):
         _check_same_classes(classes["TRAIN"], classes["TEST"])
