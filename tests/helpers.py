@@ -116,6 +116,15 @@ def vissl_builtin_trunk(width: int, heads: int, qkv_bias: bool, mlp_dim: int, se
     return trunk.eval()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _kmeans_rank(rank: int, world: int, port: int, memory: torch.Tensor, clusters: int, out: Path) -> None:
     from types import SimpleNamespace
 
@@ -146,12 +155,7 @@ def _kmeans_rank(rank: int, world: int, port: int, memory: torch.Tensor, cluster
 def kmeans_on_ranks(memory: torch.Tensor, clusters: int, world: int, out: Path) -> Dict[str, torch.Tensor]:
     """DeepCluster-v2's distributed k-means (patches._cluster_memory) on `world`
     gloo processes, each holding a consecutive share of `memory`; rank 0's result."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_kmeans_rank, args=(world, port, memory, clusters, out), nprocs=world)
+    mp.spawn(_kmeans_rank, args=(world, free_port(), memory, clusters, out), nprocs=world)
     return torch.load(out)

@@ -89,6 +89,13 @@ def validate_data(config: Any) -> Dict[str, Any]:
     from vissl.data.dataset_catalog import VisslDatasetCatalog
 
     classes: Dict[str, Any] = {}
+    folders: Dict[str, List[str]] = {}  # path -> classes: a folder given as data and labels is scanned once
+
+    def folder_classes(path: str, where: str) -> List[str]:
+        if path not in folders:
+            folders[path] = _folder_classes(path, where)
+        return folders[path]
+
     for split in used_splits(config):
         block = config.DATA[split]
         if block.DATA_PATHS and not block.LABEL_PATHS:
@@ -108,7 +115,7 @@ def validate_data(config: Any) -> Dict[str, Any]:
             where = f"config.DATA.{split} dataset {name!r} ({source})"
             path = _resolve(block, split, "DATA", i, name, where)
             if source == "disk_folder":
-                _folder_classes(path, where)
+                folder_classes(path, where)
             elif not os.path.exists(path):
                 raise FileNotFoundError(f"{where}: {path!r} does not exist")
         for i, source in enumerate(block.LABEL_SOURCES):
@@ -118,7 +125,7 @@ def validate_data(config: Any) -> Dict[str, Any]:
             where = f"config.DATA.{split} labels of {name!r} ({source})"
             path = _resolve(block, split, "LABEL", i, name, where)
             if source == "disk_folder":
-                found = _folder_classes(path, where)
+                found = folder_classes(path, where)
             elif not os.path.exists(path):
                 raise FileNotFoundError(f"{where}: label file {path!r} does not exist")
             else:

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
-from helpers import RUN_SCRIPT, folder_overrides
+from helpers import RUN_SCRIPT, folder_overrides, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -112,12 +111,6 @@ def supervised_twin(digits: Path) -> List[str]:
 # ----------------------------------------------------------------------------
 # Launching: one node, or several nodes each started as its own command.
 # ----------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def launch(overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs: int = 1,
