@@ -3,12 +3,14 @@
     python tools/convert_checkpoint.py config=timm_to_vissl input=convit_small.pth output=convit_small.torch
 
 `config` names a YAML file in configs/convert/ (or is a path to one); any
-field can be overridden as key=value. Steps: load safely, name the source
-format (declared, or detected when `source_format: auto`; a declared format
-that the file contradicts is an error), read into canonical form, resample
-to a new image or patch size if asked, write the target format, verify it
-(strict load into the target implementation and the same random batch through
-source and target), and save atomically.
+field can be overridden as key=value. Steps: load safely (a file, a timm hub
+folder, or a VISSL run folder), name the source format (declared, or
+detected when `source_format: auto`; a declared format that the file
+contradicts is an error), read into canonical form, resample to a new image
+or patch size if asked, write the target format, verify it (strict load into
+the target implementation and the same random batch through source and
+target), and save atomically. A timm or vit target whose `output` ends in
+`/` is written as a hub folder, verified by `timm.create_model("local-dir:...")`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from convit_ssl.checkpoints.formats import FORMATS, Weights, detect_format, read, write
+from convit_ssl.checkpoints import hub
+from convit_ssl.checkpoints.formats import FORMATS, NETWORKS, Weights, detect_format, read, select_network, write
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs, strict_load
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint, save_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
@@ -38,9 +41,11 @@ class ConvertConfig:
 
     input: Optional[str] = None
     output: Optional[str] = None
-    source_format: str = "auto"          # auto | vissl | timm | vissl_convit
-    target_format: Optional[str] = None  # vissl | timm | vissl_convit
-    arch: Optional[str] = None           # null: read the architecture from tensor shapes
+    source_format: str = "auto"          # auto | vissl | timm | vissl_convit | vit
+    target_format: Optional[str] = None  # vissl | timm | vissl_convit | vit
+    arch: Optional[str] = None           # null: read the architecture from tensor shapes (or a hub config.json)
+    num_heads: Optional[int] = None      # heads of a ViT/DeiT (not visible in its shapes); null: from arch or config.json
+    network: str = "student"             # VISSL DINO / MoCo checkpoints: student | teacher (the momentum teacher)
     keep_head: bool = True               # carry the classifier over (VISSL mlp/eval_mlp <-> timm head)
     head_index: int = 0                  # which VISSL head becomes timm's head
     bn_eps: float = 1e-5                 # eps of an eval_mlp head's BatchNorm (VISSL's HEAD.BATCHNORM_EPS)
@@ -53,6 +58,11 @@ class ConvertConfig:
     verify_tolerance: float = 1e-4       # max |source - target| (fp32) accepted
     overwrite: bool = False
     seed: int = 0
+    # preprocessing recorded in a hub folder's pretrained_cfg (null: the source hub folder's, else ImageNet's)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
 
 
 def _check(cfg: ConvertConfig) -> None:
@@ -63,6 +73,8 @@ def _check(cfg: ConvertConfig) -> None:
         raise ValueError(f"source_format {cfg.source_format!r} is not one of auto, {', '.join(FORMATS)}")
     if cfg.target_format not in FORMATS:
         raise ValueError(f"target_format {cfg.target_format!r} is not one of {', '.join(FORMATS)}")
+    if cfg.network not in NETWORKS:
+        raise ValueError(f"network {cfg.network!r} is not one of {', '.join(NETWORKS)}")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise ValueError(f"dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)} (or null to keep)")
 
@@ -85,6 +97,25 @@ def _timm_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Mo
     return model.eval()
 
 
+def _vit_model(state: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> nn.Module:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as e:
+        raise RuntimeError("verifying vit weights needs timm installed (pip install timm), or verify=false") from e
+    from convit_ssl.checkpoints.vit import class_slot
+
+    model = VisionTransformer(
+        img_size=kwargs["img_size"], patch_size=kwargs["patch_size"], in_chans=kwargs["in_chans"],
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0, global_pool="token",
+        embed_dim=kwargs["width"], depth=kwargs["depth"], num_heads=kwargs["num_heads"], mlp_ratio=kwargs["mlp_ratio"],
+        qkv_bias=kwargs["qkv_bias"], class_token=True, norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
+        no_embed_class=not class_slot(state["pos_embed"]),  # DeiT III: no class slot
+        init_values=1.0 if "blocks.0.ls1.gamma" in state else None,  # DeiT III: layer scale
+    )
+    strict_load(model, state)
+    return model.eval()
+
+
 def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any], head_index: int = 0,
                     bn_eps: float = 1e-5):
     """The checkpoint run by its own implementation: timm's ConVit for timm files;
@@ -92,6 +123,11 @@ def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]
     vissl) followed by VISSL's own head module as stored (not our fold of it)."""
     if fmt == "timm":
         return _timm_model(write(Weights(weights.trunk, weights.head), "timm"), kwargs)
+    if fmt == "vit":  # the file's own tensors (class slot and layer scale unfolded)
+        state = {k.removeprefix("module."): v for k, v in _unwrap(obj).items()}
+        if weights.head is None:
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        return _vit_model(state, kwargs)
     if fmt == "vissl_convit":
         from convit_ssl.vissl.builtin_convit import build_vissl_convit
 
@@ -107,10 +143,20 @@ def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]
     return lambda x: head(trunk(x))
 
 
+def _unwrap(obj: Any) -> Dict[str, torch.Tensor]:
+    """The state dict of a timm-style file ({"model": ...} and {"state_dict": ...} unwrapped)."""
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj.get(wrapper), dict):
+            return obj[wrapper]
+    return obj
+
+
 def _target_forward(out: Dict[str, Any], fmt: str, kwargs: Dict[str, Any]) -> nn.Module:
     """Load the converted object strictly into the target implementation."""
     if fmt == "timm":
         return _timm_model(out, kwargs)
+    if fmt == "vit":
+        return _vit_model(out, kwargs)
     back = read(out, fmt)
     return _source_forward(out, fmt, back, kwargs)
 
@@ -120,17 +166,23 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
     """Run one conversion; return a report (formats, model, notes, max difference, seconds)."""
     _check(cfg)
     start = time.perf_counter()
+    folder_output = cfg.output.endswith("/")
+    if folder_output and cfg.target_format not in ("timm", "vit"):
+        raise ValueError(f"output {cfg.output!r} ends in '/' (a hub folder), which only timm and vit targets write")
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output!r} exists; pass overwrite=true to replace it")
-    obj = load_checkpoint(cfg.input)
+    obj, source_config, input_notes = load_input(cfg.input)
+    obj = select_network(obj, cfg.network)
     if cfg.dtype is not None:  # cast first: verification then compares implementations on the same weights
         obj = _cast(obj, DTYPES[cfg.dtype])
     detected = detect_format(obj)
     if cfg.source_format not in ("auto", detected):
         raise CheckpointError(f"{cfg.input!r} was declared {cfg.source_format} but holds a {detected} checkpoint")
     fmt = detected
+    arch, num_heads = _architecture(cfg, fmt, source_config)
     weights = read(obj, fmt, keep_head=cfg.keep_head, head_index=cfg.head_index, bn_eps=cfg.bn_eps)
-    kwargs = infer_model_kwargs(weights.trunk, cfg.arch)
+    weights.notes[:0] = input_notes + (["the momentum teacher (network=teacher)"] if cfg.network == "teacher" else [])
+    kwargs = infer_model_kwargs(weights.trunk, arch, num_heads)
     check_trunk(weights.trunk, kwargs)
     if cfg.dtype is not None:
         weights.notes.append(f"cast to {cfg.dtype} (verification runs both implementations on the cast weights)")
@@ -154,6 +206,9 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
         if cfg.verify:
             source = reference = build_convit(weights.trunk, {**kwargs, "norm_eps": VISSL_CONVIT_NORM_EPS}, weights.head)
         kwargs["norm_eps"] = VISSL_CONVIT_NORM_EPS
+    if folder_output and kwargs["norm_eps"] != 1e-6:
+        raise CheckpointError(f"these weights have LayerNorm eps {kwargs['norm_eps']}; timm's ConVit and ViT use 1e-6 "
+                              "and a hub folder cannot record another: write a single timm file (output without '/')")
     weights = _resample(weights, kwargs, cfg)
     out = write(weights, cfg.target_format)
 
@@ -161,12 +216,83 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
                               "model": {k: v for k, v in kwargs.items() if k != "num_classes"},
                               "head_classes": None if weights.head is None else int(weights.head["weight"].shape[0]),
                               "notes": weights.notes}
-    if cfg.verify:
-        report["max_abs_diff"] = _verify(source, reference, source_kwargs, out, kwargs, cfg, report)
-    save_checkpoint(out, cfg.output, overwrite=cfg.overwrite)
+    if folder_output:
+        _save_hub_folder(out, kwargs, cfg, source_config, report, (source, reference, source_kwargs) if cfg.verify else None)
+    else:
+        if cfg.verify:
+            report["max_abs_diff"] = _verify(source, reference, source_kwargs, out, kwargs, cfg, report)
+        save_checkpoint(out, cfg.output, overwrite=cfg.overwrite)
     report["seconds"] = round(time.perf_counter() - start, 3)
     log(_format_report(cfg, report))
     return report
+
+
+def load_input(path: str) -> Tuple[Any, Optional[Dict[str, Any]], List[str]]:
+    """(checkpoint object, the config.json of a hub folder or None, notes) of a
+    file, a timm hub folder, or a VISSL run folder (its final checkpoint, else
+    the checkpoint.torch link to its latest one)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return load_checkpoint(folder), None, []
+    if hub.is_hub_folder(folder):
+        state_dict, config, name = hub.read_hub_folder(folder)
+        return state_dict, config, [f"hub folder: {name} with config.json (architecture {config['architecture']})"]
+    finals = sorted(folder.glob("model_final_checkpoint_phase*.torch"))
+    if finals:
+        return load_checkpoint(finals[-1]), None, [f"VISSL run folder: its final checkpoint {finals[-1].name}"]
+    latest = folder / "checkpoint.torch"
+    if latest.is_symlink() or latest.is_file():
+        return load_checkpoint(latest), None, [f"VISSL run folder: checkpoint.torch -> {latest.resolve().name}"]
+    present = sorted(p.name for p in folder.iterdir())[:10]
+    raise FileNotFoundError(
+        f"folder {path!r} {'is empty' if not present else f'holds no checkpoint (found {present})'}: expected a timm hub "
+        "folder (config.json with model.safetensors or pytorch_model.bin), a VISSL run folder "
+        "(model_final_checkpoint_phase*.torch or checkpoint.torch), or give a checkpoint file")
+
+
+def _architecture(cfg: ConvertConfig, fmt: str, source_config: Optional[Dict[str, Any]]) -> Tuple[Optional[str], Optional[int]]:
+    """(arch, num_heads) for shape inference: the config's, else a hub folder's config.json."""
+    from convit_ssl.checkpoints.vit import DEIT_ARCHS, heads_from_timm_name
+
+    arch, num_heads = cfg.arch, cfg.num_heads
+    if fmt == "vit" and arch is not None and arch not in DEIT_ARCHS:
+        raise CheckpointError(f"{cfg.input!r} is a ViT / DeiT (timm's VisionTransformer, no GPSA block): it converts to "
+                              f"the DeiT baselines, not {arch}; give arch={' or '.join(DEIT_ARCHS)}, "
+                              "or arch=null with num_heads")
+    if source_config is not None:
+        name = str(source_config["architecture"])
+        model_args = hub.hub_model_args(source_config)
+        if "distilled" in name:
+            raise CheckpointError(f"{cfg.input!r} is a distilled DeiT ({name}: distillation token and head): convert "
+                                  "the non-distilled deit_*_patch16_224 weights")
+        if fmt == "vit":
+            num_heads = num_heads or model_args.get("num_heads") or heads_from_timm_name(name)
+        elif arch is None and name.split(".")[0] in hub.TIMM_CONVITS:
+            arch = name.split(".")[0] if "num_heads" not in model_args else None
+            num_heads = num_heads or model_args.get("num_heads")
+    if fmt == "vit" and arch is None and num_heads is None:
+        raise CheckpointError(f"{cfg.input!r} is a ViT / DeiT: its number of heads is not visible in tensor shapes; "
+                              f"give arch={' or '.join(DEIT_ARCHS)} or num_heads=N")
+    return arch, num_heads
+
+
+def _save_hub_folder(out: Dict[str, torch.Tensor], kwargs: Dict[str, Any], cfg: ConvertConfig,
+                     source_config: Optional[Dict[str, Any]], report: Dict[str, Any], verify) -> None:
+    """Write `out` as a hub folder at cfg.output, staged beside it; verified (when
+    asked) by timm.create_model("local-dir:...") before it takes the final name."""
+    num_classes = int(out["head.weight"].shape[0]) if "head.weight" in out else 0
+    preprocessing = {**hub.preprocessing_of(source_config),
+                     **{k: getattr(cfg, k) for k in ("mean", "std", "interpolation", "crop_pct")
+                        if getattr(cfg, k) is not None}}
+    make = hub.vit_hub_config if cfg.target_format == "vit" else hub.convit_hub_config
+    config = make(kwargs, num_classes, preprocessing)
+    with hub.staged_folder(cfg.output.rstrip("/"), cfg.overwrite) as staging:
+        hub.write_hub_folder(staging, out, config)
+        if verify is not None:
+            source, reference, source_kwargs = verify
+            report["max_abs_diff"] = _verify(source, reference, source_kwargs, out, kwargs, cfg, report,
+                                             target=hub.load_with_timm(staging))
+            report["verification"] += ' (the folder loaded by timm.create_model("local-dir:..."))'
 
 
 def _cast(node: Any, dtype: torch.dtype) -> Any:
@@ -206,7 +332,8 @@ def _resample(weights: Weights, kwargs: Dict[str, Any], cfg: ConvertConfig) -> W
 
 
 @torch.no_grad()
-def _verify(source, reference: ConViT, source_kwargs, out, kwargs, cfg: ConvertConfig, report: Dict[str, Any]) -> float:
+def _verify(source, reference: ConViT, source_kwargs, out, kwargs, cfg: ConvertConfig, report: Dict[str, Any],
+            target: Optional[nn.Module] = None) -> float:
     """Random batches through the source implementation, the target implementation
     (strict load of the converted object) and convit_ssl on the unconverted weights.
 
@@ -214,7 +341,7 @@ def _verify(source, reference: ConViT, source_kwargs, out, kwargs, cfg: ConvertC
     size, the target is compared with convit_ssl resampling the original position
     embedding at forward time (timm and VISSL's trunk run at one size only). With a
     new patch size the function changes by design: the target must load and be finite."""
-    target = _target_forward(out, cfg.target_format, kwargs)
+    target = _target_forward(out, cfg.target_format, kwargs) if target is None else target
     generator = torch.Generator().manual_seed(cfg.seed)
     x_src = torch.randn(cfg.verify_batch, source_kwargs["in_chans"], *to_pair(source_kwargs["img_size"]), generator=generator)
     x_tgt = torch.randn(cfg.verify_batch, kwargs["in_chans"], *to_pair(kwargs["img_size"]), generator=generator)

@@ -12,6 +12,12 @@ Each format has a reader (object loaded from a file -> Weights) and a writer
   ``{"model": ...}`` or a training script's ``{"state_dict": ...}``.
 - ``vissl_convit``: a checkpoint of VISSL's built-in ``convit`` trunk (other
   key names, LOCALITY_DIM-repeated positional weights; see vissl_convit.py).
+- ``vit``: timm's VisionTransformer (DeiT, ViT), the DeiT baselines' other
+  layout: its position embedding has a class slot (see vit.py).
+
+VISSL checkpoints of DINO and MoCo runs also hold the momentum teacher
+(``classy_state_dict.loss.momentum_teacher.*`` / ``loss.moco_encoder.*``);
+``network="teacher"`` reads it instead of the student.
 
 Heads: VISSL's ``mlp`` head with one linear layer is timm's ``head``.
 ``eval_mlp`` (BatchNorm then linear, from linear evaluation) is folded into
@@ -30,7 +36,10 @@ from torch import Tensor
 
 from convit_ssl.checkpoints.io import CheckpointError
 
-FORMATS = ("vissl", "timm", "vissl_convit")
+FORMATS = ("vissl", "timm", "vissl_convit", "vit")
+NETWORKS = ("student", "teacher")
+# where VISSL keeps a momentum teacher in classy_state_dict.loss (DINO's, MoCo's)
+TEACHERS = {"momentum_teacher": "DINO", "moco_encoder": "MoCo"}
 StateDict = Dict[str, Tensor]
 
 _TRUNK_MARKERS = {"cls_token", "patch_embed.proj.weight"}  # our trunk = timm's keys
@@ -85,15 +94,82 @@ def vissl_model_parts(obj: Any) -> tuple:
     return trunk, dict(node.get("heads", {}))
 
 
+def select_network(obj: Any, network: str) -> Any:
+    """`obj` itself for the student; for `network="teacher"`, a VISSL checkpoint
+    whose model is the momentum teacher of a DINO or MoCo run (kept by VISSL in
+    classy_state_dict.loss.momentum_teacher.* / loss.moco_encoder.*)."""
+    if network not in NETWORKS:
+        raise CheckpointError(f"network {network!r} is not one of {', '.join(NETWORKS)}")
+    if network == "student":
+        return obj
+    classy = obj.get("classy_state_dict") if isinstance(obj, Mapping) else None
+    if not isinstance(classy, Mapping):
+        raise CheckpointError("network=teacher needs a VISSL checkpoint (classy_state_dict) of a DINO or MoCo run")
+    loss = classy.get("loss") if isinstance(classy.get("loss"), Mapping) else {}
+    for name in TEACHERS:
+        for prefix in (f"{name}.module.", f"{name}."):
+            parts = {part: {k[len(prefix) + len(part) + 1:]: v for k, v in loss.items() if k.startswith(f"{prefix}{part}.")}
+                     for part in ("trunk", "heads")}
+            if parts["trunk"]:
+                return {"classy_state_dict": {"base_model": {"model": parts}}}
+    found = sorted({k.split(".", 1)[0] for k in loss}) or "nothing"
+    raise CheckpointError(
+        "network=teacher: the checkpoint has no momentum teacher (DINO runs keep it in "
+        f"classy_state_dict.loss.momentum_teacher, MoCo runs in loss.moco_encoder); its loss state holds {found}. "
+        "Use network=student"
+    )
+
+
+def _is_vit(keys, state_dict: Mapping[str, Tensor]) -> bool:
+    from convit_ssl.checkpoints.vit import class_slot, unmappable
+
+    pos = state_dict.get("pos_embed")
+    return bool(unmappable(keys)) or any(".ls1.gamma" in k for k in keys) or (
+        pos is not None and pos.ndim == 3 and class_slot(pos) and not any(k.endswith("gating_param") for k in keys))
+
+
+# Checkpoints of other models, named by keys they alone have.
+_FOREIGN = (
+    ("relative_position_bias_table", "a Swin Transformer (relative_position_bias_table)"),
+    ("_feature_blocks.", "a VISSL ResNet / ResNeXt / RegNet trunk (_feature_blocks)"),
+    ("layer1.0.conv1.weight", "a ResNet (conv1, layer1..layer4, fc)"),
+    ("stages.0.", "a ConvNeXt or another staged CNN (stages.*)"),
+)
+
+
+def _foreign(keys) -> Optional[str]:
+    """The model a state dict that is not a ConViT or a ViT holds, when its keys name one."""
+    for marker, what in _FOREIGN:
+        if any(marker in k for k in keys):
+            return what
+    return None
+
+
+def describe(keys) -> str:
+    """What a state dict that is not a ConViT holds, for an error message."""
+    if {"class_token", "pos_embedding"} <= set(keys):  # and not VISSL's convit (_is_vissl_convit)
+        return "VISSL's vision_transformer trunk (class_token, pos_embedding with a class slot)"
+    return _foreign(keys) or f"an unknown model (keys such as {sorted(keys)[:6]})"
+
+
+_WHAT_WE_READ = ("convit_ssl converts ConViT checkpoints (timm, the official release, VISSL, VISSL's built-in convit) "
+                 "and DeiT / ViT ones (timm's VisionTransformer) only")
+
+
 def detect_format(obj: Any) -> str:
     """Name the format of a loaded checkpoint (one of FORMATS), from its structure."""
     if _is_state_dict(obj):
-        keys = set(obj)
-        if _TRUNK_MARKERS <= keys or _TRUNK_MARKERS <= {k.removeprefix("module.") for k in keys}:
+        stripped = {k.removeprefix("module."): v for k, v in obj.items()}
+        keys = set(stripped)
+        if _foreign(keys):
+            raise CheckpointError(f"not a ConViT checkpoint: this is {_foreign(keys)}. {_WHAT_WE_READ}")
+        if _is_vit(keys, stripped):
+            return "vit"
+        if _TRUNK_MARKERS <= keys:
             return "timm"
-        if _VISSL_CONVIT_MARKERS <= keys:
+        if _VISSL_CONVIT_MARKERS <= keys and _is_vissl_convit(stripped):
             return "vissl_convit"
-        raise CheckpointError(f"unrecognised state dict (keys such as {sorted(keys)[:6]}): not a ConViT checkpoint")
+        raise CheckpointError(f"not a ConViT checkpoint: this is {describe(keys)}. {_WHAT_WE_READ}")
     if isinstance(obj, Mapping):
         for wrapper in ("model", "state_dict"):
             if wrapper in obj and _is_state_dict(obj[wrapper]) and "classy_state_dict" not in obj:
@@ -102,11 +178,20 @@ def detect_format(obj: Any) -> str:
             trunk, _ = vissl_model_parts(obj)
             if _TRUNK_MARKERS <= set(trunk):
                 return "vissl"
-            if _VISSL_CONVIT_MARKERS <= set(trunk):
+            if _VISSL_CONVIT_MARKERS <= set(trunk) and _is_vissl_convit(trunk):
                 return "vissl_convit"
-            raise CheckpointError(f"VISSL checkpoint of another trunk (keys such as {sorted(trunk)[:6]})")
+            raise CheckpointError(f"a VISSL checkpoint of another trunk: {describe(trunk)}. {_WHAT_WE_READ}")
     raise CheckpointError(f"not a checkpoint this tool reads: {type(obj).__name__} with keys "
                           f"{sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else '-'}")
+
+
+def _is_vissl_convit(trunk: Mapping[str, Tensor]) -> bool:
+    """VISSL's convit and vision_transformer trunks share key names; the ViT's
+    pos_embedding has a class slot."""
+    from convit_ssl.checkpoints.vit import class_slot
+
+    pos = trunk.get("pos_embedding")
+    return pos is None or pos.ndim != 3 or not class_slot(pos)
 
 
 def vissl_head_to_linear(heads: Mapping[str, Tensor], index: int = 0, bn_eps: float = 1e-5) -> tuple:
@@ -143,22 +228,34 @@ def vissl_head_to_linear(heads: Mapping[str, Tensor], index: int = 0, bn_eps: fl
     )
 
 
-def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps: float = 1e-5) -> Weights:
-    """Read a loaded checkpoint of format `fmt` into canonical Weights."""
+def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps: float = 1e-5,
+         network: str = "student") -> Weights:
+    """Read a loaded checkpoint of format `fmt` into canonical Weights (`network`:
+    the student, or a DINO / MoCo run's momentum teacher, for VISSL formats)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    if network not in NETWORKS:
+        raise CheckpointError(f"network {network!r} is not one of {', '.join(NETWORKS)}")
     notes: List[str] = []
     head: Optional[StateDict] = None
-    if fmt == "timm":
+    if fmt in ("timm", "vit"):
+        if network != "student":
+            raise CheckpointError(f"network={network} applies to VISSL checkpoints of DINO and MoCo runs, "
+                                  f"not to a {fmt} file")
         if not _is_state_dict(obj):
             for wrapper in ("model", "state_dict"):
                 if isinstance(obj, Mapping) and _is_state_dict(obj.get(wrapper)):
                     obj = obj[wrapper]
-                    notes.append(f"read timm weights from the {wrapper!r} entry")
+                    notes.append(f"read {fmt} weights from the {wrapper!r} entry")
                     break
             else:
-                raise CheckpointError("not a timm checkpoint: expected a state dict or {'model': state dict}")
+                raise CheckpointError(f"not a {fmt} checkpoint: expected a state dict or {{'model': state dict}}")
         trunk = _strip_prefix(obj, "module.")
+        if fmt == "vit":
+            from convit_ssl.checkpoints.vit import vit_to_deit
+
+            trunk, vit_notes = vit_to_deit(trunk)
+            notes += vit_notes
         head_keys = {"head.weight", "head.bias"} & set(trunk)
         if head_keys:
             found = {k.split(".", 1)[1]: trunk.pop(k) for k in sorted(head_keys)}
@@ -166,7 +263,9 @@ def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps
             if not keep_head:
                 notes.append("dropped the classifier head (keep_head=false)")
     else:
-        trunk, heads = vissl_model_parts(obj)
+        trunk, heads = vissl_model_parts(select_network(obj, network))
+        if network == "teacher":
+            notes.append("read the momentum teacher (network=teacher)")
         if fmt == "vissl_convit":
             from convit_ssl.checkpoints.vissl_convit import vissl_convit_to_timm
 
@@ -183,9 +282,14 @@ def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps
 
 
 def write(weights: Weights, fmt: str) -> Dict[str, Any]:
-    """The object to save for format `fmt` (vissl or timm)."""
-    if fmt == "timm":
-        out = dict(weights.trunk)
+    """The object to save for format `fmt`."""
+    if fmt in ("timm", "vit"):
+        if fmt == "vit":
+            from convit_ssl.checkpoints.vit import deit_to_vit
+
+            out = deit_to_vit(weights.trunk)
+        else:
+            out = dict(weights.trunk)
         if weights.head is not None:
             out.update({f"head.{k}": v for k, v in weights.head.items()})
         return out

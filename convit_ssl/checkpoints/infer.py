@@ -73,7 +73,7 @@ def infer_model_kwargs(
     elif num_heads is None:
         raise CheckpointError(
             "the checkpoint has no GPSA block, so its number of heads is not visible in tensor shapes; "
-            f"set arch (one of {', '.join(list_models())})"
+            f"give arch (one of {', '.join(list_models())}) or num_heads"
         )
     if width % num_heads:
         raise CheckpointError(f"width {width} is not divisible by {num_heads} heads")

@@ -1,7 +1,8 @@
 """Safe loading and atomic saving of checkpoint files.
 
-Loading never executes pickled code (`torch.load(weights_only=True)`); every
-failure says what was found and what was expected. Saving writes a temporary
+Loading never executes pickled code (`torch.load(weights_only=True)`); the
+only classes allowed beyond tensors, containers, numbers and strings are
+`SAFE_GLOBALS`. Every failure says what was found and what was expected. Saving writes a temporary
 file in the target folder and renames it into place, so an interrupted or
 failed save leaves nothing half-written, and an existing file is replaced
 only when asked.
@@ -9,6 +10,7 @@ only when asked.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -35,20 +37,40 @@ class CheckpointError(ValueError):
     """A checkpoint file or dict that cannot be used as asked."""
 
 
+# Harmless classes that checkpoints people hold contain. The official ConViT (and
+# DeiT) main.py saves {"model", "optimizer", "lr_scheduler", "epoch", "model_ema",
+# "scaler", "args"}: all state dicts of tensors, numbers and strings, except
+# `args`, its argparse.Namespace (which unpickles to attributes and runs no code).
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
 def load_checkpoint(path: PathLike) -> Any:
-    """`torch.load(path)` on CPU with weights_only=True, with clear errors."""
+    """`torch.load(path)` on CPU with weights_only=True (plus `SAFE_GLOBALS`), with
+    clear errors; a `.safetensors` file is read with safetensors."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} is a link to {os.readlink(path)!r}, which does not exist. VISSL's checkpoint.torch "
+            "points at the run's latest checkpoint: give that file (model_phase*.torch or "
+            "model_final_checkpoint_phase*.torch), or copy the folder with the files the link points at (cp -L)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
                                 else f"checkpoint {str(path)!r} is not a file")
+    if path.suffix == ".safetensors":
+        from convit_ssl.checkpoints.hub import load_safetensors
+
+        return load_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _first_line(e)
         raise CheckpointError(
-            f"refused to load {str(path)!r}: it holds pickled objects other than tensors, numbers, "
-            f"strings and containers ({reason}). convit_ssl loads checkpoints with weights_only=True and "
-            "never runs code from a file; re-save the weights as a plain state dict"
+            f"refused to load {str(path)!r}: it holds pickled objects other than tensors, numbers, strings, "
+            f"containers and {', '.join(c.__module__ + '.' + c.__qualname__ for c in SAFE_GLOBALS)} ({reason}). "
+            "convit_ssl loads checkpoints with weights_only=True and never runs code from a file. Only if you "
+            "trust its source: load it in your own code with torch.load(path, weights_only=False) and "
+            "torch.save its model state dict"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         size = path.stat().st_size

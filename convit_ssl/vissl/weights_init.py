@@ -1,4 +1,10 @@
-"""Load-time resampling for `MODEL.WEIGHTS_INIT.PARAMS_FILE`.
+"""Load-time preparation of `MODEL.WEIGHTS_INIT.PARAMS_FILE`: the network to
+load, and resampling.
+
+`MODEL.WEIGHTS_INIT.NETWORK: teacher` (default `student`) loads the momentum
+teacher that a DINO or MoCo run keeps in its checkpoint
+(classy_state_dict.loss.momentum_teacher / moco_encoder) instead of the
+student; DINO evaluates its teacher.
 
 VISSL copies checkpoint tensors into the model only when shapes match, and its
 own position-embedding interpolation fires only for names containing
@@ -21,7 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from convit_ssl.checkpoints.io import atomic_torch_save, load_checkpoint
+from convit_ssl.checkpoints.formats import NETWORKS, select_network
+from convit_ssl.checkpoints.io import CheckpointError, atomic_torch_save, load_checkpoint
 from convit_ssl.checkpoints.resample import resize_patch_embed
 from convit_ssl.models import ConViT, resample_pos_embed
 from convit_ssl.models.geometry import square_grid
@@ -47,21 +54,25 @@ def _adapt(node: Any, grid: Tuple[int, int], patch: int, path: str, changes: Lis
                     raise ValueError(f"{e}: resample it with tools/convert_checkpoint.py (image_size=...) "
                                      "before fine-tuning") from None
                 value = resample_pos_embed(value, grid, old)
-                changes.append(f"{name}: {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches")
+                changes.append(f"resampled {name}: {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches")
         elif isinstance(value, torch.Tensor) and str(key).endswith("patch_embed.proj.weight") and value.ndim == 4:
             if value.shape[-1] != patch:
-                changes.append(f"{name}: patch {value.shape[-1]} -> {patch} (FlexiViT pseudo-inverse resize)")
+                changes.append(f"resampled {name}: patch {value.shape[-1]} -> {patch} (FlexiViT pseudo-inverse resize)")
                 value = resize_patch_embed(value, patch)
         out[key] = _adapt(value, grid, patch, name, changes)
     return out
 
 
 def prepare_weights_init(config: Any) -> Optional[str]:
-    """Resample config.MODEL.WEIGHTS_INIT.PARAMS_FILE for the configured grid if
-    needed; returns the path of the resampled copy (and sets it in the config),
-    or None when the file already fits or no file is set."""
+    """Select the network (MODEL.WEIGHTS_INIT.NETWORK) of
+    config.MODEL.WEIGHTS_INIT.PARAMS_FILE and resample it for the configured
+    grid if needed; returns the path of the prepared copy (and sets it in the
+    config), or None when the file already fits or no file is set."""
     model = config.MODEL
     params_file = model.WEIGHTS_INIT.PARAMS_FILE
+    network = model.WEIGHTS_INIT.get("NETWORK", "student")
+    if network not in NETWORKS:
+        raise ValueError(f"config.MODEL.WEIGHTS_INIT.NETWORK {network!r} is not one of {', '.join(NETWORKS)}")
     if model.TRUNK.NAME != TRUNK_NAME or not params_file:
         return None
     if not os.path.isfile(params_file):
@@ -70,18 +81,29 @@ def prepare_weights_init(config: Any) -> Optional[str]:
         trunk = ConViT(**trunk_kwargs(model.TRUNK.get(CONFIG_BLOCK)))
     grid, patch = trunk.grid, trunk.patch_size
     changes: List[str] = []
-    adapted = _adapt(load_checkpoint(params_file), grid, patch, "", changes)
+    checkpoint = load_checkpoint(params_file)
+    if network == "teacher":
+        if model.WEIGHTS_INIT.get("STATE_DICT_KEY_NAME", "classy_state_dict") != "classy_state_dict":
+            raise ValueError("config.MODEL.WEIGHTS_INIT.NETWORK=teacher reads a VISSL checkpoint: "
+                             "STATE_DICT_KEY_NAME must be classy_state_dict")
+        try:
+            checkpoint = select_network(checkpoint, "teacher")
+        except CheckpointError as e:
+            raise ValueError(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE {params_file!r}: {e}") from e
+        changes.append("the momentum teacher (MODEL.WEIGHTS_INIT.NETWORK=teacher)")
+    adapted = _adapt(checkpoint, grid, patch, "", changes)
     if not changes:
         return None
     # A sub-folder: VISSL treats any model_final_checkpoint* file in CHECKPOINT.DIR
     # (the source name may be one) as a finished run.
     folder = Path(config.CHECKPOINT.DIR) / "weights_init"
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"resampled_{grid[0]}x{grid[1]}_p{patch}_{Path(params_file).name}"
+    tag = "teacher_" if network == "teacher" else ""
+    target = folder / f"{tag}{grid[0]}x{grid[1]}_p{patch}_{Path(params_file).name}"
     atomic_torch_save(adapted, target)
     for change in changes:
-        logger.info("weights init: resampled %s", change)
-    print(f"convit_ssl: {params_file} resampled for a {trunk.img_size[0]}x{trunk.img_size[1]} input with {patch} px patches "
-          f"({'; '.join(changes)}) -> {target}", flush=True)
+        logger.info("weights init: %s", change)
+    print(f"convit_ssl: {params_file} prepared for a {trunk.img_size[0]}x{trunk.img_size[1]} input with {patch} px "
+          f"patches ({'; '.join(changes)}) -> {target}", flush=True)
     model.WEIGHTS_INIT.PARAMS_FILE = str(target)
     return str(target)

@@ -1,0 +1,176 @@
+"""timm / Hugging Face hub folders: `config.json` beside `model.safetensors`
+(or `pytorch_model.bin`), as `timm.models.save_for_hf` writes them and the hub
+cache holds them (models--timm--convit_small.fb_in1k/snapshots/<hash>/).
+
+Reading gives the state dict and the folder's config; writing produces a
+folder that `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds
+with no other argument: `architecture` names a registered timm model and
+`model_args` carry every dimension, so tiny or non-default models come back
+exactly; `pretrained_cfg` holds the preprocessing (input size, mean, std,
+interpolation, crop) and the number of classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from convit_ssl.checkpoints.io import CheckpointError, PathLike
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's ConViT names and their (channels per head, heads)
+TIMM_CONVITS = {"convit_tiny": (48, 4), "convit_small": (48, 9), "convit_base": (48, 16)}
+
+
+def is_hub_folder(path: PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_hub_folder(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any], str]:
+    """(state dict, config.json, name of the weights file) of a timm hub folder."""
+    from convit_ssl.checkpoints.io import load_checkpoint
+
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} is not a readable JSON file: {e}") from e
+    if not isinstance(config, dict) or "architecture" not in config:
+        raise CheckpointError(f"{str(path / CONFIG_FILE)!r} is not a timm model config (no 'architecture' field)")
+    for name in WEIGHT_FILES:
+        file = path / name
+        if file.is_file():
+            if name.endswith(".safetensors"):
+                return load_safetensors(file), config, name
+            return load_checkpoint(file), config, name
+    present = sorted(p.name for p in path.iterdir())
+    raise CheckpointError(f"hub folder {str(path)!r} has a config.json but no weights: expected one of "
+                          f"{', '.join(WEIGHT_FILES)}; found {present}")
+
+
+def load_safetensors(file: Path) -> Dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise CheckpointError(f"reading {str(file)!r} needs the safetensors package (pip install safetensors)") from e
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError)
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file: {e}") from e
+
+
+def hub_model_args(config: Mapping[str, Any]) -> Dict[str, Any]:
+    return dict(config.get("model_args") or {})
+
+
+def convit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing: Mapping[str, Any]) -> Dict[str, Any]:
+    """config.json of a ConViT (timm's `ConVit`) with the dimensions `kwargs` (ConViT keyword arguments)."""
+    heads = kwargs["num_heads"]
+    head_dim = kwargs["width"] // heads
+    architecture = next((name for name, dims in TIMM_CONVITS.items() if dims == (head_dim, heads)), "convit_tiny")
+    model_args = {
+        "img_size": list(_pair(kwargs["img_size"])), "patch_size": kwargs["patch_size"], "in_chans": kwargs["in_chans"],
+        "num_classes": num_classes, "embed_dim": head_dim, "depth": kwargs["depth"], "num_heads": heads,
+        "local_up_to_layer": kwargs["num_gpsa_layers"], "mlp_ratio": kwargs["mlp_ratio"], "qkv_bias": kwargs["qkv_bias"],
+        "use_pos_embed": kwargs["use_pos_embed"], "global_pool": "token",
+    }
+    return _hub_config(architecture, model_args, kwargs, num_classes, preprocessing)
+
+
+def vit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing: Mapping[str, Any]) -> Dict[str, Any]:
+    """config.json of a DeiT baseline as timm's `VisionTransformer`."""
+    from convit_ssl.checkpoints.vit import timm_vit_name
+
+    architecture = timm_vit_name(kwargs["width"], kwargs["num_heads"], kwargs["patch_size"], kwargs["img_size"])
+    model_args = {
+        "img_size": list(_pair(kwargs["img_size"])), "patch_size": kwargs["patch_size"], "in_chans": kwargs["in_chans"],
+        "num_classes": num_classes, "embed_dim": kwargs["width"], "depth": kwargs["depth"],
+        "num_heads": kwargs["num_heads"], "mlp_ratio": kwargs["mlp_ratio"], "qkv_bias": kwargs["qkv_bias"],
+        "class_token": True, "global_pool": "token",
+    }
+    return _hub_config(architecture, model_args, kwargs, num_classes, preprocessing)
+
+
+def _pair(size: Any) -> Tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _hub_config(architecture: str, model_args: Dict[str, Any], kwargs: Mapping[str, Any], num_classes: int,
+                preprocessing: Mapping[str, Any]) -> Dict[str, Any]:
+    pretrained_cfg = {
+        "custom_load": False, "input_size": [kwargs["in_chans"], *_pair(kwargs["img_size"])],
+        "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center",
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "pool_size": None,
+        "first_conv": "patch_embed.proj", "classifier": "head",
+    }
+    pretrained_cfg.update({k: v for k, v in preprocessing.items() if v is not None})
+    pretrained_cfg["num_classes"] = num_classes
+    return {"architecture": architecture, "num_classes": num_classes, "num_features": kwargs["width"],
+            "global_pool": "token", "model_args": model_args, "pretrained_cfg": pretrained_cfg}
+
+
+@contextmanager
+def staged_folder(path: PathLike, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `path`, renamed to `path` when the block succeeds
+    (an existing folder replaced only with `overwrite`); removed on failure."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=true to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(path.parent)!r} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the folder is meant to be shared
+    try:
+        yield staging
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_hub_folder(folder: Path, state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:
+    """model.safetensors and config.json into an existing (staging) folder."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise CheckpointError("writing a hub folder needs the safetensors package (pip install safetensors)") from e
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / WEIGHT_FILES[0]),
+              metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_with_timm(folder: Path) -> torch.nn.Module:
+    """`timm.create_model("local-dir:FOLDER", pretrained=True)` in eval mode."""
+    try:
+        import timm
+    except ImportError as e:
+        raise RuntimeError("verifying a hub folder needs timm installed (pip install timm), or verify=false") from e
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+
+def preprocessing_of(config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The preprocessing fields of a source hub folder's pretrained_cfg, to carry over."""
+    if not config:
+        return {}
+    cfg = config.get("pretrained_cfg") or {}
+    keep = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "license", "tag")
+    return {k: cfg[k] for k in keep if k in cfg}
