@@ -92,14 +92,31 @@ METHOD_CHECKS = {
 }
 
 
-@pytest.mark.parametrize("twin", sorted(RECIPES))
-def test_twin_trains_end_to_end(twin, tmp_path):
-    checkpoint_dir = tmp_path / "ck"
-    proc = run_engine([f"config={TWIN_DIR}/{twin}", f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+@pytest.fixture(scope="module")
+def twin_run(tmp_path_factory):
+    """`twin_run(name)`: (checkpoint folder, output) of the twin, trained once per module."""
+    runs = {}
 
+    def run(twin: str):
+        if twin not in runs:
+            folder = tmp_path_factory.mktemp(twin)
+            proc = run_engine([f"config={TWIN_DIR}/{twin}", f"config.CHECKPOINT.DIR={folder / 'ck'}"], cwd=folder)
+            runs[twin] = folder / "ck", proc.stdout
+        return runs[twin]
+
+    return run
+
+
+def _final(checkpoint_dir, twin: str):
+    return checkpoint_dir / f"model_final_checkpoint_phase{_config(f'{TWIN_DIR}/{twin}').OPTIMIZER.num_epochs - 1}.torch"
+
+
+@pytest.mark.parametrize("twin", sorted(RECIPES))
+def test_twin_trains_end_to_end(twin, twin_run):
+    checkpoint_dir, stdout = twin_run(twin)
     config = _config(f"{TWIN_DIR}/{twin}")
     epochs = config.OPTIMIZER.num_epochs
-    final = checkpoint_dir / f"model_final_checkpoint_phase{epochs - 1}.torch"
+    final = _final(checkpoint_dir, twin)
     assert final.is_file()
     records = [json.loads(line) for line in (checkpoint_dir / "stdout.json").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -107,7 +124,69 @@ def test_twin_trains_end_to_end(twin, tmp_path):
     assert len(losses) == iterations, records
     assert all(math.isfinite(loss) for loss in losses), losses
     state = torch.load(final, map_location="cpu", weights_only=False)["classy_state_dict"]
-    METHOD_CHECKS[twin](state, proc.stdout)
+    METHOD_CHECKS[twin](state, stdout)
+
+
+# ----------------------------------------------------------------------------
+# The momentum teacher of DINO and MoCo runs, for conversion and evaluation.
+# ----------------------------------------------------------------------------
+
+
+def _networks(final, where: str):
+    """(teacher trunk, student trunk) of a twin's checkpoint, read from VISSL's own layout."""
+    state = torch.load(final, map_location="cpu", weights_only=True)["classy_state_dict"]
+    prefix = f"{where}.trunk."
+    teacher = {k[len(prefix):]: v for k, v in state["loss"].items() if k.startswith(prefix)}
+    return teacher, state["base_model"]["model"]["trunk"]
+
+
+@pytest.mark.parametrize("twin, where", [("dino_micro_synthetic", "momentum_teacher"),
+                                         ("moco_micro_synthetic", "moco_encoder")])
+def test_converter_reads_the_momentum_teacher(twin, where, twin_run, tmp_path):
+    from convit_ssl.convert import ConvertConfig, convert
+
+    final = _final(twin_run(twin)[0], twin)
+    teacher, student = _networks(final, where)
+    assert any(not torch.equal(teacher[k], student[k]) for k in student)  # an average of the students, not a copy
+    for network, expected in (("teacher", teacher), ("student", student)):
+        out = tmp_path / f"{network}.pth"
+        report = convert(ConvertConfig(input=str(final), output=str(out), target_format="timm", keep_head=False,
+                                       network=network), log=lambda _: None)
+        converted = torch.load(out, weights_only=True)
+        assert set(converted) == set(expected) and all(torch.equal(converted[k], expected[k]) for k in expected)
+        assert ("the momentum teacher (network=teacher)" in report["notes"]) == (network == "teacher")
+
+
+def test_linear_evaluation_of_the_dino_teacher(twin_run, tmp_path):
+    """MODEL.WEIGHTS_INIT.NETWORK=teacher: the frozen trunk of the probe is the teacher."""
+    final = _final(twin_run("dino_micro_synthetic")[0], "dino_micro_synthetic")
+    teacher, _ = _networks(final, "momentum_teacher")
+    checkpoint_dir = tmp_path / "ck"
+    proc = run_engine(["config=test/convit_ssl/linear_eval_micro_synthetic",
+                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final}", "config.MODEL.WEIGHTS_INIT.NETWORK=teacher",
+                       f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    assert "the momentum teacher (MODEL.WEIGHTS_INIT.NETWORK=teacher)" in proc.stdout
+    probe = torch.load(checkpoint_dir / "model_final_checkpoint_phase0.torch", weights_only=True)
+    trunk = probe["classy_state_dict"]["base_model"]["model"]["trunk"]
+    assert set(trunk) == {f"base_model.{k}" for k in teacher}
+    assert all(torch.equal(trunk[f"base_model.{k}"], v) for k, v in teacher.items())
+
+
+def test_teacher_of_a_run_without_one_is_refused_before_launch(twin_run, tmp_path):
+    final = _final(twin_run("simclr_micro_synthetic")[0], "simclr_micro_synthetic")
+    proc = run_engine(["config=test/convit_ssl/finetune_micro_synthetic", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final}",
+                       "config.MODEL.WEIGHTS_INIT.NETWORK=teacher", f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"],
+                      cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "has no momentum teacher" in proc.stdout and "Use network=student" in proc.stdout
+    assert not (tmp_path / "ck" / "weights_init").exists()
+
+
+def test_shipped_benchmark_configs_name_the_network_they_load():
+    for name in ("benchmark/linear_image_classification/convit_ssl/linear_convit_small_base",
+                 "benchmark/fulltune/convit_ssl/finetune_convit_small_base",
+                 "benchmark/nearest_neighbor/convit_ssl/knn_convit_small_base"):
+        assert _config(name).MODEL.WEIGHTS_INIT.NETWORK == "student", name
 
 
 # ----------------------------------------------------------------------------
