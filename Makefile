@@ -37,11 +37,12 @@ demo: install
 # Two pytest workers, a test file each at a time (module fixtures are not run
 # twice), one intra-op thread per process: most tests start VISSL processes
 # whose imports and start-up are single-threaded, so two side by side nearly
-# halve the suite's time on 2 cores.
+# halve the suite's time on 2 cores. Files go out in collection order, which
+# tests/conftest.py starts with the longest (xdist would sort by test count).
 TEST_WORKERS ?= 2
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info

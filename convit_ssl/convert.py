@@ -177,7 +177,8 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
         obj = _cast(obj, DTYPES[cfg.dtype])
     detected = detect_format(obj)
     if cfg.source_format not in ("auto", detected):
-        raise CheckpointError(f"{cfg.input!r} was declared {cfg.source_format} but holds a {detected} checkpoint")
+        raise CheckpointError(f"{cfg.input!r} was declared {cfg.source_format} but holds a {detected} checkpoint "
+                              f"(give source_format={detected} or auto)")
     fmt = detected
     arch, num_heads = _architecture(cfg, fmt, source_config)
     weights = read(obj, fmt, keep_head=cfg.keep_head, head_index=cfg.head_index, bn_eps=cfg.bn_eps)

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -57,6 +56,50 @@ def run_tool(tool: str, overrides: List[str], cwd: Path, timeout: int = 300) -> 
     return proc
 
 
+class WarmProcess:
+    """A tool script running in a fork of tests/warm_python.py, with the part of
+    subprocess.Popen the tests use: pid, poll(), wait(timeout), kill() (of its
+    process group: the ranks it spawned too), returncode."""
+
+    def __init__(self, conn: socket.socket, argv: List[str]) -> None:
+        self.conn, self.args, self.returncode = conn, argv, None
+        self._buffer = b""
+        self.pid = int(self._line(timeout=60))
+
+    def _line(self, timeout: Optional[float]) -> str:
+        """The next line from the child; "" when it closed without one (it was killed)."""
+        self.conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            chunk = self.conn.recv(64)
+            if not chunk:
+                return ""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self.returncode is None:
+            try:
+                line = self._line(timeout)
+            except (socket.timeout, BlockingIOError):
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            self.returncode = int(line) if line else -signal.SIGKILL  # no line: killed before it could answer
+            self.conn.close()
+        return self.returncode
+
+    def poll(self) -> Optional[int]:
+        try:
+            return self.wait(timeout=0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class _WarmPython:
     """The client of tests/warm_python.py: one server per test process, started
     at first use and stopped at exit."""
@@ -77,39 +120,41 @@ class _WarmPython:
         self.server.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def run(self, argv: List[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-        output = self.folder / f"run_{uuid.uuid4().hex}.log"
+    def start(self, argv: List[str], cwd: Path, output: Path) -> WarmProcess:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(str(self.socket))
         env = dict(os.environ, PYTHONWARNINGS="ignore")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(str(self.socket))
-            conn.sendall((json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "output": str(output)}) + "\n").encode())
-            reader = conn.makefile("r")
-            conn.settimeout(timeout)
-            pid = int(reader.readline())
-            try:
-                line = reader.readline()
-            except socket.timeout:
-                os.killpg(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(argv, timeout, output=output.read_text(errors="replace"))
-        # no line: the child was killed before it could answer
-        code = int(line) if line.strip() else -signal.SIGKILL
-        text = output.read_text(errors="replace")
-        output.unlink()
-        return subprocess.CompletedProcess([sys.executable, *argv], code, stdout=text)
+        conn.sendall((json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "output": str(output)}) + "\n").encode())
+        return WarmProcess(conn, argv)
 
 
 _warm: Optional[_WarmPython] = None
 
 
-def run_warm(argv: List[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python ARGV` from `cwd`, run in a fork of a Python that has already
+def start_warm(argv: List[str], cwd: Path, output: Path) -> WarmProcess:
+    """Start `python ARGV` from `cwd` in a fork of a Python that has already
     imported VISSL (tests/warm_python.py): the same script, arguments and
-    environment, without 6-7 s of imports per run. Output is stdout and stderr
-    together, as text."""
+    environment, without 6-7 s of imports per run; stdout and stderr go to `output`."""
     global _warm
     if _warm is None or _warm.server.poll() is not None:
         _warm = _WarmPython()
-    return _warm.run(argv, cwd, timeout)
+    return _warm.start(argv, cwd, output)
+
+
+def run_warm(argv: List[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`start_warm`, waited for; its output as text, as subprocess.run(..., text=True) gives it."""
+    with tempfile.NamedTemporaryFile(prefix="warm_run_", suffix=".log", delete=False) as f:
+        output = Path(f.name)
+    try:
+        process = start_warm(argv, cwd, output)
+        try:
+            code = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise subprocess.TimeoutExpired(argv, timeout, output=output.read_text(errors="replace")) from None
+        return subprocess.CompletedProcess([sys.executable, *argv], code, stdout=output.read_text(errors="replace"))
+    finally:
+        output.unlink(missing_ok=True)
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> None:

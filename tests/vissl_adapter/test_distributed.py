@@ -30,11 +30,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import pytest
 import torch
-from helpers import RUN_SCRIPT, folder_overrides, free_port
+from helpers import RUN_SCRIPT, WarmProcess, folder_overrides, free_port, start_warm
+
+Process = Union[subprocess.Popen, WarmProcess]  # a launch: a command, or a fork of the warm Python
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +116,7 @@ def supervised_twin(digits: Path) -> List[str]:
 
 
 def launch(overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs: int = 1,
-           host: str = "127.0.0.1", prefix: Sequence[Sequence[str]] = ()) -> List[subprocess.Popen]:
+           host: str = "127.0.0.1", prefix: Sequence[Sequence[str]] = ()) -> List[Process]:
     """Start `nodes` commands (`node_id=K` each, a tcp rendezvous on `host`), each
     of `procs` processes. `prefix[k]` goes before node k's command (`ip netns exec ...`)."""
     world = [f"config.DISTRIBUTED.NUM_NODES={nodes}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
@@ -123,15 +125,19 @@ def launch(overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs
         world += ["config.DISTRIBUTED.INIT_METHOD=tcp", f"config.DISTRIBUTED.RUN_ID={host}:{free_port()}"]
     started = []
     for node in range(nodes):
-        command = [*(prefix[node] if prefix else ()), sys.executable, str(RUN_SCRIPT), *overrides, *world,
-                   f"node_id={node}"]
-        with open(checkpoint_dir.parent / f"{checkpoint_dir.name}.node{node}.log", "w") as log:  # the child keeps it
-            started.append(subprocess.Popen(command, cwd=checkpoint_dir.parent, stdout=log, stderr=subprocess.STDOUT,
+        arguments = [str(RUN_SCRIPT), *overrides, *world, f"node_id={node}"]
+        log = checkpoint_dir.parent / f"{checkpoint_dir.name}.node{node}.log"
+        if not prefix:  # a fork of the warm Python (helpers.start_warm)
+            started.append(start_warm(arguments, checkpoint_dir.parent, log))
+            continue
+        with open(log, "w") as out:  # the child keeps it
+            started.append(subprocess.Popen([*prefix[node], sys.executable, *arguments], cwd=checkpoint_dir.parent,
+                                            stdout=out, stderr=subprocess.STDOUT,
                                             env=dict(os.environ, PYTHONWARNINGS="ignore")))
     return started
 
 
-def wait(started: List[subprocess.Popen], timeout: float) -> List[int]:
+def wait(started: List[Process], timeout: float) -> List[int]:
     deadline = time.time() + timeout
     try:
         return [p.wait(timeout=max(1.0, deadline - time.time())) for p in started]
@@ -366,7 +372,7 @@ def _children(pid: int) -> List[int]:
     return [int(p) for p in out.split()]
 
 
-def _rank_processes(launcher: subprocess.Popen) -> List[int]:
+def _rank_processes(launcher: Process) -> List[int]:
     """The ranks torch.multiprocessing spawned under a launcher (not its resource tracker)."""
     ranks = []
     for pid in _children(launcher.pid):
@@ -379,7 +385,7 @@ def _rank_processes(launcher: subprocess.Popen) -> List[int]:
     return sorted(ranks)
 
 
-def _wait_for_checkpoint(checkpoint_dir: Path, name: str, started: List[subprocess.Popen], timeout: float = 240) -> None:
+def _wait_for_checkpoint(checkpoint_dir: Path, name: str, started: List[Process], timeout: float = 240) -> None:
     """Until `name` exists: the run is then at the start of the next epoch."""
     deadline = time.time() + timeout
     while not (checkpoint_dir / name).exists():
