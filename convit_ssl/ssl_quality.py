@@ -18,6 +18,9 @@ the CPU, each in its own process:
 
 ``--arch deit`` runs the DeiT baseline of identical dimensions
 (``NUM_GPSA_LAYERS: 0``: the same 6 blocks, all plain self-attention).
+``--override KEY=VALUE ...`` changes the pretraining runs (a narrower trunk
+for a quick check, say; with ``--no-linear``, since the probes' configs
+expect the default trunk).
 
 Writes ``<out>/<method>/<arch>_seed<k>/{pretrain,linear}/`` (checkpoints and
 logs), ``<out>/random_init/<arch>_seed<k>/linear/`` and ``<out>/results.json``
@@ -90,8 +93,11 @@ def _linear(name: str, stage_dir: Path, data: List[str], arch: str, seed: int, w
 
 
 def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path,
-            random_linear: Dict[str, dict], epochs: Optional[int] = None, linear: bool = True) -> Dict[str, Any]:
-    """Pretrain `method` with `arch` and `seed`, then probe; returns the run's entry of results.json."""
+            random_linear: Dict[str, dict], epochs: Optional[int] = None, linear: bool = True,
+            overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Pretrain `method` with `arch` and `seed` (and Hydra `overrides` of the
+    pretraining), then probe; returns the run's entry of results.json."""
+    extra = list(overrides)
     from convit_ssl.demo import data_overrides
 
     run_dir = out / method / f"{arch}_seed{seed}"
@@ -100,6 +106,7 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
                  f"config.DATA.TRAIN.LABEL_PATHS=[{train}]", *ARCHS[arch], f"config.SEED_VALUE={seed}"]
     if epochs:
         overrides.append(f"config.OPTIMIZER.num_epochs={epochs}")
+    overrides += extra
     num_epochs = _num_epochs(overrides)
     overrides += ["+config/convit_ssl/hooks=knn", f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{train}]",
                   f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{val}]",
@@ -122,7 +129,8 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
                   "pretrained": _linear(f"{method} / {arch} / seed {seed}: linear probes", run_dir / "linear",
                                         data, arch, seed, pretrained)["top1"]}
     return {
-        "method": method, "arch": arch, "seed": seed, "config": pretrain_config(method), "epochs": num_epochs,
+        "method": method, "arch": arch, "seed": seed, "config": pretrain_config(method), "overrides": extra,
+        "epochs": num_epochs,
         "iterations": records[-1]["iteration"],
         "pretrain_seconds": round(seconds - monitor, 1), "knn_monitor_seconds": round(monitor, 1),
         "final_loss": _final_loss(run_dir / "pretrain"),
@@ -212,6 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: each config's)")
     parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
     parser.add_argument("--no-linear", action="store_true", help="kNN only: skip the linear probes")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides of the pretraining runs, e.g. a narrower trunk for a quick check "
+                             "(with --no-linear: the probes' configs expect the default trunk)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--table", action="store_true", help="print the markdown tables of <out>/results.json; run nothing")
     args = parser.parse_args(argv)
@@ -221,6 +232,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--table: {path} does not exist")
         print(markdown_tables(json.loads(path.read_text())))
         return 0
+    if any(o.startswith(("config.MODEL.TRUNK", "config.MODEL.HEAD")) for o in args.override) and not args.no_linear:
+        parser.error("--override of the trunk or head needs --no-linear: the linear probes' configs expect "
+                     "the default trunk")
     methods = list(METHODS) if args.method == ["all"] else args.method
     for method in methods:
         pretrain_config(method)  # unknown names fail here, before any run
@@ -250,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"== {method} / {arch} / seed {seed}: in {path} already, skipped")
                     continue
                 run = run_one(method, arch, seed, out, train, val, results["random_init_linear"], args.epochs,
-                              linear=not args.no_linear)
+                              linear=not args.no_linear, overrides=args.override)
                 results["runs"].append(run)
                 _write(path, results)
                 knn = run["knn_top1"]
