@@ -12,10 +12,10 @@ import torch
 if importlib.util.find_spec("vissl") is not None:  # (without VISSL, the pure-PyTorch tests still run)
     import convit_ssl.vissl  # noqa: F401  (patches before anything imports VISSL)
 
-# The longest files (pytest --durations on 2 cores, 2026-12-01: 8, 6, 2 and 1 min), run
-# first: `make test` gives each worker one file at a time, and a long file
-# taken last would leave the other worker idle for minutes.
-LONGEST_FIRST = ("test_distributed.py", "test_ssl_quality.py", "test_demo.py", "test_gpu_check.py")
+# The longest files (pytest --durations in `make test`, 2026-12-01: about 7, 3, 2.5 and
+# 2 min), run first: `make test` gives each worker one file at a time, and a long
+# file taken last would leave the other worker idle for minutes.
+LONGEST_FIRST = ("test_distributed.py", "test_demo.py", "test_ssl_quality.py", "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items):
