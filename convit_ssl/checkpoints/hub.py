@@ -92,7 +92,7 @@ def vit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing: M
     """config.json of a DeiT baseline as timm's `VisionTransformer`."""
     from convit_ssl.checkpoints.vit import timm_vit_name
 
-    architecture = timm_vit_name(kwargs["width"], kwargs["num_heads"], kwargs["patch_size"], kwargs["img_size"])
+    architecture = timm_vit_name(kwargs["width"], kwargs["num_heads"])
     model_args = {
         "img_size": list(_pair(kwargs["img_size"])), "patch_size": kwargs["patch_size"], "in_chans": kwargs["in_chans"],
         "num_classes": num_classes, "embed_dim": kwargs["width"], "depth": kwargs["depth"],

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -112,14 +112,14 @@ VIT_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge"
 DEIT_ARCHS = {"deit_tiny": (192, 3), "deit_small": (384, 6), "deit_base": (768, 12)}
 
 
-def heads_from_timm_name(architecture: str):
+def heads_from_timm_name(architecture: str) -> Optional[int]:
     """Number of heads of a timm ViT/DeiT architecture name (vit_small_patch16_224,
     deit_base_patch16_384.fb_in1k, ...), or None when the name does not say."""
     match = re.match(r"(?:vit|deit|deit3)_(tiny|small|medium|base|large|huge)_", architecture)
     return VIT_HEADS[match.group(1)] if match else None
 
 
-def timm_vit_name(width: int, num_heads: int, patch_size: int, img_size: int) -> str:
+def timm_vit_name(width: int, num_heads: int) -> str:
     """A registered timm architecture to name a DeiT baseline by in a hub folder
     (its model_args override every dimension)."""
     for name, (w, h) in DEIT_ARCHS.items():
