@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from convit_ssl.checkpoints import hub
-from convit_ssl.checkpoints.formats import FORMATS, NETWORKS, Weights, detect_format, read, select_network, write
+from convit_ssl.checkpoints.formats import (FORMATS, NETWORKS, Weights, detect_format, read, select_network,
+                                           unwrap_state_dict, write)
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs, strict_load
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint, save_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
@@ -124,7 +125,7 @@ def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]
     if fmt == "timm":
         return _timm_model(write(Weights(weights.trunk, weights.head), "timm"), kwargs)
     if fmt == "vit":  # the file's own tensors (class slot and layer scale unfolded)
-        state = {k.removeprefix("module."): v for k, v in _unwrap(obj).items()}
+        state = {k.removeprefix("module."): v for k, v in unwrap_state_dict(obj)[0].items()}
         if weights.head is None:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         return _vit_model(state, kwargs)
@@ -141,14 +142,6 @@ def _source_forward(obj: Any, fmt: str, weights: Weights, kwargs: Dict[str, Any]
 
     head = build_vissl_head(vissl_model_parts(obj)[1], head_index, bn_eps)
     return lambda x: head(trunk(x))
-
-
-def _unwrap(obj: Any) -> Dict[str, torch.Tensor]:
-    """The state dict of a timm-style file ({"model": ...} and {"state_dict": ...} unwrapped)."""
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj.get(wrapper), dict):
-            return obj[wrapper]
-    return obj
 
 
 def _target_forward(out: Dict[str, Any], fmt: str, kwargs: Dict[str, Any]) -> nn.Module:
@@ -262,7 +255,7 @@ def _architecture(cfg: ConvertConfig, fmt: str, source_config: Optional[Dict[str
                               "or arch=null with num_heads")
     if source_config is not None:
         name = str(source_config["architecture"])
-        model_args = hub.hub_model_args(source_config)
+        model_args = source_config.get("model_args") or {}
         if "distilled" in name:
             raise CheckpointError(f"{cfg.input!r} is a distilled DeiT ({name}: distillation token and head): convert "
                                   "the non-distilled deit_*_patch16_224 weights")

@@ -29,7 +29,7 @@ are an error unless the head is dropped on purpose (``keep_head=False``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -158,11 +158,12 @@ _WHAT_WE_READ = ("convit_ssl converts ConViT checkpoints (timm, the official rel
 
 def detect_format(obj: Any) -> str:
     """Name the format of a loaded checkpoint (one of FORMATS), from its structure."""
-    if _is_state_dict(obj):
-        stripped = {k.removeprefix("module."): v for k, v in obj.items()}
+    state, _ = unwrap_state_dict(obj)
+    if state is not None:
+        stripped = {k.removeprefix("module."): v for k, v in state.items()}
         keys = set(stripped)
-        if _foreign(keys):
-            raise CheckpointError(f"not a ConViT checkpoint: this is {_foreign(keys)}. {_WHAT_WE_READ}")
+        if foreign := _foreign(keys):
+            raise CheckpointError(f"not a ConViT checkpoint: this is {foreign}. {_WHAT_WE_READ}")
         if _is_vit(keys, stripped):
             return "vit"
         if _TRUNK_MARKERS <= keys:
@@ -170,19 +171,28 @@ def detect_format(obj: Any) -> str:
         if _VISSL_CONVIT_MARKERS <= keys and _is_vissl_convit(stripped):
             return "vissl_convit"
         raise CheckpointError(f"not a ConViT checkpoint: this is {describe(keys)}. {_WHAT_WE_READ}")
-    if isinstance(obj, Mapping):
-        for wrapper in ("model", "state_dict"):
-            if wrapper in obj and _is_state_dict(obj[wrapper]) and "classy_state_dict" not in obj:
-                return detect_format(obj[wrapper])
-        if "classy_state_dict" in obj:
-            trunk, _ = vissl_model_parts(obj)
-            if _TRUNK_MARKERS <= set(trunk):
-                return "vissl"
-            if _VISSL_CONVIT_MARKERS <= set(trunk) and _is_vissl_convit(trunk):
-                return "vissl_convit"
-            raise CheckpointError(f"a VISSL checkpoint of another trunk: {describe(trunk)}. {_WHAT_WE_READ}")
+    if isinstance(obj, Mapping) and "classy_state_dict" in obj:
+        trunk, _ = vissl_model_parts(obj)
+        if _TRUNK_MARKERS <= set(trunk):
+            return "vissl"
+        if _VISSL_CONVIT_MARKERS <= set(trunk) and _is_vissl_convit(trunk):
+            return "vissl_convit"
+        raise CheckpointError(f"a VISSL checkpoint of another trunk: {describe(trunk)}. {_WHAT_WE_READ}")
     raise CheckpointError(f"not a checkpoint this tool reads: {type(obj).__name__} with keys "
                           f"{sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else '-'}")
+
+
+def unwrap_state_dict(obj: Any) -> Tuple[Optional[StateDict], Optional[str]]:
+    """(state dict, the entry it was in or None) of a timm-style checkpoint: a
+    state dict, or one under "model" (the official release, its training
+    script) or "state_dict"; (None, None) for anything else (VISSL checkpoints)."""
+    if _is_state_dict(obj):
+        return dict(obj), None
+    if isinstance(obj, Mapping) and "classy_state_dict" not in obj:
+        for wrapper in ("model", "state_dict"):
+            if _is_state_dict(obj.get(wrapper)):
+                return dict(obj[wrapper]), wrapper
+    return None, None
 
 
 def _is_vissl_convit(trunk: Mapping[str, Tensor]) -> bool:
@@ -242,15 +252,12 @@ def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps
         if network != "student":
             raise CheckpointError(f"network={network} applies to VISSL checkpoints of DINO and MoCo runs, "
                                   f"not to a {fmt} file")
-        if not _is_state_dict(obj):
-            for wrapper in ("model", "state_dict"):
-                if isinstance(obj, Mapping) and _is_state_dict(obj.get(wrapper)):
-                    obj = obj[wrapper]
-                    notes.append(f"read {fmt} weights from the {wrapper!r} entry")
-                    break
-            else:
-                raise CheckpointError(f"not a {fmt} checkpoint: expected a state dict or {{'model': state dict}}")
-        trunk = _strip_prefix(obj, "module.")
+        state, wrapper = unwrap_state_dict(obj)
+        if state is None:
+            raise CheckpointError(f"not a {fmt} checkpoint: expected a state dict or {{'model': state dict}}")
+        if wrapper is not None:
+            notes.append(f"read {fmt} weights from the {wrapper!r} entry")
+        trunk = _strip_prefix(state, "module.")
         if fmt == "vit":
             from convit_ssl.checkpoints.vit import vit_to_deit
 

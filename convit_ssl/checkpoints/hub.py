@@ -70,21 +70,13 @@ def load_safetensors(file: Path) -> Dict[str, Tensor]:
         raise CheckpointError(f"{str(file)!r} is not a readable safetensors file: {e}") from e
 
 
-def hub_model_args(config: Mapping[str, Any]) -> Dict[str, Any]:
-    return dict(config.get("model_args") or {})
-
-
 def convit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing: Mapping[str, Any]) -> Dict[str, Any]:
     """config.json of a ConViT (timm's `ConVit`) with the dimensions `kwargs` (ConViT keyword arguments)."""
     heads = kwargs["num_heads"]
     head_dim = kwargs["width"] // heads
     architecture = next((name for name, dims in TIMM_CONVITS.items() if dims == (head_dim, heads)), "convit_tiny")
-    model_args = {
-        "img_size": list(_pair(kwargs["img_size"])), "patch_size": kwargs["patch_size"], "in_chans": kwargs["in_chans"],
-        "num_classes": num_classes, "embed_dim": head_dim, "depth": kwargs["depth"], "num_heads": heads,
-        "local_up_to_layer": kwargs["num_gpsa_layers"], "mlp_ratio": kwargs["mlp_ratio"], "qkv_bias": kwargs["qkv_bias"],
-        "use_pos_embed": kwargs["use_pos_embed"], "global_pool": "token",
-    }
+    model_args = {**_model_args(kwargs, num_classes), "embed_dim": head_dim,  # timm's ConVit: per head
+                  "local_up_to_layer": kwargs["num_gpsa_layers"], "use_pos_embed": kwargs["use_pos_embed"]}
     return _hub_config(architecture, model_args, kwargs, num_classes, preprocessing)
 
 
@@ -93,13 +85,16 @@ def vit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing: M
     from convit_ssl.checkpoints.vit import timm_vit_name
 
     architecture = timm_vit_name(kwargs["width"], kwargs["num_heads"])
-    model_args = {
-        "img_size": list(_pair(kwargs["img_size"])), "patch_size": kwargs["patch_size"], "in_chans": kwargs["in_chans"],
-        "num_classes": num_classes, "embed_dim": kwargs["width"], "depth": kwargs["depth"],
-        "num_heads": kwargs["num_heads"], "mlp_ratio": kwargs["mlp_ratio"], "qkv_bias": kwargs["qkv_bias"],
-        "class_token": True, "global_pool": "token",
-    }
+    model_args = {**_model_args(kwargs, num_classes), "embed_dim": kwargs["width"], "class_token": True}
     return _hub_config(architecture, model_args, kwargs, num_classes, preprocessing)
+
+
+def _model_args(kwargs: Mapping[str, Any], num_classes: int) -> Dict[str, Any]:
+    """The timm model arguments both ConVit and VisionTransformer take alike."""
+    return {"img_size": list(_pair(kwargs["img_size"])), "patch_size": kwargs["patch_size"],
+            "in_chans": kwargs["in_chans"], "num_classes": num_classes, "depth": kwargs["depth"],
+            "num_heads": kwargs["num_heads"], "mlp_ratio": kwargs["mlp_ratio"], "qkv_bias": kwargs["qkv_bias"],
+            "global_pool": "token"}
 
 
 def _pair(size: Any) -> Tuple[int, int]:
