@@ -120,33 +120,36 @@ class _WarmPython:
         self.server.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def start(self, argv: List[str], cwd: Path, output: Path) -> WarmProcess:
+    def start(self, argv: List[str], cwd: Path, output: Path, fork_ranks: bool) -> WarmProcess:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(str(self.socket))
         env = dict(os.environ, PYTHONWARNINGS="ignore")
-        conn.sendall((json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "output": str(output)}) + "\n").encode())
+        request = {"argv": argv, "cwd": str(cwd), "env": env, "output": str(output), "fork_ranks": fork_ranks}
+        conn.sendall((json.dumps(request) + "\n").encode())
         return WarmProcess(conn, argv)
 
 
 _warm: Optional[_WarmPython] = None
 
 
-def start_warm(argv: List[str], cwd: Path, output: Path) -> WarmProcess:
+def start_warm(argv: List[str], cwd: Path, output: Path, fork_ranks: bool = True) -> WarmProcess:
     """Start `python ARGV` from `cwd` in a fork of a Python that has already
     imported VISSL (tests/warm_python.py): the same script, arguments and
-    environment, without 6-7 s of imports per run; stdout and stderr go to `output`."""
+    environment, without 6-7 s of imports per run; stdout and stderr go to
+    `output`. With `fork_ranks` the ranks VISSL starts are forks of it too,
+    else fresh interpreters (VISSL's torch.multiprocessing.spawn)."""
     global _warm
     if _warm is None or _warm.server.poll() is not None:
         _warm = _WarmPython()
-    return _warm.start(argv, cwd, output)
+    return _warm.start(argv, cwd, output, fork_ranks)
 
 
-def run_warm(argv: List[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_warm(argv: List[str], cwd: Path, timeout: float = 300, fork_ranks: bool = True) -> subprocess.CompletedProcess:
     """`start_warm`, waited for; its output as text, as subprocess.run(..., text=True) gives it."""
     with tempfile.NamedTemporaryFile(prefix="warm_run_", suffix=".log", delete=False) as f:
         output = Path(f.name)
     try:
-        process = start_warm(argv, cwd, output)
+        process = start_warm(argv, cwd, output, fork_ranks)
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -224,37 +227,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _kmeans_rank(rank: int, world: int, port: int, memory: torch.Tensor, clusters: int, out: Path) -> None:
-    from types import SimpleNamespace
-
-    import torch.distributed as dist
-
-    from convit_ssl.vissl import patches
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    share = len(memory) // world
-    loss = SimpleNamespace(
-        local_memory_embeddings=memory[rank * share:(rank + 1) * share].unsqueeze(0).clone(),
-        local_memory_index=torch.arange(rank * share, (rank + 1) * share),
-        num_clusters=[clusters], embedding_dim=memory.shape[1], nmb_kmeans_iters=10, nmb_mbs=1,
-        assignments=-100 * torch.ones(1, len(memory), dtype=torch.long), centroids0=torch.zeros(clusters, memory.shape[1]),
-    )
-    # rank 0 starts from its first `clusters` embeddings, whatever the world size
-    randperm = torch.randperm
-    torch.randperm = lambda n, *args, **kwargs: torch.arange(n)
-    try:
-        patches._cluster_memory(loss)
-    finally:
-        torch.randperm = randperm
-    if rank == 0:
-        torch.save({"assignments": loss.assignments[0], "centroids": loss.centroids0}, out)
-    dist.destroy_process_group()
-
-
 def kmeans_on_ranks(memory: torch.Tensor, clusters: int, world: int, out: Path) -> Dict[str, torch.Tensor]:
     """DeepCluster-v2's distributed k-means (patches._cluster_memory) on `world`
-    gloo processes, each holding a consecutive share of `memory`; rank 0's result."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_kmeans_rank, args=(world, free_port(), memory, clusters, out), nprocs=world)
+    gloo processes, each holding a consecutive share of `memory`; rank 0's result
+    (tests/kmeans_ranks.py)."""
+    memory_file = out.with_name(out.name + ".memory.pt")
+    torch.save(memory, memory_file)
+    script = Path(__file__).with_name("kmeans_ranks.py")
+    proc = run_warm([str(script), str(memory_file), str(clusters), str(world), str(out)], cwd=out.parent, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
     return torch.load(out)

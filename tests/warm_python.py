@@ -7,12 +7,21 @@ interpreter before doing a second of work; a fork starts in milliseconds
 with the same modules loaded. The child is the tool's own `__main__` run
 by `runpy`, with the request's argv, working directory and environment, its
 output in a file, in a session of its own (the client kills the group on a
-timeout). Ranks that VISSL spawns are fresh interpreters as always.
+timeout).
+
+The ranks VISSL's launcher starts (`torch.multiprocessing.spawn`) would be
+fresh interpreters importing all of it again; with "fork_ranks" in the request
+they are forks of the tool instead (`start_processes(..., start_method="fork")`):
+the same worker, arguments and process tree (children of the launcher), minus
+the pickling and the re-import of `__main__`. The spawn path itself stays
+tested where the suite starts a tool in a fresh interpreter
+(test_launcher.test_cli_run_trains_on_two_processes, the two-host test).
 
     python tests/warm_python.py SOCKET_PATH
 
 Protocol (one connection per run, newline-terminated): the client sends JSON
-{"argv": [script, *args], "cwd": ..., "env": {...}, "output": path}; the
+{"argv": [script, *args], "cwd": ..., "env": {...}, "output": path,
+"fork_ranks": bool}; the
 child answers its pid, then its exit code.
 The server never runs tensor code itself: a fork after OpenMP threads exist
 could hang.
@@ -21,6 +30,7 @@ could hang.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -46,6 +56,28 @@ def _readline(conn: socket.socket) -> bytes:
     return data
 
 
+def _as_fresh_process(fn, index, *args):
+    """A forked rank ends as a spawned one would: with the exit handlers it
+    registered itself (VISSL closes stdout.json in one), not the launcher's."""
+    atexit._clear()
+    try:
+        fn(index, *args)
+    finally:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+
+
+def _fork_ranks() -> None:
+    """torch.multiprocessing.spawn, as VISSL calls it, starting forks."""
+    import torch.multiprocessing as torch_mp
+
+    def spawn(fn, args=(), nprocs=1, join=True, daemon=False, start_method="spawn"):
+        worker = functools.partial(_as_fresh_process, fn)
+        return torch_mp.start_processes(worker, args, nprocs, join, daemon, start_method="fork")
+
+    torch_mp.spawn = spawn
+
+
 def _run_child(conn: socket.socket, request: dict) -> None:
     """In the fork: become the tool, report its exit code, exit."""
     os.setsid()
@@ -63,6 +95,8 @@ def _run_child(conn: socket.socket, request: dict) -> None:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         sys.argv = list(request["argv"])
+        if request.get("fork_ranks"):
+            _fork_ranks()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the tool waits for its own children
         try:
             runpy.run_path(sys.argv[0], run_name="__main__")

@@ -373,14 +373,15 @@ def _children(pid: int) -> List[int]:
 
 
 def _rank_processes(launcher: Process) -> List[int]:
-    """The ranks torch.multiprocessing spawned under a launcher (not its resource tracker)."""
+    """The ranks torch.multiprocessing started under a launcher (spawned or
+    forked: helpers.start_warm), not its resource tracker."""
     ranks = []
     for pid in _children(launcher.pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except FileNotFoundError:
             continue
-        if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+        if "resource_tracker" not in cmdline:
             ranks.append(pid)
     return sorted(ranks)
 
