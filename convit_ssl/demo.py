@@ -25,14 +25,15 @@ import ast
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from convit_ssl import warm
 
 STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
 # the self-supervised stage: the method that learns most reliably at this scale (README, tools/ssl_quality.py)
@@ -111,25 +112,31 @@ class _Echo:
 
 def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: str = "",
               threads: Optional[int] = None, echo: Optional[Callable[[str], None]] = None,
-              children: Optional[List[subprocess.Popen]] = None) -> float:
-    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process (with
-    `threads` intra-op threads if given), its progress lines echoed (under
-    `[label]` if given); returns the wall time. A failure raises with the last
-    output lines. `children` collects the process, so that it can be stopped."""
-    command = [sys.executable, "-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
+              children: Optional[List[BaseProcess]] = None) -> float:
+    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process (a fork of
+    the warm Python, `convit_ssl.warm`, with `threads` intra-op threads if given),
+    its progress lines echoed (under `[label]` if given); returns the wall time.
+    A failure raises with the last output lines. `children` collects the
+    process, so that it can be stopped."""
+    argv = ["-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
     echo = echo or _Echo()
-    echo(f"\n== {title}: {' '.join(command[3:])}")
+    echo(f"\n== {title}: convit-ssl {' '.join(argv[2:])}")
     prefix = f"[{label}] " if label else ""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
     tail: List[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        if children is not None:
-            children.append(proc)
-        assert proc.stdout is not None
-        for line in proc.stdout:
+    reader, writer = warm.pipe()
+    try:
+        process = warm.start(argv, output=writer, env=env)
+    finally:
+        writer.close()  # the child holds the only writing end: EOF when it exits
+    if children is not None:
+        children.append(process)
+    with open(os.dup(reader.fileno()), errors="replace") as output:
+        reader.close()
+        for line in output:
             tail = (tail + [line.rstrip()])[-40:]
             progress = _PROGRESS.search(line)
             meter = _METER.search(line)
@@ -137,8 +144,9 @@ def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: s
                 echo(f"   {prefix}epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}")
             elif meter:
                 echo(f"   {prefix}{'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {title!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"stage {title!r} failed (exit {process.exitcode}); last output:\n" + "\n".join(tail))
     return time.time() - start
 
 
@@ -169,7 +177,7 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2) -> Dict[str, 
                     times[stage.name] = future.result()
                 except BaseException:
                     for child in children:
-                        if child.poll() is None:
+                        if child.is_alive():
                             child.kill()
                     raise
     return times

@@ -4,19 +4,18 @@ overrides for the digits, runners of real VISSL jobs, model helpers."""
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from convit_ssl import warm
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = REPO / "tools" / "run_distributed_engines.py"
@@ -56,42 +55,59 @@ def run_tool(tool: str, overrides: List[str], cwd: Path, timeout: int = 300) -> 
     return proc
 
 
+def _as_fresh_process(fn, index, *args):
+    """A forked rank ends as a spawned one would: with the exit handlers it
+    registered itself (VISSL closes stdout.json in one), not its launcher's."""
+    import atexit
+    import logging
+
+    atexit._clear()
+    try:
+        fn(index, *args)
+    finally:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+
+
+def fork_ranks() -> None:
+    """In a warm child (its `prepare`): the ranks VISSL's launcher starts with
+    torch.multiprocessing.spawn, fresh interpreters importing everything again
+    (6-8 s each), are forks of the launcher instead: the same worker, arguments
+    and process tree (children of the launcher), without the pickling and the
+    re-import of `__main__`. That spawn path stays tested where a tool starts in
+    a fresh interpreter (test_launcher.test_cli_run_trains_on_two_processes, the
+    two-host test)."""
+    import functools
+
+    import torch.multiprocessing as torch_mp
+
+    def spawn(fn, args=(), nprocs=1, join=True, daemon=False, start_method="spawn"):
+        worker = functools.partial(_as_fresh_process, fn)
+        return torch_mp.start_processes(worker, args, nprocs, join, daemon, start_method="fork")
+
+    torch_mp.spawn = spawn
+
+
 class WarmProcess:
-    """A tool script running in a fork of tests/warm_python.py, with the part of
-    subprocess.Popen the tests use: pid, poll(), wait(timeout), kill() (of its
-    process group: the ranks it spawned too), returncode."""
+    """A tool script running in a fork of the warm Python (convit_ssl.warm), with
+    the part of subprocess.Popen the tests use: pid, poll(), wait(timeout),
+    kill() (of its process group: the ranks it started too), returncode."""
 
-    def __init__(self, conn: socket.socket, argv: List[str]) -> None:
-        self.conn, self.args, self.returncode = conn, argv, None
-        self._buffer = b""
-        self.pid = int(self._line(timeout=60))
+    def __init__(self, process: BaseProcess, argv: List[str]) -> None:
+        self.process, self.args, self.pid = process, argv, process.pid
 
-    def _line(self, timeout: Optional[float]) -> str:
-        """The next line from the child; "" when it closed without one (it was killed)."""
-        self.conn.settimeout(timeout)
-        while b"\n" not in self._buffer:
-            chunk = self.conn.recv(64)
-            if not chunk:
-                return ""
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.exitcode
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        if self.returncode is None:
-            try:
-                line = self._line(timeout)
-            except (socket.timeout, BlockingIOError):
-                raise subprocess.TimeoutExpired(self.args, timeout) from None
-            self.returncode = int(line) if line else -signal.SIGKILL  # no line: killed before it could answer
-            self.conn.close()
-        return self.returncode
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.process.exitcode
 
     def poll(self) -> Optional[int]:
-        try:
-            return self.wait(timeout=0)
-        except subprocess.TimeoutExpired:
-            return None
+        return self.process.exitcode
 
     def kill(self) -> None:
         try:
@@ -100,56 +116,24 @@ class WarmProcess:
             pass
 
 
-class _WarmPython:
-    """The client of tests/warm_python.py: one server per test process, started
-    at first use and stopped at exit."""
-
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="warm_python_"))
-        self.socket = self.folder / "socket"
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("warm_python.py")),
-                                        str(self.socket)], env=env, stdout=subprocess.PIPE, text=True)
-        ready = self.server.stdout.readline()
-        if ready.strip() != "ready":
-            raise RuntimeError(f"tests/warm_python.py did not start (exit {self.server.poll()}): {ready!r}")
-        atexit.register(self.close)
-
-    def close(self) -> None:
-        self.server.kill()
-        self.server.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def start(self, argv: List[str], cwd: Path, output: Path, fork_ranks: bool) -> WarmProcess:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(str(self.socket))
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        request = {"argv": argv, "cwd": str(cwd), "env": env, "output": str(output), "fork_ranks": fork_ranks}
-        conn.sendall((json.dumps(request) + "\n").encode())
-        return WarmProcess(conn, argv)
-
-
-_warm: Optional[_WarmPython] = None
-
-
-def start_warm(argv: List[str], cwd: Path, output: Path, fork_ranks: bool = True) -> WarmProcess:
+def start_warm(argv: List[str], cwd: Path, output: Path, forked_ranks: bool = True) -> WarmProcess:
     """Start `python ARGV` from `cwd` in a fork of a Python that has already
-    imported VISSL (tests/warm_python.py): the same script, arguments and
-    environment, without 6-7 s of imports per run; stdout and stderr go to
-    `output`. With `fork_ranks` the ranks VISSL starts are forks of it too,
-    else fresh interpreters (VISSL's torch.multiprocessing.spawn)."""
-    global _warm
-    if _warm is None or _warm.server.poll() is not None:
-        _warm = _WarmPython()
-    return _warm.start(argv, cwd, output, fork_ranks)
+    imported VISSL (convit_ssl.warm): the same script, arguments and environment
+    (PYTHONWARNINGS=ignore), without 6-8 s of imports per run, in a process group
+    of its own; stdout and stderr go to `output`. With `forked_ranks` the ranks
+    VISSL starts are forks of it too (`fork_ranks`), else fresh interpreters."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    process = warm.start(argv, output=output, cwd=cwd, env=env, new_session=True,
+                         prepare=fork_ranks if forked_ranks else None)
+    return WarmProcess(process, argv)
 
 
-def run_warm(argv: List[str], cwd: Path, timeout: float = 300, fork_ranks: bool = True) -> subprocess.CompletedProcess:
+def run_warm(argv: List[str], cwd: Path, timeout: float = 300, forked_ranks: bool = True) -> subprocess.CompletedProcess:
     """`start_warm`, waited for; its output as text, as subprocess.run(..., text=True) gives it."""
     with tempfile.NamedTemporaryFile(prefix="warm_run_", suffix=".log", delete=False) as f:
         output = Path(f.name)
     try:
-        process = start_warm(argv, cwd, output, fork_ranks)
+        process = start_warm(argv, cwd, output, forked_ranks)
         try:
             code = process.wait(timeout)
         except subprocess.TimeoutExpired:

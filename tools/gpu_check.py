@@ -207,13 +207,20 @@ def _device_overrides(device: str) -> List[str]:
 
 
 def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
+    """`convit-ssl COMMAND OVERRIDES` in a fork of the warm Python (convit_ssl.warm:
+    its seconds are the run's, not the imports'), its output in FOLDER.log."""
+    from convit_ssl import warm
+
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", command, *overrides,
-                           f"config.CHECKPOINT.DIR={folder}"], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    record: Dict[str, Any] = {"returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
-    if proc.returncode != 0:
-        record["error"] = (proc.stdout + proc.stderr)[-2000:]
+    log = folder.with_name(folder.name + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    process = warm.start(["-m", "convit_ssl.cli", command, *overrides, f"config.CHECKPOINT.DIR={folder}"], output=log,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    process.join()
+    output = log.read_text(errors="replace")
+    record: Dict[str, Any] = {"returncode": process.exitcode, "seconds": round(time.time() - start, 1)}
+    if process.exitcode != 0:
+        record["error"] = output[-2000:]
         return record
     stdout_json = folder / "stdout.json"
     if stdout_json.is_file():
@@ -227,7 +234,7 @@ def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
 
         record["checkpoint"] = finals[-1].name
         record["loads_on_cpu"] = isinstance(load_checkpoint(finals[-1]), dict)
-    record["output_tail"] = proc.stdout.strip().splitlines()[-1:] if command != "run" else []
+    record["output_tail"] = output.strip().splitlines()[-1:] if command != "run" else []
     return record
 
 

@@ -1,0 +1,102 @@
+"""Commands in forks of one Python that has imported VISSL once.
+
+A `convit-ssl` command pays 6-8 s of imports (torch, torchvision, VISSL,
+ClassyVision, hydra, scikit-learn) before it does any work. Programs that run
+many of them (the demo's stages, tools/ssl_quality.py, the GPU check's CPU
+rehearsal, the test suite) start each in a fork of multiprocessing's fork
+server instead, which imports `PRELOAD` once; a fork starts in milliseconds.
+
+    process = start(["-m", "convit_ssl.cli", "run", "config=..."], output=Path("log.txt"))
+    process.join()  # process.exitcode as `python -m convit_ssl.cli run config=...` would exit
+
+The child is otherwise the command as `python ARGV` runs it: `ARGV[0]` a
+script path or `-m MODULE`, run as `__main__` with that argv, the given
+working directory and environment (its PYTHONWARNINGS applied), intra-op
+threads from its OMP_NUM_THREADS, its exit code (SystemExit; 1 with the
+traceback for an exception), its exit handlers.
+The fork server itself runs no tensor code: a fork after OpenMP threads exist
+could hang. CUDA is never initialised there either, so the children may use it.
+As with multiprocessing's spawn, a child imports the parent's main module
+first (as `__mp_main__`): its work must be under `if __name__ == "__main__"`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import runpy
+import sys
+import warnings
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Union
+
+# What every command imports: the CLI, the patched VISSL, its engines and launcher.
+PRELOAD = ["convit_ssl._warm_preload"]
+
+_context = multiprocessing.get_context("forkserver")
+
+
+def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, Connection],
+         new_session: bool, prepare: Optional[Callable[[], None]]) -> None:
+    """In the fork: become `python ARGV`, exit as it would."""
+    if new_session:
+        os.setsid()
+    if isinstance(output, Connection):
+        os.dup2(output.fileno(), 1)
+        os.dup2(output.fileno(), 2)
+    else:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # as PYTHONUNBUFFERED would, which has no effect after start-up
+    os.environ.clear()
+    os.environ.update(env)
+    if env.get("PYTHONWARNINGS"):  # what a fresh interpreter reads at start-up
+        warnings._processoptions(env["PYTHONWARNINGS"].split(","))
+    os.chdir(cwd)
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if prepare is not None:
+        prepare()
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
+    finally:  # the forked child ends in os._exit: what a normal interpreter exit does
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def start(argv: Sequence[str], output: Union[os.PathLike, Connection], cwd: Optional[os.PathLike] = None,
+          env: Optional[Dict[str, str]] = None, new_session: bool = False,
+          prepare: Optional[Callable[[], None]] = None) -> multiprocessing.Process:
+    """Start `python ARGV` in a fork of the warm Python; its stdout and stderr go
+    to `output` (a file, truncated, or the writing end of a `pipe()`). `cwd` and
+    `env` default to this process's. With `new_session` the child leads a process
+    group of its own (`os.killpg(process.pid, ...)` stops it with what it started).
+    `prepare`, a module-level function, runs in the child first. Returns the
+    started process: `pid`, `join(timeout)`, `exitcode`, `kill()`."""
+    _context.set_forkserver_preload(PRELOAD)  # read when the fork server starts (at the first call)
+    target = str(Path(output).resolve()) if not isinstance(output, Connection) else output
+    process = _context.Process(target=_run, args=(list(map(str, argv)), str(Path(cwd or os.getcwd()).resolve()),
+                                                  dict(os.environ if env is None else env), target, new_session,
+                                                  prepare))
+    process.start()
+    return process
+
+
+def pipe() -> "tuple[Connection, Connection]":
+    """(reader, writer) for a child's output: pass `writer` to `start`, close it
+    here once the child has started, read lines from `reader.fileno()`."""
+    return _context.Pipe(duplex=False)
