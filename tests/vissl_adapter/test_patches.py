@@ -159,13 +159,19 @@ def test_pure_pytorch_import_loads_no_vissl_and_changes_nothing():
 
 
 def test_importing_the_vissl_package_sets_vissl_up():
+    """...and leaves scikit-learn unloaded until VISSL's SVM trainers are imported,
+    whose patch then applies (patches._after_import)."""
     code = ("import convit_ssl.vissl, sys\n"
             "from convit_ssl.vissl import patches\n"
             "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
             "from classy_vision.tasks import TASK_REGISTRY\n"
-            "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n")
+            "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n"
+            "print('sklearn' in sys.modules)\n"
+            "from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer\n"
+            "print('sklearn' in sys.modules, SVMLowShotTrainer.test is patches._low_shot_test)\n")
     lines = _fresh(code).stdout.strip().splitlines()
-    assert set(VISSL_PATCHES) <= set(eval(lines[-2])) and lines[-1] == "True True"
+    assert set(VISSL_PATCHES) <= set(eval(lines[-4])) and lines[-3] == "True True"
+    assert lines[-2:] == ["False", "True True"]
 
 
 def _odd_images(folder):
