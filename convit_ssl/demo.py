@@ -14,7 +14,8 @@ the analysis hook logged).
 With no data it exports scikit-learn's bundled handwritten digits to an image
 folder; with `--data DIR` (holding `train/<class>/*` and `val/<class>/*`) it
 runs on the user's own images. Each stage runs in its own process (VISSL
-initialises a process group per run), two at a time as soon as the stages
+initialises a process group per run; a fork of the warm Python of
+`convit_ssl.warm`, which has imported VISSL once), two at a time as soon as the stages
 they start from have finished, with its progress lines echoed under its name
 and its full log in `<out>/<stage>/log.txt`.
 """
