@@ -39,6 +39,19 @@ PRELOAD = ["convit_ssl._warm_preload"]
 _context = multiprocessing.get_context("forkserver")
 
 
+def _apply_warning_options(value: str) -> None:
+    """PYTHONWARNINGS as a fresh interpreter reads it at start-up (through
+    CPython's own parser where it has one; else the options that are an action alone)."""
+    options = [option for option in value.split(",") if option]
+    process = getattr(warnings, "_processoptions", None)
+    if process is not None:
+        process(options)
+        return
+    for option in options:
+        if ":" not in option:
+            warnings.simplefilter(option)
+
+
 def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, Connection],
          new_session: bool, prepare: Optional[Callable[[], None]]) -> None:
     """In the fork: become `python ARGV`, exit as it would."""
@@ -56,8 +69,8 @@ def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, 
         stream.reconfigure(line_buffering=True)  # as PYTHONUNBUFFERED would, which has no effect after start-up
     os.environ.clear()
     os.environ.update(env)
-    if env.get("PYTHONWARNINGS"):  # what a fresh interpreter reads at start-up
-        warnings._processoptions(env["PYTHONWARNINGS"].split(","))
+    if env.get("PYTHONWARNINGS"):
+        _apply_warning_options(env["PYTHONWARNINGS"])
     os.chdir(cwd)
     import torch
 
