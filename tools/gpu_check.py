@@ -208,7 +208,8 @@ def _device_overrides(device: str) -> List[str]:
 
 def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
     """`convit-ssl COMMAND OVERRIDES` in a fork of the warm Python (convit_ssl.warm:
-    its seconds are the run's, not the imports'), its output in FOLDER.log."""
+    its seconds are the run's, not the imports', but for the first run's, which
+    include the server's start), its output in FOLDER.log."""
     from convit_ssl import warm
 
     start = time.time()
