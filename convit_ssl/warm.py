@@ -84,11 +84,17 @@ def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, 
         else:
             sys.argv = list(argv)
             runpy.run_path(argv[0], run_name="__main__")
-    finally:  # the forked child ends in os._exit: what a normal interpreter exit does
-        atexit._run_exitfuncs()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+    finally:
+        exit_as_an_interpreter()
+
+
+def exit_as_an_interpreter() -> None:
+    """What a normal interpreter exit does, for a fork that ends in os._exit
+    (a multiprocessing child): the exit handlers, the logging handlers, the streams."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def start(argv: Sequence[str], output: Union[os.PathLike, Connection], cwd: Optional[os.PathLike] = None,

@@ -59,14 +59,12 @@ def _as_fresh_process(fn, index, *args):
     """A forked rank ends as a spawned one would: with the exit handlers it
     registered itself (VISSL closes stdout.json in one), not its launcher's."""
     import atexit
-    import logging
 
     atexit._clear()
     try:
         fn(index, *args)
     finally:
-        atexit._run_exitfuncs()
-        logging.shutdown()
+        warm.exit_as_an_interpreter()
 
 
 def fork_ranks() -> None:

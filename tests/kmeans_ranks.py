@@ -9,7 +9,6 @@ Run by helpers.kmeans_on_ranks in a fork of the warm Python (convit_ssl.warm).
 
 from __future__ import annotations
 
-import socket
 import sys
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from convit_ssl.vissl import patches
+from helpers import free_port  # tests/ is on the warm child's sys.path, as on its parent's
 
 
 def _rank(rank: int, world: int, port: int, memory: torch.Tensor, clusters: int, out: str) -> None:
@@ -37,13 +37,7 @@ def _rank(rank: int, world: int, port: int, memory: torch.Tensor, clusters: int,
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 if __name__ == "__main__":
     memory_file, clusters, world, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     memory = torch.load(memory_file)
-    mp.spawn(_rank, args=(world, _free_port(), memory, clusters, out), nprocs=world)
+    mp.spawn(_rank, args=(world, free_port(), memory, clusters, out), nprocs=world)
