@@ -268,6 +268,25 @@ def patch_deepclusterv2_device() -> bool:
     return True
 
 
+def _update_memory_bank(self, emb: torch.Tensor, idx: torch.Tensor) -> None:
+    """Upstream `DeepClusterV2Loss.update_memory_bank` on the detached embeddings."""
+    _upstream_update_memory_bank(self, emb.detach(), idx)
+
+
+_upstream_update_memory_bank: Callable[..., None] = None  # type: ignore[assignment]  (set when patched)
+
+
+def patch_deepclusterv2_memory_detached() -> bool:
+    global _upstream_update_memory_bank
+    from vissl.losses.deepclusterv2_loss import DeepClusterV2Loss
+
+    if DeepClusterV2Loss.update_memory_bank is _update_memory_bank:
+        return False
+    _upstream_update_memory_bank = DeepClusterV2Loss.update_memory_bank
+    DeepClusterV2Loss.update_memory_bank = _update_memory_bank
+    return True
+
+
 def patch_moco_queue() -> bool:
     """Upstream `MoCoLoss.forward`, after every rank takes rank 0's initial queue."""
     from vissl.losses.moco_loss import MoCoLoss
@@ -556,6 +575,12 @@ PATCHES: Tuple[Patch, ...] = (
           "vissl/losses/deepclusterv2_loss.py:118,123,156,179,180",
           "the memory bank and k-means call .cuda(); every tensor goes on the loss's device instead",
           patch_deepclusterv2_device),
+    Patch("DeepCluster-v2 memory bank detached", "vissl.losses.deepclusterv2_loss.DeepClusterV2Loss.update_memory_bank",
+          "vissl/losses/deepclusterv2_loss.py:108,138-145",
+          "the step's embeddings were copied into the memory bank with their autograd graph (the official "
+          "main_deepclusterv2.py stores emb.detach()): the bank became a non-leaf tensor that requires grad "
+          "and chains every step's graph until the end of training; it stores the detached embeddings",
+          patch_deepclusterv2_memory_detached),
     Patch("warm-up start kept on request", "vissl.utils.hydra_config.resolve_linear_schedule",
           "vissl/utils/hydra_config.py:144-184,240-245",
           "with auto_lr_scaling, VISSL replaces a linear warm-up's start by the lr of one node's batch and drops "
