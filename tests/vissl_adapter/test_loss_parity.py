@@ -30,12 +30,17 @@ from convit_ssl.vissl.configs import compose
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _small_config(method: str, loss: str) -> Tuple[Any, Any]:
+def small(method: str) -> str:
+    """The shipped small-scale config of `method`."""
+    folder = {"deepclusterv2": "deepcluster_v2"}.get(method, method)
+    return f"pretrain/{folder}/{method}_convit_demo_digits_32"
+
+
+def _built(config_name: str, loss: str) -> Tuple[Any, Any]:
     """(the composed config, VISSL's loss built from its loss block as the trainer builds it)."""
     from classy_vision.losses import build_loss
 
-    folder = {"deepclusterv2": "deepcluster_v2"}.get(method, method)
-    config = compose([f"config=pretrain/{folder}/{method}_convit_demo_digits_32"])[1]
+    config = compose([f"config={config_name}"])[1]
     assert config.LOSS.name == loss
     block = config.LOSS[loss]
     block["name"] = loss
@@ -75,7 +80,7 @@ def _assert_close(ours: torch.Tensor, theirs: torch.Tensor, rtol: float = RTOL, 
 def test_simclr_equals_lightly_ntxent():
     """VISSL's InfoNCE over [view 0 of the batch, view 1 of the batch] (2 x 128 x 128) is
     lightly's NT-Xent: each of the 2N embeddings against its partner and 2N - 2 negatives."""
-    config, vissl_loss = _small_config("simclr", "simclr_info_nce_loss")
+    config, vissl_loss = _built(small("simclr"), "simclr_info_nce_loss")
     block = config.LOSS.simclr_info_nce_loss
     n = block.buffer_params.effective_batch_size // 2
     lightly_loss = NTXentLoss(temperature=block.temperature)
@@ -94,7 +99,7 @@ def test_moco_equals_lightly_ntxent_with_a_memory_bank():
     with a memory bank holding the same queue; after each step both queues hold the
     step's keys at the same place. Nine steps of 128 keys in a 1024-key queue: the
     pointer wraps around once."""
-    config, vissl_loss = _small_config("moco", "moco_loss")
+    config, vissl_loss = _built(small("moco"), "moco_loss")
     block = config.LOSS.moco_loss
     batch, dim, size = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA, block.embedding_dim, block.queue_size
     lightly_loss = NTXentLoss(temperature=block.temperature, memory_bank_size=(size, dim))
@@ -118,62 +123,86 @@ def test_moco_equals_lightly_ntxent_with_a_memory_bank():
 
 
 # ---------------------------------------------------------------------------- SwAV
-def _swav_scores(config: Any, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings of every crop, normalised prototypes): the inputs of VISSL's
-    swav_head scores (cosine of the normalised embedding and prototype, no bias)."""
+SWAV_CONFIGS = {"small-scale": small("swav"), "ImageNet recipe": "pretrain/swav/swav_convit_small_in1k_224_300ep"}
+
+
+def _swav_inputs(config: Any, seed: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(embeddings of every crop, normalised prototypes, images per crop, global crops):
+    VISSL's swav_head scores are the cosines of the two (no bias)."""
     block = config.LOSS.swav_loss
-    crops = block.num_crops
+    (multicrop,) = [t for t in config.DATA.TRAIN.TRANSFORMS if t["name"] == "ImgPilToMultiCrop"]
     batch = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA
     generator = torch.Generator().manual_seed(seed + 1)
     prototypes = F.normalize(torch.randn(block.num_prototypes[0], block.embedding_dim, generator=generator), dim=1)
-    return _leaf(crops * batch, block.embedding_dim, seed=seed), prototypes
+    return _leaf(block.num_crops * batch, block.embedding_dim, seed=seed), prototypes, batch, multicrop["num_crops"][0]
 
 
-def test_swav_equals_lightly_swav_loss_and_sinkhorn_codes():
-    """VISSL's SwAV loss on the small config's 2 x 32 px + 4 x 16 px crops of 64 images
-    and 300 bias-free prototypes is lightly's SwaVLoss, and the codes VISSL's
-    distributed Sinkhorn-Knopp gives each assignment crop are lightly's `sinkhorn`'s."""
-    import vissl.losses.swav_loss as swav_module
+def _swav_run(config: Any, vissl_loss: Any, hard: bool) -> None:
+    """VISSL's loss and the codes of its distributed Sinkhorn-Knopp against lightly's
+    SwaVLoss and `sinkhorn` (made one-hot where VISSL's assignments are hard)."""
+    import lightly.loss.swav_loss as lightly_module
+    import vissl.losses.swav_loss as vissl_module
 
-    config, vissl_loss = _small_config("swav", "swav_loss")
     block = config.LOSS.swav_loss
-    assert block.queue.local_queue_length == 0 and block.temp_hard_assignment_iters == 0
-    batch = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA
-    size_crops = config.DATA.TRAIN.TRANSFORMS[1]["num_crops"]  # [2 global, 4 local]
-    embeddings, prototypes = _swav_scores(config, seed=0)
+    embeddings, prototypes, batch, global_crops = _swav_inputs(config, seed=0)
     codes: List[torch.Tensor] = []
-    upstream = swav_module.distributed_sinkhornknopp
+    upstream = vissl_module.distributed_sinkhornknopp
 
     def recording(**kwargs: Any) -> torch.Tensor:
         q = upstream(**kwargs)
         codes.append(q[:batch].clone())
         return q
 
-    swav_module.distributed_sinkhornknopp = recording
+    def lightly_codes(scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        q = sinkhorn(scores, **kwargs)
+        return F.one_hot(q.argmax(1), q.shape[1]).to(q.dtype) if hard else q
+
+    vissl_module.distributed_sinkhornknopp, lightly_module.sinkhorn = recording, lightly_codes
     try:
         ours, ours_grad = _value_and_grad(
             lambda e: vissl_loss([e, F.normalize(e, dim=1) @ prototypes.T], None), embeddings)
+        lightly_loss = SwaVLoss(temperature=block.temperature, sinkhorn_iterations=block.num_iters,
+                                sinkhorn_epsilon=block.epsilon)
+
+        def theirs_fn(e: torch.Tensor) -> torch.Tensor:
+            crops = (F.normalize(e, dim=1) @ prototypes.T).split(batch)
+            return lightly_loss(list(crops[:global_crops]), list(crops[global_crops:]))
+
+        theirs, theirs_grad = _value_and_grad(theirs_fn, embeddings)
     finally:
-        swav_module.distributed_sinkhornknopp = upstream
-
-    lightly_loss = SwaVLoss(temperature=block.temperature, sinkhorn_iterations=block.num_iters,
-                            sinkhorn_epsilon=block.epsilon)
-
-    def theirs_fn(e: torch.Tensor) -> torch.Tensor:
-        crops = (F.normalize(e, dim=1) @ prototypes.T).split(batch)
-        return lightly_loss(list(crops[:size_crops[0]]), list(crops[size_crops[0]:]))
-
-    theirs, theirs_grad = _value_and_grad(theirs_fn, embeddings)
+        vissl_module.distributed_sinkhornknopp, lightly_module.sinkhorn = upstream, sinkhorn
     _assert_close(ours, theirs)
     _assert_close(ours_grad, theirs_grad)
 
     scores = (F.normalize(embeddings, dim=1) @ prototypes.T).detach()
-    assert len(codes) == len(block.crops_for_assign) == 2
+    assert len(codes) == len(block.crops_for_assign) == global_crops == 2
     for code, crop in zip(codes, block.crops_for_assign):
-        expected = sinkhorn(scores[crop * batch:(crop + 1) * batch], iterations=block.num_iters, epsilon=block.epsilon)
+        expected = lightly_codes(scores[crop * batch:(crop + 1) * batch], iterations=block.num_iters,
+                                 epsilon=block.epsilon)
         _assert_close(code, expected)
         _assert_close(code.sum(dim=1), torch.ones(batch))  # one code per image
         assert code.argmax(dim=1).unique().numel() > batch // 4  # spread over the prototypes, not collapsed
+
+
+@pytest.mark.parametrize("name", sorted(SWAV_CONFIGS))
+def test_swav_equals_lightly_swav_loss_and_sinkhorn_codes(name):
+    """VISSL's SwAV loss (the small config's 2 x 32 px crops of 64 images and 64
+    prototypes; the ImageNet recipe's 2 x 224 + 6 x 96 px crops of 32 images and 3000)
+    on bias-free prototype scores is lightly's SwaVLoss, and the codes VISSL's
+    distributed Sinkhorn-Knopp gives each assignment crop are lightly's `sinkhorn`'s."""
+    config, vissl_loss = _built(SWAV_CONFIGS[name], "swav_loss")
+    assert config.LOSS.swav_loss.queue.local_queue_length == 0
+    vissl_loss.swav_criterion.num_iteration.fill_(config.LOSS.swav_loss.temp_hard_assignment_iters)  # soft codes
+    _swav_run(config, vissl_loss, hard=False)
+
+
+def test_swav_first_epoch_codes_are_lightlys_made_hard():
+    """The small config's first epoch (temp_hard_assignment_iters): VISSL's codes are
+    lightly's Sinkhorn codes made one-hot at their largest entry, and its loss is
+    lightly's SwaVLoss with those codes."""
+    config, vissl_loss = _built(small("swav"), "swav_loss")
+    assert int(vissl_loss.swav_criterion.num_iteration) == 0 < config.LOSS.swav_loss.temp_hard_assignment_iters
+    _swav_run(config, vissl_loss, hard=True)
 
 
 # ---------------------------------------------------------------------------- DINO
@@ -181,7 +210,7 @@ def test_dino_equals_lightly_dino_loss_and_centre():
     """VISSL's DINO loss at the small config's teacher temperature (set by VISSL's DINOHook
     from its schedule; given here explicitly) is lightly's DINOLoss; the centre both keep
     (EMA 0.9 of the teacher's batch mean) is equal after each of three steps."""
-    config, vissl_loss = _small_config("dino", "dino_loss")
+    config, vissl_loss = _built(small("dino"), "dino_loss")
     block = config.LOSS.dino_loss
     batch, dim, crops = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA, block.output_dim, block.num_crops
     teacher_temp = block.teacher_temp_min
@@ -237,7 +266,7 @@ def test_barlow_twins_standardises_both_views_together():
        the views' means is not removed: it counts against the diagonal (here 2.1x
        lightly's loss, gradient cosine 0.78). Two views of one distribution differ by
        sampling noise only (measured: +1.7 % loss, gradient cosine 0.994)."""
-    config, vissl_loss = _small_config("barlow_twins", "barlow_twins_loss")
+    config, vissl_loss = _built(small("barlow_twins"), "barlow_twins_loss")
     block = config.LOSS.barlow_twins_loss
     n, dim = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA, block.embedding_dim
     lightly_loss = BarlowTwinsLoss(lambda_param=block.lambda_)
@@ -284,7 +313,7 @@ def test_deepclusterv2_equals_the_official_algorithm():
     memory bank (2 crops x 1408 images x 128) and 30 / 60 / 100 clusters: the memory
     bank VISSL fills, the assignments and centroids of its k-means, and the loss and
     gradient of the next step equal the official algorithm's."""
-    config, vissl_loss = _small_config("deepclusterv2", "deepclusterv2_loss")
+    config, vissl_loss = _built(small("deepclusterv2"), "deepclusterv2_loss")
     block = config.LOSS.deepclusterv2_loss
     batch, crops, dim = block.BATCHSIZE_PER_REPLICA, block.num_crops, block.memory_params.embedding_dim
     size = vissl_loss.local_memory_embeddings.shape[1]
