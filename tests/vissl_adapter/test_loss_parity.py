@@ -97,8 +97,8 @@ def test_simclr_equals_lightly_ntxent():
 def test_moco_equals_lightly_ntxent_with_a_memory_bank():
     """VISSL's MoCo loss (the query against its key and the queue) is lightly's NT-Xent
     with a memory bank holding the same queue; after each step both queues hold the
-    step's keys at the same place. Nine steps of 128 keys in a 1024-key queue: the
-    pointer wraps around once."""
+    step's keys at the same place. One step more than the queue holds batches: the
+    pointer wraps around."""
     config, vissl_loss = _built(small("moco"), "moco_loss")
     block = config.LOSS.moco_loss
     batch, dim, size = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA, block.embedding_dim, block.queue_size
