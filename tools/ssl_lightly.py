@@ -53,6 +53,16 @@ def _head_block(config: Any, index: int = 0) -> Dict[str, Any]:
     return dict(config.MODEL.HEAD.PARAMS[index][1])
 
 
+def _mlp_head(head: Dict[str, Any]) -> nn.Module:
+    """lightly's ProjectionHead with the blocks of VISSL's `mlp` head (SimCLR's, MoCo's):
+    Linear (+ BatchNorm) + ReLU between layers, a plain last layer."""
+    from lightly.models.modules.heads import ProjectionHead
+
+    dims, bn = head["dims"], bool(head.get("use_bn", False))
+    blocks: List[Any] = [(a, b, nn.BatchNorm1d(b) if bn else None, nn.ReLU()) for a, b in zip(dims[:-2], dims[1:-1])]
+    return ProjectionHead([*blocks, (dims[-2], dims[-1], None, None)])
+
+
 def _frozen_iterations(config: Any) -> int:
     """Iterations the config freezes the prototypes / last layer (TEMP_FROZEN_PARAMS_ITER_MAP)."""
     return max((int(n) for _, n in config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP), default=0)
@@ -86,12 +96,9 @@ class Method(nn.Module):
 class SimCLR(Method):
     def __init__(self, config: Any) -> None:
         from lightly.loss import NTXentLoss
-        from lightly.models.modules.heads import SimCLRProjectionHead
 
         super().__init__()
-        head = _head_block(config)
-        dims = head["dims"]
-        self.head = SimCLRProjectionHead(dims[0], dims[1], dims[2], batch_norm=bool(head.get("use_bn", False)))
+        self.head = _mlp_head(_head_block(config))
         self.loss = NTXentLoss(temperature=config.LOSS.simclr_info_nce_loss.temperature)
 
     def step(self, trunk: nn.Module, views: List[torch.Tensor], iteration: int) -> torch.Tensor:
@@ -104,16 +111,14 @@ class MoCo(Method):
 
     def __init__(self, config: Any, trunk: nn.Module) -> None:
         from lightly.loss import NTXentLoss
-        from lightly.models.modules.heads import MoCoProjectionHead
 
         super().__init__()
-        head = _head_block(config)
-        dims, block = head["dims"], config.LOSS.moco_loss
-        self.head = MoCoProjectionHead(dims[0], dims[1], dims[2], batch_norm=bool(head.get("use_bn", False)))
+        head, block = _head_block(config), config.LOSS.moco_loss
+        self.head = _mlp_head(head)
         self.teacher = nn.ModuleDict({"trunk": copy.deepcopy(trunk), "head": copy.deepcopy(self.head)})
         self.teacher.requires_grad_(False)
         self.momentum = float(block.momentum)
-        self.loss = NTXentLoss(temperature=block.temperature, memory_bank_size=(block.queue_size, dims[-1]))
+        self.loss = NTXentLoss(temperature=block.temperature, memory_bank_size=(block.queue_size, head["dims"][-1]))
 
     def step(self, trunk: nn.Module, views: List[torch.Tensor], iteration: int) -> torch.Tensor:
         query = self.head(trunk(views[0]))
