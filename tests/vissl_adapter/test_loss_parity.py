@@ -51,13 +51,15 @@ def _built(config_name: str, loss: str) -> Tuple[Any, Any]:
 def process_group():
     """One gloo process on the CPU, as VISSL's trainer sets it up (MACHINE.DEVICE: cpu):
     VISSL's losses all-reduce their statistics unconditionally."""
-    from classy_vision.generic.distributed_util import set_cpu_device
+    from classy_vision.generic import distributed_util
 
     patches.apply()
-    set_cpu_device()
+    device = distributed_util.get_cuda_device_index()
+    distributed_util.set_cpu_device()
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
+    distributed_util.set_cuda_device_index(device)
 
 
 def _leaf(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
