@@ -59,7 +59,7 @@ def process_group():
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
-    distributed_util.set_cuda_device_index(device)
+    distributed_util._cuda_device_index = device  # (its setter also selects a CUDA device)
 
 
 def _leaf(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -321,11 +321,13 @@ def test_deepclusterv2_equals_the_official_algorithm():
     size = vissl_loss.local_memory_embeddings.shape[1]
     assert size == block.num_train_samples // batch * batch  # DROP_LAST: whole batches
 
-    # The memory bank: one pass over a shuffled "dataset" whose crops embed to fixed vectors.
+    # The memory bank: one pass over a shuffled "dataset" whose crops embed to fixed vectors,
+    # around 100 centres (clear clusters: on structureless data VISSL's float32 and this float64
+    # k-means part at near-ties, 2 of 1438 assignments measured with 80 clusters).
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(block.num_train_samples, generator=generator)[:size]
     embed = torch.randn(crops, block.num_train_samples, dim, generator=generator)
-    embed[:, :, :8] += 3 * torch.randn(10, 8, generator=generator)[torch.arange(block.num_train_samples) % 10]
+    embed += 2 * torch.randn(100, dim, generator=generator)[torch.arange(block.num_train_samples) % 100]  # 100 blobs
     loader = [{"data_idx": [idx.repeat(crops)], "data": [[torch.stack([torch.full_like(idx, c), idx], dim=1) for c in range(crops)]]}
               for idx in order.split(batch)]
 
