@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from convit_ssl.checkpoints import hub
+from convit_ssl.checkpoints import hub, run_folder
 from convit_ssl.checkpoints.formats import (FORMATS, NETWORKS, Weights, detect_format, read, select_network,
                                            unwrap_state_dict, write)
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs, strict_load
@@ -231,9 +231,9 @@ def load_input(path: str) -> Tuple[Any, Optional[Dict[str, Any]], List[str]]:
     if hub.is_hub_folder(folder):
         state_dict, config, name = hub.read_hub_folder(folder)
         return state_dict, config, [f"hub folder: {name} with config.json (architecture {config['architecture']})"]
-    finals = sorted(folder.glob("model_final_checkpoint_phase*.torch"))
-    if finals:
-        return load_checkpoint(finals[-1]), None, [f"VISSL run folder: its final checkpoint {finals[-1].name}"]
+    final = run_folder.final_checkpoint(folder)
+    if final is not None:
+        return load_checkpoint(final), None, [f"VISSL run folder: its final checkpoint {final.name}"]
     latest = folder / "checkpoint.torch"
     if latest.is_symlink() or latest.is_file():
         return load_checkpoint(latest), None, [f"VISSL run folder: checkpoint.torch -> {latest.resolve().name}"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from convit_ssl import warm
+from convit_ssl.checkpoints.run_folder import final_accuracies, require_final_checkpoint
 
 STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
 # the self-supervised stage: the method that learns most reliably at this scale (README, tools/ssl_quality.py)
@@ -60,28 +61,6 @@ def data_overrides(train: Path, val: Path) -> List[str]:
         f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
         f"config.DATA.TEST.DATA_PATHS=[{val}]", f"config.DATA.TEST.LABEL_PATHS=[{val}]",
     ]
-
-
-def final_accuracies(checkpoint_dir: Path) -> Dict[str, Dict[str, float]]:
-    """Last train/test top-1 accuracy of each head ({head: percent}) from VISSL's metrics.json."""
-    result: Dict[str, Dict[str, float]] = {}
-    with open(checkpoint_dir / "metrics.json") as f:
-        for line in f:
-            record = json.loads(line)
-            for split in ("train", "test"):
-                meter = record.get(f"{split}_accuracy_list_meter")
-                if meter:
-                    top1 = meter["top_1"]
-                    result[split] = dict(top1)
-    return result
-
-
-def final_checkpoint(checkpoint_dir: Path) -> Path:
-    found = sorted(checkpoint_dir.glob("model_final_checkpoint_phase*.torch"),
-                   key=lambda p: int(re.findall(r"phase(\d+)", p.name)[0]))
-    if not found:
-        raise FileNotFoundError(f"no final checkpoint in {checkpoint_dir}; see {checkpoint_dir / 'log.txt'}")
-    return found[-1]
 
 
 def _format_meter(text: str) -> str:
@@ -270,7 +249,7 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     ssl += _knn_overrides(train, val, _epochs(ssl))
 
     def from_checkpoint(stage: str, overrides: List[str]) -> Callable[[], List[str]]:
-        return lambda: [*overrides, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final_checkpoint(out / stage)}"]
+        return lambda: [*overrides, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={require_final_checkpoint(out / stage)}"]
 
     finetune = ["config=demo/convit_ssl/digits_finetune", *common, *probe]
     times = run_stages([  # the longest first
@@ -288,7 +267,7 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     random_knn, supervised_knn = _knn_ends(out / "supervised")
     _, ssl_knn = _knn_ends(out / "ssl")
     summary["knn"] = {"random_init": random_knn, "ssl": ssl_knn, "supervised": supervised_knn}
-    figures = _analyse(final_checkpoint(out / "supervised"), val, out)
+    figures = _analyse(require_final_checkpoint(out / "supervised"), val, out)
     _print_summary(summary, classes, out, figures)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -41,8 +41,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from convit_ssl.checkpoints import run_folder
+from convit_ssl.demo import run_stage
 from convit_ssl.files import atomic_write_text
-from convit_ssl.demo import final_accuracies, final_checkpoint, run_stage
 
 # method -> its folder under configs/config/pretrain
 METHODS: Dict[str, str] = {
@@ -78,18 +79,12 @@ def _knn_records(stage_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (stage_dir / RECORD_FILE).read_text().splitlines() if line.strip()]
 
 
-def _final_loss(stage_dir: Path) -> Optional[float]:
-    losses = [json.loads(line).get("loss") for line in (stage_dir / "stdout.json").read_text().splitlines()]
-    losses = [loss for loss in losses if loss is not None]
-    return round(float(losses[-1]), 4) if losses else None
-
-
 def _linear(name: str, stage_dir: Path, data: List[str], arch: str, seed: int, weights: Optional[Path]) -> dict:
     overrides = [LINEAR, *data, *ARCHS[arch], f"config.SEED_VALUE={seed}"]
     if weights is not None:
         overrides.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}")
     seconds = run_stage(name, overrides, stage_dir)
-    return {"top1": final_accuracies(stage_dir)["test"], "seconds": round(seconds, 1)}
+    return {"top1": run_folder.final_accuracies(stage_dir)["test"], "seconds": round(seconds, 1)}
 
 
 def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path,
@@ -124,16 +119,17 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
         if key not in random_linear:
             random_linear[key] = _linear(f"random-init {arch} / seed {seed}: linear probes",
                                          out / "random_init" / key / "linear", data, arch, seed, None)
-        pretrained = final_checkpoint(run_dir / "pretrain")
+        pretrained = run_folder.require_final_checkpoint(run_dir / "pretrain")
         probes = {"random_init": random_linear[key]["top1"],
                   "pretrained": _linear(f"{method} / {arch} / seed {seed}: linear probes", run_dir / "linear",
                                         data, arch, seed, pretrained)["top1"]}
+    losses = run_folder.losses(run_dir / "pretrain")
     return {
         "method": method, "arch": arch, "seed": seed, "config": pretrain_config(method), "overrides": extra,
         "epochs": num_epochs,
         "iterations": records[-1]["iteration"],
         "pretrain_seconds": round(seconds - monitor, 1), "knn_monitor_seconds": round(monitor, 1),
-        "final_loss": _final_loss(run_dir / "pretrain"),
+        "final_loss": round(losses[-1], 4) if losses else None,
         "knn_top1": {"random_init": records[0]["student"]["top1"], "pretrained": records[-1]["student"]["top1"],
                      **({"teacher": records[-1]["teacher"]["top1"]} if "teacher" in records[-1] else {})},
         "knn_curve": [(r["epoch"] + 1, round(r["student"]["top1"], 2)) for r in records],

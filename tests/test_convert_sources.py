@@ -291,6 +291,10 @@ def test_checkpoint_links_and_folders(tmp_path):
     assert "checkpoint.torch -> model_phase3.torch" in report["notes"][0]
     report = _convert(run / "checkpoint.torch", tmp_path / "b.torch", target_format="vissl")  # the link itself
     assert report["source_format"] == "timm"
+    for phase in (9, 14):  # a run folder extended by a longer schedule: the final checkpoint of the last phase
+        torch.save({"model": _timm_convit().state_dict()}, run / f"model_final_checkpoint_phase{phase}.torch")
+    report = _convert(run, tmp_path / "final.torch", target_format="vissl")
+    assert "its final checkpoint model_final_checkpoint_phase14.torch" in report["notes"][0]
 
     copied = tmp_path / "copied"
     copied.mkdir()

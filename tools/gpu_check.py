@@ -211,6 +211,7 @@ def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
     its seconds are the run's, not the imports', but for the first run's, which
     include the server's start), its output in FOLDER.log."""
     from convit_ssl import warm
+    from convit_ssl.checkpoints import run_folder
 
     start = time.time()
     log = folder.with_name(folder.name + ".log")
@@ -223,30 +224,30 @@ def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
     if process.exitcode != 0:
         record["error"] = output[-2000:]
         return record
-    stdout_json = folder / "stdout.json"
-    if stdout_json.is_file():
-        losses = [json.loads(line).get("loss") for line in stdout_json.read_text().splitlines() if line.strip()]
-        losses = [v for v in losses if v is not None]
+    if (folder / "stdout.json").is_file():
+        losses = run_folder.losses(folder)
         record["losses"] = [losses[0], losses[-1]] if losses else []
         record["finite"] = bool(losses) and all(math.isfinite(v) for v in losses)
-    finals = sorted(folder.glob("model_final_checkpoint_phase*.torch"))
-    if finals:
+    final = run_folder.final_checkpoint(folder)
+    if final is not None:
         from convit_ssl.checkpoints.io import load_checkpoint
 
-        record["checkpoint"] = finals[-1].name
-        record["loads_on_cpu"] = isinstance(load_checkpoint(finals[-1]), dict)
+        record["checkpoint"] = final.name
+        record["loads_on_cpu"] = isinstance(load_checkpoint(final), dict)
     record["output_tail"] = output.strip().splitlines()[-1:] if command != "run" else []
     return record
 
 
 def vissl_runs(device: str, out: Path) -> Dict[str, Any]:
+    from convit_ssl.checkpoints import run_folder
+
     on = _device_overrides(device)
     runs: Dict[str, Any] = {}
     runs["supervised"] = _vissl("run", ["config=test/convit_ssl/supervised_micro_synthetic", *on], out / "supervised")
     runs["dino"] = _vissl("run", ["config=test/convit_ssl/ssl/dino_micro_synthetic", *on], out / "dino")
     supervised = out / "supervised"
-    weights = sorted(supervised.glob("model_final_checkpoint_phase*.torch"))
-    init = [f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights[-1]}"] if weights else []
+    weights = run_folder.final_checkpoint(supervised)
+    init = [f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}"] if weights is not None else []
     runs["linear_eval"] = _vissl("run", ["config=test/convit_ssl/linear_eval_micro_synthetic", *on, *init],
                                  out / "linear_eval")
     data = _image_folder(out / "images")

@@ -19,7 +19,6 @@ the memory bank, so its distributed k-means is checked from a common start.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,6 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import pytest
 import torch
 from helpers import RUN_SCRIPT, WarmProcess, folder_overrides, free_port, start_warm
+
+from convit_ssl.checkpoints import run_folder
 
 Process = Union[subprocess.Popen, WarmProcess]  # a launch: a command, or a fork of the warm Python
 
@@ -157,13 +158,12 @@ class Run:
 
 
 def read_run(checkpoint_dir: Path, seconds: float = math.nan) -> Run:
-    records = [json.loads(line) for line in (checkpoint_dir / "stdout.json").read_text().splitlines()]
-    final = sorted(checkpoint_dir.glob("model_final_checkpoint_phase*.torch"))
-    assert final, sorted(p.name for p in checkpoint_dir.iterdir())
-    state = torch.load(final[-1], map_location="cpu", weights_only=False)["classy_state_dict"]
+    final = run_folder.final_checkpoint(checkpoint_dir)
+    assert final is not None, sorted(p.name for p in checkpoint_dir.iterdir())
+    state = torch.load(final, map_location="cpu", weights_only=False)["classy_state_dict"]
     model = state["base_model"]["model"]
     weights = {f"{part}.{name}": value for part in ("trunk", "heads") for name, value in model[part].items()}
-    return Run([r["loss"] for r in records if "loss" in r], weights, state["loss"], seconds)
+    return Run(run_folder.losses(checkpoint_dir), weights, state["loss"], seconds)
 
 
 def train(overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs: int = 1,

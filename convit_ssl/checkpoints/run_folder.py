@@ -1,0 +1,72 @@
+"""A VISSL run folder (``CHECKPOINT.DIR``) read without VISSL: its final
+checkpoint by phase number, the training losses VISSL logs to ``stdout.json``
+and the accuracy meters of ``metrics.json``. The one reader the commands, the
+tools and the tests use.
+
+Layout (VISSL 0.1.6, vissl/utils/checkpoint.py and hooks/log_hooks.py)::
+
+    model_phase{N}.torch                 every CHECKPOINT_FREQUENCY phases
+    model_final_checkpoint_phase{N}.torch  at the end of the run (N = last phase)
+    checkpoint.torch                     a link to the latest of them
+    stdout.json                          one JSON record per logged iteration ({"loss": ...})
+    metrics.json                         one JSON record per phase ({"train_accuracy_list_meter": ...})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+FINAL_PATTERN = "model_final_checkpoint_phase*.torch"
+_PHASE = re.compile(r"phase(\d+)\.torch$")
+
+
+def phase_of(checkpoint: os.PathLike) -> int:
+    """The phase number of a ``model_[final_checkpoint_]phase{N}.torch`` file."""
+    match = _PHASE.search(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{checkpoint}: not a VISSL phase checkpoint (model_phase<N>.torch or "
+                         "model_final_checkpoint_phase<N>.torch)")
+    return int(match.group(1))
+
+
+def final_checkpoint(folder: os.PathLike) -> Optional[Path]:
+    """The run's final checkpoint, the one of the highest phase (phase14 after phase9),
+    or None if the run wrote none."""
+    found = sorted(Path(folder).glob(FINAL_PATTERN), key=phase_of)
+    return found[-1] if found else None
+
+
+def require_final_checkpoint(folder: os.PathLike) -> Path:
+    """`final_checkpoint`, or FileNotFoundError naming the folder and its log."""
+    final = final_checkpoint(folder)
+    if final is None:
+        raise FileNotFoundError(f"no final checkpoint ({FINAL_PATTERN}) in {folder}; see {Path(folder) / 'log.txt'}")
+    return final
+
+
+def _records(path: Path) -> List[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(folder: os.PathLike) -> List[float]:
+    """The training losses VISSL logged, in order (empty if it logged none)."""
+    path = Path(folder) / "stdout.json"
+    if not path.is_file():
+        return []
+    return [float(r["loss"]) for r in _records(path) if r.get("loss") is not None]
+
+
+def final_accuracies(folder: os.PathLike) -> Dict[str, Dict[str, float]]:
+    """The last top-1 accuracy of each head in percent, per split: {"train": {head: %}, "test": {...}},
+    from metrics.json (a split the run did not measure is absent)."""
+    result: Dict[str, Dict[str, float]] = {}
+    for record in _records(Path(folder) / "metrics.json"):
+        for split in ("train", "test"):
+            meter = record.get(f"{split}_accuracy_list_meter")
+            if meter:
+                result[split] = {str(k): float(v) for k, v in meter["top_1"].items()}
+    return result
