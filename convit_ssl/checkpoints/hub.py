@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from convit_ssl.checkpoints.io import CheckpointError, PathLike
+from convit_ssl.checkpoints.io import CheckpointError, PathLike, load_checkpoint
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -39,8 +39,6 @@ def is_hub_folder(path: PathLike) -> bool:
 
 def read_hub_folder(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any], str]:
     """(state dict, config.json, name of the weights file) of a timm hub folder."""
-    from convit_ssl.checkpoints.io import load_checkpoint
-
     path = Path(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
@@ -51,23 +49,10 @@ def read_hub_folder(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any], 
     for name in WEIGHT_FILES:
         file = path / name
         if file.is_file():
-            if name.endswith(".safetensors"):
-                return load_safetensors(file), config, name
             return load_checkpoint(file), config, name
     present = sorted(p.name for p in path.iterdir())
     raise CheckpointError(f"hub folder {str(path)!r} has a config.json but no weights: expected one of "
                           f"{', '.join(WEIGHT_FILES)}; found {present}")
-
-
-def load_safetensors(file: Path) -> Dict[str, Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError as e:
-        raise CheckpointError(f"reading {str(file)!r} needs the safetensors package (pip install safetensors)") from e
-    try:
-        return load_file(str(file), device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError)
-        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file: {e}") from e
 
 
 def convit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing: Mapping[str, Any]) -> Dict[str, Any]:

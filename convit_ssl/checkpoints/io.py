@@ -57,9 +57,7 @@ def load_checkpoint(path: PathLike) -> Any:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
                                 else f"checkpoint {str(path)!r} is not a file")
     if path.suffix == ".safetensors":
-        from convit_ssl.checkpoints.hub import load_safetensors
-
-        return load_safetensors(path)
+        return _load_safetensors(path)
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -78,6 +76,17 @@ def load_checkpoint(path: PathLike) -> Any:
             f"{str(path)!r} ({size} bytes) is not a readable torch checkpoint (truncated or corrupt?): "
             f"{_first_line(e)}"
         ) from e
+
+
+def _load_safetensors(file: Path) -> Any:
+    try:
+        from safetensors.torch import load_file  # (an optional dependency: imported when needed)
+    except ImportError as e:
+        raise CheckpointError(f"reading {str(file)!r} needs the safetensors package (pip install safetensors)") from e
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError)
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file: {e}") from e
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:

@@ -9,7 +9,7 @@ directory, from a source checkout (repo/configs) or a regular install
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 from convit_ssl.config_root import config_root
 
@@ -27,3 +27,11 @@ def compose(overrides: Sequence[str]) -> Tuple[Any, Any]:
     with initialize_config_module(config_module="vissl.config", version_base="1.3"):
         cfg = hydra_compose("defaults", overrides=[searchpath, *overrides])
     return convert_to_attrdict(cfg, dump_config=False)
+
+
+def used_splits(config: Any) -> List[str]:
+    """The data splits a run reads: TRAIN unless TEST_ONLY; TEST if TEST_MODEL or TEST_ONLY."""
+    splits = [] if config.TEST_ONLY else ["TRAIN"]
+    if config.TEST_MODEL or config.TEST_ONLY:
+        splits.append("TEST")
+    return splits

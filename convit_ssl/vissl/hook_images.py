@@ -10,11 +10,11 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from convit_ssl.vissl.configs import used_splits
+
 
 def held_out_split(config: Any) -> str:
     """TEST when the run reads its TEST split (and it has data sources), else TRAIN."""
-    from convit_ssl.vissl.validate import used_splits
-
     if "TEST" in used_splits(config) and config.DATA.TEST.DATA_SOURCES:
         return "TEST"
     return "TRAIN"

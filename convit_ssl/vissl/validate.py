@@ -7,16 +7,9 @@ import os
 from typing import Any, Dict, List, Optional
 
 from convit_ssl.files import is_image
+from convit_ssl.vissl.configs import used_splits
 from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
 
-
-
-def used_splits(config: Any) -> List[str]:
-    """The data splits a run reads: TRAIN unless TEST_ONLY; TEST if TEST_MODEL or TEST_ONLY."""
-    splits = [] if config.TEST_ONLY else ["TRAIN"]
-    if config.TEST_MODEL or config.TEST_ONLY:
-        splits.append("TEST")
-    return splits
 
 
 def _folder_classes(path: str, where: str) -> List[str]:
