@@ -39,11 +39,10 @@ from convit_ssl.checkpoints.formats import FORMATS, detect_format, read
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
+from convit_ssl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.files import IMAGE_SUFFIXES, atomic_write_text, is_image
 from convit_ssl.models import ConViT, list_models
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_NUM_IMAGES = 8
 JSON_NAME = "analysis.json"
 

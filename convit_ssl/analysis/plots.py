@@ -24,9 +24,8 @@ The training log's schema and reader: `convit_ssl.analysis.training_log`.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib import colormaps
@@ -39,10 +38,9 @@ from matplotlib.patches import Rectangle
 
 from convit_ssl.analysis.collect import GPSA_KIND, MHSA_KIND
 from convit_ssl.analysis.training_log import check_record
-from convit_ssl.files import atomic_path
+from convit_ssl.files import PathLike, atomic_path
 from convit_ssl.models.geometry import pairwise_distances
 
-PathLike = Union[str, os.PathLike]
 
 DPI = 100
 GATING_FIGSIZE = (8.0, 4.8)        # 800 x 480 px

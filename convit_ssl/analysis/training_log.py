@@ -14,14 +14,13 @@ the VISSL analysis hook)::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional
 
 from convit_ssl.analysis.collect import GPSA_KIND, MHSA_KIND
+from convit_ssl.files import PathLike
 
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass

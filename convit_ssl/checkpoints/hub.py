@@ -23,12 +23,12 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from convit_ssl.checkpoints.io import CheckpointError, PathLike, load_checkpoint
+from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
+from convit_ssl.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from convit_ssl.files import PathLike
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # timm's ConViT names and their (channels per head, heads)
 TIMM_CONVITS = {"convit_tiny": (48, 4), "convit_small": (48, 9), "convit_base": (48, 16)}
 

@@ -16,13 +16,12 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-from convit_ssl.files import atomic_path
+from convit_ssl.files import PathLike, atomic_path
 
-PathLike = Union[str, os.PathLike]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from convit_ssl.analysis.collect import evaluating
 from convit_ssl.files import atomic_write_text
 
 # config key -> (default, accepted type, condition, what the condition says)
@@ -70,14 +71,8 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """`model` in eval mode under no_grad; every submodule's train flag is restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
+    with evaluating(model), torch.no_grad():
+        yield model
 
 
 def is_primary() -> bool:
