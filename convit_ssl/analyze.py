@@ -35,10 +35,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from convit_ssl.checkpoints.formats import FORMATS, detect_format, read
-from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs
-from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
-from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
+from convit_ssl.checkpoints import loader
+from convit_ssl.checkpoints.formats import FORMATS
 from convit_ssl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.files import IMAGE_SUFFIXES, atomic_write_text, is_image
 from convit_ssl.models import ConViT, list_models
@@ -50,38 +48,19 @@ JSON_NAME = "analysis.json"
 # --------------------------------------------------------------------------- model
 def load_model(path: os.PathLike, fmt: str = "auto", arch: Optional[str] = None,
                norm_eps: Optional[float] = None) -> Tuple[ConViT, Dict[str, Any]]:
-    """A checkpoint file of any format `convit_ssl.convert` reads as a
-    convit_ssl `ConViT` (num_classes=0, float32, eval mode; the classifier head
-    is not needed and not loaded).
-
-    Args:
-        path: the checkpoint file (loaded with weights_only=True).
-        fmt: "auto" (detect) or one of FORMATS; a declared format the file contradicts is an error.
-        arch: architecture name, needed when the shapes do not show the head count (no GPSA block).
-        norm_eps: LayerNorm eps (default 1e-6, or 1e-5 for VISSL's built-in convit).
+    """`convit_ssl.load_model` as the analyses use it: the trunk only (num_classes=0,
+    float32, eval mode) of any source it reads (a checkpoint file of any format, a
+    timm hub folder, a VISSL run folder).
 
     Returns:
         (model, info) with info = {"format", "model" (the ConViT kwargs), "notes"}.
     """
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
-    obj = load_checkpoint(path)
-    detected = detect_format(obj)
-    if fmt not in ("auto", detected):
-        raise CheckpointError(f"{str(path)!r} was declared {fmt} but holds a {detected} checkpoint")
-    weights = read(obj, detected, keep_head=False)
-    kwargs = infer_model_kwargs(weights.trunk, arch)
-    if norm_eps is None:
-        norm_eps = VISSL_CONVIT_NORM_EPS if detected == "vissl_convit" else 1e-6
-    kwargs["norm_eps"] = norm_eps
-    check_trunk(weights.trunk, kwargs)
-    model = build_convit(weights.trunk, kwargs)
-    # read(keep_head=False) notes that it dropped the head "(keep_head=false)": say it in this command's terms
-    notes = [note for note in weights.notes if not note.endswith("(keep_head=false)")]
-    if len(notes) < len(weights.notes):
+    model, info = loader.load_model(path, fmt=fmt, arch=arch, norm_eps=norm_eps)
+    # the loader notes that it dropped the head "(keep_head=false)": say it in this command's terms
+    notes = [note for note in info["notes"] if not note.endswith("(keep_head=false)")]
+    if len(notes) < len(info["notes"]):
         notes.append("classifier head(s) not loaded (the analysis uses the trunk only)")
-    info = {"format": detected, "model": {k: v for k, v in kwargs.items() if k != "num_classes"}, "notes": notes}
-    return model.eval(), info
+    return model, {"format": info["format"], "model": info["model"], "notes": notes}
 
 
 # --------------------------------------------------------------------------- images

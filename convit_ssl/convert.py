@@ -19,16 +19,17 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from convit_ssl.checkpoints import hub, run_folder
+from convit_ssl.checkpoints import hub
 from convit_ssl.checkpoints.formats import (FORMATS, NETWORKS, Weights, detect_format, read, select_network,
                                            unwrap_state_dict, write)
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs, strict_load
-from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint, save_checkpoint
+from convit_ssl.checkpoints.io import CheckpointError, save_checkpoint
+from convit_ssl.checkpoints.loader import architecture_hint, default_norm_eps, read_source
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
 from convit_ssl.models import ConViT
 from convit_ssl.models.geometry import patch_grid, to_pair
@@ -164,8 +165,8 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
         raise ValueError(f"output {cfg.output!r} ends in '/' (a hub folder), which only timm and vit targets write")
     if Path(cfg.output).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.output!r} exists; pass overwrite=true to replace it")
-    obj, source_config, input_notes = load_input(cfg.input)
-    obj = select_network(obj, cfg.network)
+    read_in = read_source(cfg.input)
+    obj = select_network(read_in.obj, cfg.network)
     if cfg.dtype is not None:  # cast first: verification then compares implementations on the same weights
         obj = _cast(obj, DTYPES[cfg.dtype])
     detected = detect_format(obj)
@@ -173,19 +174,17 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
         raise CheckpointError(f"{cfg.input!r} was declared {cfg.source_format} but holds a {detected} checkpoint "
                               f"(give source_format={detected} or auto)")
     fmt = detected
-    arch, num_heads = _architecture(cfg, fmt, source_config)
+    arch, num_heads = architecture_hint(fmt, read_in.hub_config, cfg.arch, cfg.num_heads, cfg.input)
     weights = read(obj, fmt, keep_head=cfg.keep_head, head_index=cfg.head_index, bn_eps=cfg.bn_eps)
-    weights.notes[:0] = input_notes + (["the momentum teacher (network=teacher)"] if cfg.network == "teacher" else [])
+    weights.notes[:0] = read_in.notes + (["the momentum teacher (network=teacher)"] if cfg.network == "teacher" else [])
     kwargs = infer_model_kwargs(weights.trunk, arch, num_heads)
     check_trunk(weights.trunk, kwargs)
     if cfg.dtype is not None:
         weights.notes.append(f"cast to {cfg.dtype} (verification runs both implementations on the cast weights)")
+    kwargs["norm_eps"] = default_norm_eps(fmt) if cfg.norm_eps is None else cfg.norm_eps
     if fmt == "vissl_convit":
-        kwargs["norm_eps"] = VISSL_CONVIT_NORM_EPS if cfg.norm_eps is None else cfg.norm_eps
         weights.notes.append(f"LayerNorm eps {kwargs['norm_eps']} (VISSL's built-in convit uses 1e-5): "
                              "build the target model with norm_eps to match")
-    else:
-        kwargs["norm_eps"] = 1e-6 if cfg.norm_eps is None else cfg.norm_eps
     source_kwargs = dict(kwargs)
     if cfg.verify:
         reference = build_convit(weights.trunk, source_kwargs, weights.head)
@@ -211,7 +210,7 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
                               "head_classes": None if weights.head is None else int(weights.head["weight"].shape[0]),
                               "notes": weights.notes}
     if folder_output:
-        _save_hub_folder(out, kwargs, cfg, source_config, report, (source, reference, source_kwargs) if cfg.verify else None)
+        _save_hub_folder(out, kwargs, cfg, read_in.hub_config, report, (source, reference, source_kwargs) if cfg.verify else None)
     else:
         if cfg.verify:
             report["max_abs_diff"] = _verify(source, reference, source_kwargs, out, kwargs, cfg, report)
@@ -219,55 +218,6 @@ def convert(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
     report["seconds"] = round(time.perf_counter() - start, 3)
     log(_format_report(cfg, report))
     return report
-
-
-def load_input(path: str) -> Tuple[Any, Optional[Dict[str, Any]], List[str]]:
-    """(checkpoint object, the config.json of a hub folder or None, notes) of a
-    file, a timm hub folder, or a VISSL run folder (its final checkpoint, else
-    the checkpoint.torch link to its latest one)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return load_checkpoint(folder), None, []
-    if hub.is_hub_folder(folder):
-        state_dict, config, name = hub.read_hub_folder(folder)
-        return state_dict, config, [f"hub folder: {name} with config.json (architecture {config['architecture']})"]
-    final = run_folder.final_checkpoint(folder)
-    if final is not None:
-        return load_checkpoint(final), None, [f"VISSL run folder: its final checkpoint {final.name}"]
-    latest = folder / "checkpoint.torch"
-    if latest.is_symlink() or latest.is_file():
-        return load_checkpoint(latest), None, [f"VISSL run folder: checkpoint.torch -> {latest.resolve().name}"]
-    present = sorted(p.name for p in folder.iterdir())[:10]
-    raise FileNotFoundError(
-        f"folder {path!r} {'is empty' if not present else f'holds no checkpoint (found {present})'}: expected a timm hub "
-        "folder (config.json with model.safetensors or pytorch_model.bin), a VISSL run folder "
-        "(model_final_checkpoint_phase*.torch or checkpoint.torch), or give a checkpoint file")
-
-
-def _architecture(cfg: ConvertConfig, fmt: str, source_config: Optional[Dict[str, Any]]) -> Tuple[Optional[str], Optional[int]]:
-    """(arch, num_heads) for shape inference: the config's, else a hub folder's config.json."""
-    from convit_ssl.checkpoints.vit import DEIT_ARCHS, heads_from_timm_name
-
-    arch, num_heads = cfg.arch, cfg.num_heads
-    if fmt == "vit" and arch is not None and arch not in DEIT_ARCHS:
-        raise CheckpointError(f"{cfg.input!r} is a ViT / DeiT (timm's VisionTransformer, no GPSA block): it converts to "
-                              f"the DeiT baselines, not {arch}; give arch={' or '.join(DEIT_ARCHS)}, "
-                              "or arch=null with num_heads")
-    if source_config is not None:
-        name = str(source_config["architecture"])
-        model_args = source_config.get("model_args") or {}
-        if "distilled" in name:
-            raise CheckpointError(f"{cfg.input!r} is a distilled DeiT ({name}: distillation token and head): convert "
-                                  "the non-distilled deit_*_patch16_224 weights")
-        if fmt == "vit":
-            num_heads = num_heads or model_args.get("num_heads") or heads_from_timm_name(name)
-        elif arch is None and name.split(".")[0] in hub.TIMM_CONVITS:
-            arch = name.split(".")[0] if "num_heads" not in model_args else None
-            num_heads = num_heads or model_args.get("num_heads")
-    if fmt == "vit" and arch is None and num_heads is None:
-        raise CheckpointError(f"{cfg.input!r} is a ViT / DeiT: its number of heads is not visible in tensor shapes; "
-                              f"give arch={' or '.join(DEIT_ARCHS)} or num_heads=N")
-    return arch, num_heads
 
 
 def _save_hub_folder(out: Dict[str, torch.Tensor], kwargs: Dict[str, Any], cfg: ConvertConfig,
