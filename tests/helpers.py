@@ -210,7 +210,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def kmeans_on_ranks(memory: torch.Tensor, clusters: int, world: int, out: Path) -> Dict[str, torch.Tensor]:
-    """DeepCluster-v2's distributed k-means (patches._cluster_memory) on `world`
+    """DeepCluster-v2's distributed k-means (upstream.cluster_memory) on `world`
     gloo processes, each holding a consecutive share of `memory`; rank 0's result
     (tests/kmeans_ranks.py)."""
     memory_file = out.with_name(out.name + ".memory.pt")

@@ -1,4 +1,4 @@
-"""DeepCluster-v2's distributed k-means (patches._cluster_memory) on WORLD gloo
+"""DeepCluster-v2's distributed k-means (upstream.cluster_memory) on WORLD gloo
 processes, each holding a consecutive share of the memory bank in MEMORY (a
 tensor file); rank 0 saves the assignments and centroids to OUT.
 
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from convit_ssl.vissl import patches
+from convit_ssl.vissl import upstream
 from helpers import free_port  # tests/ is on the warm child's sys.path, as on its parent's
 
 
@@ -31,7 +31,7 @@ def _rank(rank: int, world: int, port: int, memory: torch.Tensor, clusters: int,
     )
     # rank 0 starts from its first `clusters` embeddings, whatever the world size
     torch.randperm = lambda n, *args, **kwargs: torch.arange(n)
-    patches._cluster_memory(loss)
+    upstream.cluster_memory(loss)
     if rank == 0:
         torch.save({"assignments": loss.assignments[0], "centroids": loss.centroids0}, out)
     dist.destroy_process_group()

@@ -89,6 +89,9 @@ class Method(nn.Module):
         super().__init__()
         self.teacher: nn.Module | None = None
 
+    def before_step(self, iteration: int) -> None:
+        """Between backward and the optimizer step (cancelling a frozen layer's gradients)."""
+
     def after_step(self, trunk: nn.Module, iteration: int, total: int) -> None:
         """Momentum updates, prototype normalisation: after the optimizer step."""
 
@@ -309,8 +312,7 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
             loss = model.step(features, views, iteration)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if hasattr(model, "before_step"):
-                model.before_step(iteration)
+            model.before_step(iteration)
             optimizer.step()
             iteration += 1
             model.after_step(features, iteration, total)

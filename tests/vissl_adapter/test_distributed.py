@@ -289,7 +289,7 @@ def test_self_supervised_method_agrees_on_1_and_2_processes(method, tmp_path):
 
 
 def test_deepclusterv2_kmeans_on_2_processes(tmp_path):
-    """VISSL's distributed k-means (our device-agnostic copy, patches._cluster_memory)
+    """VISSL's distributed k-means (our device-agnostic copy, upstream.cluster_memory)
     on 2 ranks holding half the memory bank each gives the centroids and
     assignments of 1 process holding all of it, from the same initial centroids."""
     from helpers import kmeans_on_ranks

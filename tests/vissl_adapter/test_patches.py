@@ -162,13 +162,13 @@ def test_importing_the_vissl_package_sets_vissl_up():
     """...and leaves scikit-learn unloaded until VISSL's SVM trainers are imported,
     whose patch then applies (patches._after_import)."""
     code = ("import convit_ssl.vissl, sys\n"
-            "from convit_ssl.vissl import patches\n"
+            "from convit_ssl.vissl import patches, upstream\n"
             "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
             "from classy_vision.tasks import TASK_REGISTRY\n"
             "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n"
             "print('sklearn' in sys.modules)\n"
             "from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer\n"
-            "print('sklearn' in sys.modules, SVMLowShotTrainer.test is patches._low_shot_test)\n")
+            "print('sklearn' in sys.modules, SVMLowShotTrainer.test is upstream.low_shot_test)\n")
     lines = _fresh(code).stdout.strip().splitlines()
     assert set(VISSL_PATCHES) <= set(eval(lines[-4])) and lines[-3] == "True True"
     assert lines[-2:] == ["False", "True True"]
@@ -218,3 +218,27 @@ def test_vissl_reads_rgba_palette_and_16_bit_images_as_8_bit_rgb(source, tmp_pat
     assert np.array_equal(by_name["grey8"], grey)
     assert np.array_equal(by_name["grey16"], grey)  # (v * 257) >> 8 == v
     assert Image.open(tmp_path / "images" / "odd" / "grey16.png").mode == "I;16"
+
+
+def test_upstream_copies_name_the_lines_they_copy():
+    """Each method convit_ssl replaces whole names the upstream function it copies
+    (file:first-last lines, checked against the installed VISSL) and what differs."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    import vissl
+
+    from convit_ssl.vissl import upstream
+
+    copies = [f for _, f in inspect.getmembers(upstream, inspect.isfunction) if f.__module__ == upstream.__name__]
+    assert len(copies) == 7
+    for function in copies:
+        doc = inspect.getdoc(function)
+        match = re.search(r"Upstream: vissl/([\w/]+\.py):(\d+)-(\d+) \(\w+\.(\w+)\)\. Differs from upstream: \S", doc)
+        assert match, f"{function.__name__}: {doc}"
+        path, first, last, name = match.groups()
+        tree = ast.parse((Path(vissl.__file__).parent / path).read_text())
+        found = [(n.lineno, n.end_lineno) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name]
+        assert (int(first), int(last)) in found, (function.__name__, found)
