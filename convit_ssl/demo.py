@@ -38,7 +38,7 @@ from convit_ssl import warm
 from convit_ssl.checkpoints.run_folder import final_accuracies, require_final_checkpoint
 
 STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
-# the self-supervised stage: the method that learns most reliably at this scale (README, tools/ssl_quality.py)
+# the self-supervised stage: the method that learns most reliably at this scale (docs/SSL_SMALL_SCALE.md, tools/ssl_quality.py)
 SSL_METHOD = "SimCLR"
 SSL_CONFIG = "pretrain/simclr/simclr_convit_demo_digits_32"
 # SimCLR at 12 of its config's 20 epochs (the demo's time budget). The probes keep

@@ -170,7 +170,7 @@ NAMES = {"simclr": "SimCLR", "barlow_twins": "Barlow Twins", "moco": "MoCo v2", 
 
 
 def markdown_tables(results: Mapping[str, Any]) -> str:
-    """The README's tables from a results.json: every run of seed 0 (kNN and
+    """The tables of docs/SSL_SMALL_SCALE.md from a results.json: every run of seed 0 (kNN and
     linear probes, random init -> pretrained), then per method and architecture
     the kNN gain over seeds (mean +- std, min .. max)."""
     def probe(linear: Mapping[str, Any], feature: str) -> str:

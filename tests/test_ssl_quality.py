@@ -18,7 +18,7 @@ from convit_ssl.vissl.configs import compose
 # SimCLR's small-scale config for 10 epochs (110 iterations), seed 0, with a narrower, shallower
 # trunk (width 48, 4 blocks, 3 GPSA: a quarter of the compute): kNN top-1 50.42% at random init ->
 # 62.12% (+11.7) in 113 s on one core (2026-12-01). The config's own trunk gave 58.77% -> 65.74%
-# (+7.0) in 10 epochs, about 3x slower; its full 20 epochs reach 75.2% (README).
+# (+7.0) in 10 epochs, about 3x slower; its full 20 epochs reach 75.2% (docs/SSL_SMALL_SCALE.md).
 SIMCLR_EPOCHS = 10
 KNN_MARGIN = 5.0
 NARROW_TRUNK = ["config.MODEL.TRUNK.CONVIT_SSL.WIDTH=48", "config.MODEL.TRUNK.CONVIT_SSL.DEPTH=4",

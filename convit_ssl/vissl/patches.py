@@ -11,7 +11,7 @@ touched: `import convit_ssl` and `convit_ssl.models` / `checkpoints` /
 restores already exists (a setuptools with pkg_resources, an older numpy).
 One that targets a module most runs never load (VISSL's low-shot SVM trainer,
 which loads scikit-learn) waits for that module's first import (`_after_import`).
-The README's list is this table (`markdown_table()`, checked by
+docs/STACK.md lists this table (`markdown_table()`, checked by
 tests/test_patches.py). Run `python -m convit_ssl.vissl.patches` to print it.
 
 Every replacement goes through `_replace`, which marks it (one idempotence
@@ -370,7 +370,7 @@ def applied() -> List[str]:
 
 
 def markdown_table() -> str:
-    """The README's list of patches."""
+    """The list of patches in docs/STACK.md."""
     rows = ["| patch | replaces | answers | why |", "|---|---|---|---|"]
     rows += [f"| {p.name} | `{p.target}` | {p.upstream} | {p.why} |" for p in PATCHES]
     return "\n".join(rows)

@@ -1,6 +1,6 @@
 """`convit_ssl.vissl.patches`, the one module that changes VISSL and what it
 calls: each patch restores what VISSL uses, is idempotent and a no-op where
-the thing exists; the upstream lines it answers run; the README lists the
+the thing exists; the upstream lines it answers run; docs/STACK.md lists the
 table. And the other side: a PyTorch user's `import convit_ssl` loads no
 VISSL and changes nothing process-wide (fresh interpreters)."""
 
@@ -40,8 +40,8 @@ def test_table_is_complete_and_idempotent():
     assert set(VISSL_PATCHES) <= set(patches.applied())
 
 
-def test_readme_lists_the_table():
-    assert patches.markdown_table() in (REPO / "README.md").read_text()
+def test_the_stack_doc_lists_the_table():
+    assert patches.markdown_table() in (REPO / "docs" / "STACK.md").read_text()
 
 
 def test_pkg_resources_standin_calls():
