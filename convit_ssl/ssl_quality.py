@@ -42,29 +42,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from convit_ssl.checkpoints import run_folder
+from convit_ssl.data.digits import train_val_folders
 from convit_ssl.demo import run_stage
 from convit_ssl.files import atomic_write_text
+from convit_ssl.vissl.configs import SSL_METHODS, small_scale_config
+from convit_ssl.vissl.knn_hook import record_frequency
 
-# method -> its folder under configs/config/pretrain
-METHODS: Dict[str, str] = {
-    "dino": "dino", "moco": "moco", "swav": "swav", "simclr": "simclr",
-    "barlow_twins": "barlow_twins", "deepclusterv2": "deepcluster_v2",
-}
 TEACHERS = {"dino", "moco"}
 ARCHS: Dict[str, List[str]] = {"convit": [], "deit": ["config.MODEL.TRUNK.CONVIT_SSL.NUM_GPSA_LAYERS=0"]}
 LINEAR = "config=demo/convit_ssl/digits_linear"
-
-
-def pretrain_config(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    return f"pretrain/{METHODS[method]}/{method}_convit_demo_digits_32"
-
-
-def _knn_frequency(num_epochs: int) -> int:
-    """Epochs between kNN records: the largest divisor of `num_epochs` up to a fifth
-    of it, so that about five records trace the run and the last one is its end."""
-    return max(d for d in range(1, max(1, num_epochs // 5) + 1) if num_epochs % d == 0)
 
 
 def _num_epochs(overrides: Sequence[str]) -> int:
@@ -97,7 +83,7 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
 
     run_dir = out / method / f"{arch}_seed{seed}"
     data = data_overrides(train, val)
-    overrides = [f"config={pretrain_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
+    overrides = [f"config={small_scale_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
                  f"config.DATA.TRAIN.LABEL_PATHS=[{train}]", *ARCHS[arch], f"config.SEED_VALUE={seed}"]
     if epochs:
         overrides.append(f"config.OPTIMIZER.num_epochs={epochs}")
@@ -105,7 +91,7 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
     num_epochs = _num_epochs(overrides)
     overrides += ["+config/convit_ssl/hooks=knn", f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{train}]",
                   f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{val}]",
-                  f"config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS={_knn_frequency(num_epochs)}",
+                  f"config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS={record_frequency(num_epochs)}",
                   f"config.HOOKS.CONVIT_KNN.TEACHER={'true' if method in TEACHERS else 'false'}"]
     seconds = run_stage(f"{method} / {arch} / seed {seed}: pretraining", overrides, run_dir / "pretrain")
     records = _knn_records(run_dir / "pretrain")
@@ -125,7 +111,7 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
                                         data, arch, seed, pretrained)["top1"]}
     losses = run_folder.losses(run_dir / "pretrain")
     return {
-        "method": method, "arch": arch, "seed": seed, "config": pretrain_config(method), "overrides": extra,
+        "method": method, "arch": arch, "seed": seed, "config": small_scale_config(method), "overrides": extra,
         "epochs": num_epochs,
         "iterations": records[-1]["iteration"],
         "pretrain_seconds": round(seconds - monitor, 1), "knn_monitor_seconds": round(monitor, 1),
@@ -210,7 +196,7 @@ def _write(path: Path, results: Dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/ssl_quality.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", nargs="+", default=["all"], help=f"one or more of {', '.join(METHODS)}, or all")
+    parser.add_argument("--method", nargs="+", default=["all"], help=f"one or more of {', '.join(SSL_METHODS)}, or all")
     parser.add_argument("--arch", nargs="+", default=["convit"], choices=sorted(ARCHS), help="convit and/or deit")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: each config's)")
@@ -231,20 +217,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(o.startswith(("config.MODEL.TRUNK", "config.MODEL.HEAD")) for o in args.override) and not args.no_linear:
         parser.error("--override of the trunk or head needs --no-linear: the linear probes' configs expect "
                      "the default trunk")
-    methods = list(METHODS) if args.method == ["all"] else args.method
+    methods = list(SSL_METHODS) if args.method == ["all"] else args.method
     for method in methods:
-        pretrain_config(method)  # unknown names fail here, before any run
+        small_scale_config(method)  # unknown names fail here, before any run
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.data is None:
-        from convit_ssl.data import export_digits
-
-        train, val = export_digits(out / "digits")
-    else:
-        train, val = Path(args.data).resolve() / "train", Path(args.data).resolve() / "val"
-        for folder in (train, val):
-            if not folder.is_dir():
-                parser.error(f"--data {args.data}: expected {folder} with one sub-folder per class")
+    try:
+        train, val = train_val_folders(args.data, out)
+    except ValueError as e:
+        parser.error(str(e))
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",

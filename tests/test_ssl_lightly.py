@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import REPO
-from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.configs import compose, small_scale_config
 
 spec = importlib.util.spec_from_file_location("ssl_lightly", REPO / "tools" / "ssl_lightly.py")
 ssl_lightly = importlib.util.module_from_spec(spec)
@@ -23,7 +23,7 @@ WEIGHT_NORM_WARNING = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureW
 
 
 def _config(method: str):
-    return compose([f"config={ssl_lightly.pretrain_config(method)}", "config.SEED_VALUE=1"])[1]
+    return compose([f"config={small_scale_config(method)}", "config.SEED_VALUE=1"])[1]
 
 
 def test_trunk_is_the_one_vissl_builds_at_the_same_seed():

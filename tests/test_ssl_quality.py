@@ -13,7 +13,8 @@ import pytest
 
 from helpers import REPO
 from convit_ssl import ssl_quality
-from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.configs import SSL_METHODS, compose, small_scale_config
+from convit_ssl.vissl.knn_hook import record_frequency
 
 # SimCLR's small-scale config for 10 epochs (110 iterations), seed 0, with a narrower, shallower
 # trunk (width 48, 4 blocks, 3 GPSA: a quarter of the compute): kNN top-1 50.42% at random init ->
@@ -27,10 +28,10 @@ NARROW_TRUNK = ["config.MODEL.TRUNK.CONVIT_SSL.WIDTH=48", "config.MODEL.TRUNK.CO
 
 
 def test_knn_cadence_ends_on_the_last_epoch():
-    assert ssl_quality._knn_frequency(30) == 6 and ssl_quality._knn_frequency(10) == 2
-    assert ssl_quality._knn_frequency(7) == 1 and ssl_quality._knn_frequency(1) == 1
+    assert record_frequency(30) == 6 and record_frequency(10) == 2
+    assert record_frequency(7) == 1 and record_frequency(1) == 1
     for epochs in range(1, 61):
-        every = ssl_quality._knn_frequency(epochs)
+        every = record_frequency(epochs)
         assert epochs % every == 0 and every <= max(1, epochs // 5)
 
 
@@ -62,13 +63,13 @@ def test_markdown_tables_show_every_seed_0_run_and_the_spread():
 
 
 def test_every_method_has_a_small_scale_config():
-    for method in ssl_quality.METHODS:
-        _, config = compose([f"config={ssl_quality.pretrain_config(method)}"])
+    for method in SSL_METHODS:
+        _, config = compose([f"config={small_scale_config(method)}"])
         trunk = config.MODEL.TRUNK.CONVIT_SSL
         assert (trunk.WIDTH, trunk.DEPTH, trunk.NUM_GPSA_LAYERS, trunk.PATCH_SIZE, trunk.IMAGE_SIZE) == (96, 6, 4, 4, 32)
         assert (config.MACHINE.DEVICE, config.DISTRIBUTED.NUM_PROC_PER_NODE) == ("cpu", 1), method
     with pytest.raises(ValueError, match="unknown method 'byol'"):
-        ssl_quality.pretrain_config("byol")
+        small_scale_config("byol")
 
 
 @pytest.mark.slow

@@ -41,9 +41,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import convit_ssl.vissl  # noqa: F401  (VISSL's compatibility patches before VISSL is imported)
+from convit_ssl.data.digits import train_val_folders
 from convit_ssl.files import atomic_write_text
-from convit_ssl.ssl_quality import _knn_frequency, pretrain_config
-from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.configs import compose, small_scale_config
+from convit_ssl.vissl.knn_hook import record_frequency
 
 METHODS = ("simclr", "moco", "swav", "dino", "barlow_twins")
 
@@ -275,7 +276,7 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
     from convit_ssl.vissl.knn_hook import LabelledImages, extract_features
 
     set_cpu_device()
-    config = compose([f"config={pretrain_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
+    config = compose([f"config={small_scale_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
                       f"config.DATA.TRAIN.LABEL_PATHS=[{train}]", f"config.SEED_VALUE={seed}", *overrides])[1]
     dataset = build_dataset(config, "TRAIN")
     trunk = build_trunk(config)
@@ -296,7 +297,7 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
     optimizer = torch.optim.AdamW(_param_groups([trunk, model], config), lr=0.0,
                                   betas=tuple(config.OPTIMIZER.betas))
     schedule = build_param_scheduler(config.OPTIMIZER.param_schedulers.lr)
-    frequency = _knn_frequency(epochs)
+    frequency = record_frequency(epochs)
     curve = [(0, round(knn(trunk), 2))]
     print(f"== {method} / seed {seed}: lightly, {epochs} epochs x {per_epoch} iterations; kNN at init {curve[0][1]}%",
           flush=True)
@@ -324,7 +325,7 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
             print(f"   epoch {epoch + 1}: loss {sum(losses[-per_epoch:]) / per_epoch:.4f}, kNN {curve[-1][1]}%",
                   flush=True)
     seconds = time.perf_counter() - started
-    result = {"method": method, "implementation": "lightly", "seed": seed, "config": pretrain_config(method),
+    result = {"method": method, "implementation": "lightly", "seed": seed, "config": small_scale_config(method),
               "overrides": list(overrides), "epochs": epochs, "iterations": total,
               "seconds": round(seconds, 1), "final_loss": round(losses[-1], 4),
               "knn_top1": {"random_init": curve[0][1], "pretrained": curve[-1][1]}, "knn_curve": curve}
@@ -345,15 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.data is None:
-        from convit_ssl.data import export_digits
-
-        train, val = export_digits(out / "digits")
-    else:
-        train, val = Path(args.data).resolve() / "train", Path(args.data).resolve() / "val"
-        for folder in (train, val):
-            if not folder.is_dir():
-                parser.error(f"--data {args.data}: expected {folder} with one sub-folder per class")
+    try:
+        train, val = train_val_folders(args.data, out)
+    except ValueError as e:
+        parser.error(str(e))
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     results["command"] = " ".join(["tools/ssl_lightly.py", *(argv if argv is not None else sys.argv[1:])])

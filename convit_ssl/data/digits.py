@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -61,3 +61,15 @@ def export_digits(root: os.PathLike, val_fraction: float = 0.2, seed: int = 0) -
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return root / "train", root / "val"
+
+
+def train_val_folders(data: Optional[os.PathLike], out: os.PathLike) -> Tuple[Path, Path]:
+    """(train, val) image folders: ``data/train`` and ``data/val`` when `data` is given
+    (each must exist, one sub-folder per class), else the digits exported to ``out/digits``."""
+    if data is None:
+        return export_digits(Path(out) / "digits")
+    train, val = Path(data).resolve() / "train", Path(data).resolve() / "val"
+    for folder in (train, val):
+        if not folder.is_dir():
+            raise ValueError(f"--data {data}: expected {folder} with one sub-folder per class")
+    return train, val

@@ -35,3 +35,17 @@ def used_splits(config: Any) -> List[str]:
     if config.TEST_MODEL or config.TEST_ONLY:
         splits.append("TEST")
     return splits
+
+
+# VISSL's self-supervised methods -> their folder under configs/config/pretrain
+SSL_METHODS = {
+    "dino": "dino", "moco": "moco", "swav": "swav", "simclr": "simclr",
+    "barlow_twins": "barlow_twins", "deepclusterv2": "deepcluster_v2",
+}
+
+
+def small_scale_config(method: str) -> str:
+    """The shipped small-scale config of a self-supervised method (the demo-size ConViT on the digits)."""
+    if method not in SSL_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(SSL_METHODS)}")
+    return f"pretrain/{SSL_METHODS[method]}/{method}_convit_demo_digits_32"

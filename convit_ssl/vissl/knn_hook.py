@@ -138,6 +138,12 @@ def knn_settings(config: Any) -> Optional[KnnSettings]:
     )
 
 
+def record_frequency(num_epochs: int) -> int:
+    """Epochs between kNN records for a run of `num_epochs`: the largest divisor of it up
+    to a fifth of it, so that about five records trace the run and the last one is its end."""
+    return max(d for d in range(1, max(1, num_epochs // 5) + 1) if num_epochs % d == 0)
+
+
 # ------------------------------------------------------------------ the data
 def labelled_split_config(config: Any, split: str, paths: Tuple[str, ...], image_size: Tuple[int, int]) -> Any:
     """A copy of `config` whose DATA.`split` reads labelled images without
