@@ -202,16 +202,10 @@ def _knn_overrides(train: Path, val: Path, epochs: int) -> List[str]:
 
 def _knn_ends(stage_dir: Path) -> Tuple[float, float]:
     """kNN top-1 of the stage's trunk at random init and at the end (the monitor's first and last records)."""
-    from convit_ssl.vissl.knn_hook import RECORD_FILE
+    from convit_ssl.vissl.knn_hook import read_records
 
-    records = [json.loads(line) for line in (stage_dir / RECORD_FILE).read_text().splitlines() if line.strip()]
+    records = read_records(stage_dir)
     return records[0]["student"]["top1"], records[-1]["student"]["top1"]
-
-
-def _epochs(overrides: Sequence[str]) -> int:
-    from convit_ssl.vissl.configs import compose
-
-    return int(compose(overrides)[1].OPTIMIZER.num_epochs)
 
 
 def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optional[int] = None,
@@ -219,6 +213,8 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
     """Run the stages; print and return a summary. `epochs` (supervised) and
     `probe_epochs` (the linear probes and the fine-tune) default to the configs',
     `ssl_epochs` to SSL_EPOCHS."""
+    from convit_ssl.vissl.configs import num_epochs
+
     out = Path(out).resolve()
     if data is None:
         from convit_ssl.data import export_digits
@@ -243,10 +239,10 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
                    f"[eval_mlp,{{in_channels:192,dims:[192,{classes}]}}]]"]
     supervised = ["config=demo/convit_ssl/digits_supervised", *common,
                   *([f"config.OPTIMIZER.num_epochs={epochs}"] if epochs else [])]
-    supervised += _knn_overrides(train, val, _epochs(supervised))
+    supervised += _knn_overrides(train, val, num_epochs(supervised))
     ssl = [f"config={SSL_CONFIG}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
            f"config.OPTIMIZER.num_epochs={ssl_epochs or SSL_EPOCHS}"]
-    ssl += _knn_overrides(train, val, _epochs(ssl))
+    ssl += _knn_overrides(train, val, num_epochs(ssl))
 
     def from_checkpoint(stage: str, overrides: List[str]) -> Callable[[], List[str]]:
         return lambda: [*overrides, f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={require_final_checkpoint(out / stage)}"]

@@ -45,24 +45,12 @@ from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.digits import train_val_folders
 from convit_ssl.demo import run_stage
 from convit_ssl.files import atomic_write_text
-from convit_ssl.vissl.configs import SSL_METHODS, small_scale_config
-from convit_ssl.vissl.knn_hook import record_frequency
+from convit_ssl.vissl.configs import SSL_METHODS, num_epochs, small_scale_config
+from convit_ssl.vissl.knn_hook import read_records, record_frequency
 
 TEACHERS = {"dino", "moco"}
 ARCHS: Dict[str, List[str]] = {"convit": [], "deit": ["config.MODEL.TRUNK.CONVIT_SSL.NUM_GPSA_LAYERS=0"]}
 LINEAR = "config=demo/convit_ssl/digits_linear"
-
-
-def _num_epochs(overrides: Sequence[str]) -> int:
-    from convit_ssl.vissl.configs import compose
-
-    return int(compose(overrides)[1].OPTIMIZER.num_epochs)
-
-
-def _knn_records(stage_dir: Path) -> List[dict]:
-    from convit_ssl.vissl.knn_hook import RECORD_FILE
-
-    return [json.loads(line) for line in (stage_dir / RECORD_FILE).read_text().splitlines() if line.strip()]
 
 
 def _linear(name: str, stage_dir: Path, data: List[str], arch: str, seed: int, weights: Optional[Path]) -> dict:
@@ -88,14 +76,14 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
     if epochs:
         overrides.append(f"config.OPTIMIZER.num_epochs={epochs}")
     overrides += extra
-    num_epochs = _num_epochs(overrides)
+    run_epochs = num_epochs(overrides)
     overrides += ["+config/convit_ssl/hooks=knn", f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{train}]",
                   f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{val}]",
-                  f"config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS={record_frequency(num_epochs)}",
+                  f"config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS={record_frequency(run_epochs)}",
                   f"config.HOOKS.CONVIT_KNN.TEACHER={'true' if method in TEACHERS else 'false'}"]
     seconds = run_stage(f"{method} / {arch} / seed {seed}: pretraining", overrides, run_dir / "pretrain")
-    records = _knn_records(run_dir / "pretrain")
-    if records[0]["iteration"] != 0 or records[-1]["epoch"] != num_epochs - 1:
+    records = read_records(run_dir / "pretrain")
+    if records[0]["iteration"] != 0 or records[-1]["epoch"] != run_epochs - 1:
         raise RuntimeError(f"{run_dir / 'pretrain'}: kNN records do not span the run: "
                            f"{[(r['iteration'], r['epoch']) for r in records]}")
     monitor = sum(r["seconds"] for r in records)
@@ -112,7 +100,7 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
     losses = run_folder.losses(run_dir / "pretrain")
     return {
         "method": method, "arch": arch, "seed": seed, "config": small_scale_config(method), "overrides": extra,
-        "epochs": num_epochs,
+        "epochs": run_epochs,
         "iterations": records[-1]["iteration"],
         "pretrain_seconds": round(seconds - monitor, 1), "knn_monitor_seconds": round(monitor, 1),
         "final_loss": round(losses[-1], 4) if losses else None,

@@ -29,6 +29,11 @@ def compose(overrides: Sequence[str]) -> Tuple[Any, Any]:
     return convert_to_attrdict(cfg, dump_config=False)
 
 
+def num_epochs(overrides: Sequence[str]) -> int:
+    """OPTIMIZER.num_epochs of the config `overrides` compose."""
+    return int(compose(overrides)[1].OPTIMIZER.num_epochs)
+
+
 def used_splits(config: Any) -> List[str]:
     """The data splits a run reads: TRAIN unless TEST_ONLY; TEST if TEST_MODEL or TEST_ONLY."""
     splits = [] if config.TEST_ONLY else ["TRAIN"]

@@ -144,6 +144,12 @@ def record_frequency(num_epochs: int) -> int:
     return max(d for d in range(1, max(1, num_epochs // 5) + 1) if num_epochs % d == 0)
 
 
+def read_records(folder: str | os.PathLike) -> List[Dict[str, Any]]:
+    """The monitor's records of a run, in order (its checkpoint folder's RECORD_FILE)."""
+    with open(os.path.join(folder, RECORD_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 # ------------------------------------------------------------------ the data
 def labelled_split_config(config: Any, split: str, paths: Tuple[str, ...], image_size: Tuple[int, int]) -> Any:
     """A copy of `config` whose DATA.`split` reads labelled images without
