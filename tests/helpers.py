@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from convit_ssl import warm
+import warm
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = REPO / "tools" / "run_distributed_engines.py"
@@ -87,7 +87,7 @@ def fork_ranks() -> None:
 
 
 class WarmProcess:
-    """A tool script running in a fork of the warm Python (convit_ssl.warm), with
+    """A tool script running in a fork of the warm Python (tests/warm.py), with
     the part of subprocess.Popen the tests use: pid, poll(), wait(timeout),
     kill() (of its process group: the ranks it started too), returncode."""
 
@@ -116,7 +116,7 @@ class WarmProcess:
 
 def start_warm(argv: List[str], cwd: Path, output: Path, forked_ranks: bool = True) -> WarmProcess:
     """Start `python ARGV` from `cwd` in a fork of a Python that has already
-    imported VISSL (convit_ssl.warm): the same script, arguments and environment
+    imported VISSL (tests/warm.py): the same script, arguments and environment
     (PYTHONWARNINGS=ignore), without 6-8 s of imports per run, in a process group
     of its own; stdout and stderr go to `output`. With `forked_ranks` the ranks
     VISSL starts are forks of it too (`fork_ranks`), else fresh interpreters."""

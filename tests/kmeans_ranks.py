@@ -4,7 +4,7 @@ tensor file); rank 0 saves the assignments and centroids to OUT.
 
     python tests/kmeans_ranks.py MEMORY CLUSTERS WORLD OUT
 
-Run by helpers.kmeans_on_ranks in a fork of the warm Python (convit_ssl.warm).
+Run by helpers.kmeans_on_ranks in a fork of the warm Python (tests/warm.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of the checkpoint converter (convit_ssl.convert, tools/convert_checkpoint.py,
+"""Tests of the checkpoint converter (convit_ssl.cli.convert, tools/convert_checkpoint.py,
 `convit-ssl convert`): round trips between the formats, real shapes, heads,
 resampling, safety and the command line. CPU only; every file lives in tmp_path.
 """
@@ -22,7 +22,7 @@ from convit_ssl import create_model
 from convit_ssl.checkpoints import io as ckpt_io
 from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS, vissl_convit_to_timm
-from convit_ssl.convert import ConvertConfig, convert, load_config
+from convit_ssl.cli.convert import ConvertConfig, convert, load_config
 from convit_ssl.vissl.trunk import named_features
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"

@@ -46,7 +46,7 @@ def test_stages_run_two_at_a_time_after_what_they_need(monkeypatch, tmp_path):
     import threading
     import time
 
-    from convit_ssl import demo
+    from convit_ssl.cli import demo
 
     events, lock, running = [], threading.Lock(), set()
     durations = {"long": 0.3, "short": 0.05, "after_short": 0.05, "after_long": 0.05}

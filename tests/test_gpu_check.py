@@ -27,7 +27,7 @@ for module, dists in importlib.metadata.packages_distributions().items():
         sys.modules[module] = None
 sys.path.insert(0, sys.argv[1])
 import gpu_check, benchmark
-import convit_ssl.vissl, convit_ssl._warm_preload, timm, timm.models.convit, timm.models.vision_transformer
+import convit_ssl.vissl, timm, timm.models.convit, timm.models.vision_transformer
 from convit_ssl.vissl import benchmarks, hooks, knn_hook, analysis_hook, launcher
 from vissl.trainer import trainer_main
 from vissl.models import build_model

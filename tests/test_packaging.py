@@ -19,7 +19,7 @@ for name in ("vissl", "classy_vision", "hydra", "fvcore", "iopath", "submitit", 
 import torch
 import convit_ssl
 from convit_ssl.analysis import analyze
-from convit_ssl.convert import ConvertConfig, convert
+from convit_ssl.cli.convert import ConvertConfig, convert
 
 torch.manual_seed(0)
 model = convit_ssl.create_model("convit_tiny", img_size=32, patch_size=8, depth=2, num_gpsa_layers=1, num_classes=3)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from helpers import REPO
-from convit_ssl import ssl_quality
+from convit_ssl.cli import ssl_quality
 from convit_ssl.vissl.configs import SSL_METHODS, compose, small_scale_config
 from convit_ssl.vissl.knn_hook import record_frequency
 

@@ -1,11 +1,11 @@
-"""convit_ssl.warm: a command in a fork of the warm Python behaves as `python ARGV`."""
+"""tests/warm.py: a command in a fork of the warm Python behaves as `python ARGV`."""
 
 from __future__ import annotations
 
 import os
 import textwrap
 
-from convit_ssl import warm
+import warm
 
 SCRIPT = textwrap.dedent("""
     import atexit, os, sys, warnings
@@ -60,3 +60,29 @@ def test_module_through_a_pipe():
     process.join(60)
     assert process.exitcode == 0, lines
     assert any(line.startswith("convit_tiny ") for line in lines), lines
+
+
+ENVIRONMENT_SCRIPT = textwrap.dedent("""
+    import torch
+    from vissl.data.dataset_catalog import VisslDatasetCatalog
+    print(VisslDatasetCatalog.has_data("warm_catalog_test"), torch.get_num_threads())
+""")
+
+
+def test_child_reads_its_own_catalog_and_threads(tmp_path):
+    """What VISSL and torch read from the environment at import (the dataset
+    catalog, the thread count) is the child's, not the server's."""
+    script = tmp_path / "environment.py"
+    script.write_text(ENVIRONMENT_SCRIPT)
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text('{"warm_catalog_test": {"train": ["/data/train", "/data/train"], "val": ["/data/val", "/data/val"]}}')
+    base = {k: v for k, v in os.environ.items() if k not in ("VISSL_DATASET_CATALOG_PATH", "OMP_NUM_THREADS")}
+    results = []
+    for env in (dict(base, VISSL_DATASET_CATALOG_PATH=str(catalog), OMP_NUM_THREADS="1"),
+                dict(base, OMP_NUM_THREADS="2"), dict(base, MKL_NUM_THREADS="1")):
+        output = tmp_path / "output.txt"
+        process = warm.start([str(script)], output=output, env=env)
+        process.join(60)
+        assert process.exitcode == 0, output.read_text()
+        results.append(output.read_text().split())
+    assert results == [["True", "1"], ["False", "2"], ["False", "1"]]

@@ -207,21 +207,20 @@ def _device_overrides(device: str) -> List[str]:
 
 
 def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
-    """`convit-ssl COMMAND OVERRIDES` in a fork of the warm Python (convit_ssl.warm:
-    its seconds are the run's, not the imports', but for the first run's, which
-    include the server's start), its output in FOLDER.log."""
-    from convit_ssl import warm
+    """`python -m convit_ssl.cli COMMAND OVERRIDES` (its seconds include the
+    imports, 6-8 s), its output in FOLDER.log."""
     from convit_ssl.checkpoints import run_folder
 
     start = time.time()
     log = folder.with_name(folder.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    process = warm.start(["-m", "convit_ssl.cli", command, *overrides, f"config.CHECKPOINT.DIR={folder}"], output=log,
-                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    process.join()
+    with open(log, "w") as output_file:
+        returncode = subprocess.call([sys.executable, "-m", "convit_ssl.cli", command, *overrides,
+                                      f"config.CHECKPOINT.DIR={folder}"], stdout=output_file, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, PYTHONWARNINGS="ignore"))
     output = log.read_text(errors="replace")
-    record: Dict[str, Any] = {"returncode": process.exitcode, "seconds": round(time.time() - start, 1)}
-    if process.exitcode != 0:
+    record: Dict[str, Any] = {"returncode": returncode, "seconds": round(time.time() - start, 1)}
+    if returncode != 0:
         record["error"] = output[-2000:]
         return record
     if (folder / "stdout.json").is_file():

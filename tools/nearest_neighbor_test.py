@@ -4,15 +4,12 @@ features of a config, then weighted kNN of TEST against TRAIN (NEAREST_NEIGHBOR.
 
     python tools/nearest_neighbor_test.py config=NAME config.MODEL.WEIGHTS_INIT.PARAMS_FILE=<checkpoint> [overrides]
 
-Same as `convit-ssl knn ...`; see convit_ssl/vissl/benchmarks.py. `import convit_ssl.vissl`
-stays at module top level: VISSL's spawned ranks re-import __main__ and need its setup.
+Same as `convit-ssl knn ...`; see convit_ssl/vissl/benchmarks.py.
 """
 
 import sys
 
-from convit_ssl.cli import main, setup_vissl
-
-setup_vissl()  # patches + registration, at top level: in every spawned rank too
+from convit_ssl.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["knn", *sys.argv[1:]]))

@@ -4,15 +4,12 @@ features of a config, then low-shot SVMs on k positives per class (SVM.low_shot:
 
     python tools/train_svm_low_shot.py config=NAME config.MODEL.WEIGHTS_INIT.PARAMS_FILE=<checkpoint> [overrides]
 
-Same as `convit-ssl low-shot ...`; see convit_ssl/vissl/benchmarks.py. `import convit_ssl.vissl`
-stays at module top level: VISSL's spawned ranks re-import __main__ and need its setup.
+Same as `convit-ssl low-shot ...`; see convit_ssl/vissl/benchmarks.py.
 """
 
 import sys
 
-from convit_ssl.cli import main, setup_vissl
-
-setup_vissl()  # patches + registration, at top level: in every spawned rank too
+from convit_ssl.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["low-shot", *sys.argv[1:]]))

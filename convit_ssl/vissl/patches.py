@@ -221,6 +221,42 @@ def patch_extraction_device() -> bool:
     return any(changed)
 
 
+def _rank_worker(*args: Any) -> None:
+    """VISSL's `_distributed_worker` in a rank that torch.multiprocessing.spawn
+    started. Pickled by reference to this module, so a fresh rank imports
+    `convit_ssl.vissl` (patches, registration) before it unpickles anything of
+    VISSL's: no entry point has to set VISSL up at its top level."""
+    _rank_worker.upstream(*args)  # type: ignore[attr-defined]
+
+
+def _set_up_then_rebuild(rebuild: Callable[..., Any], args: Tuple[Any, ...], state: Any) -> Any:
+    """Unpickles a dataset in a data-loader worker. Its pickle starts with this
+    function, so the worker imports `convit_ssl.vissl` before the dataset's classes."""
+    dataset = rebuild(*args)
+    if isinstance(state, tuple):  # (__dict__, slots)
+        state, slots = state
+        for name, value in (slots or {}).items():
+            setattr(dataset, name, value)
+    dataset.__dict__.update(state or {})
+    return dataset
+
+
+def _dataset_reduce(self: Any, protocol: int) -> Tuple[Any, ...]:
+    rebuild, args, state = object.__reduce_ex__(self, protocol)[:3]
+    return _set_up_then_rebuild, (rebuild, args, state)
+
+
+def patch_spawned_processes() -> bool:
+    from vissl.data.ssl_dataset import GenericSSLDataset
+    from vissl.utils import distributed_launcher
+
+    if not getattr(distributed_launcher._distributed_worker, _MARK, False):
+        _rank_worker.upstream = distributed_launcher._distributed_worker  # type: ignore[attr-defined]
+    changed = [_replace(distributed_launcher, "_distributed_worker", _rank_worker),
+               _replace(GenericSSLDataset, "__reduce_ex__", _dataset_reduce)]
+    return any(changed)
+
+
 class _AfterImport(importlib.abc.MetaPathFinder):
     """Runs `patch` right after `module` is first imported: a finder ahead of
     the others that finds the module as they would and wraps its loader. For
@@ -348,6 +384,14 @@ PATCHES: Tuple[Patch, ...] = (
           "the extract_features engine (kNN, SVM, low-shot benchmarks) asserts a GPU and moves batches with "
           ".cuda(); each batch goes to the task's device instead",
           patch_extraction_device),
+    Patch("ranks and data workers set up as their parent",
+          "vissl.utils.distributed_launcher._distributed_worker; GenericSSLDataset.__reduce_ex__ (added)",
+          "vissl/utils/distributed_launcher.py:135-148; vissl/data/__init__.py:176,190-200",
+          "a spawned rank unpickles VISSL's worker, and a data-loader worker (spawn or forkserver) VISSL's "
+          "dataset, in a fresh interpreter that imports VISSL unpatched (without the pkg_resources stand-in it "
+          "cannot) unless its __main__ set VISSL up; both pickles now start with a function of convit_ssl.vissl, "
+          "so each process sets itself up before it loads anything of VISSL's",
+          patch_spawned_processes),
     Patch("SVM average precision as a scalar",
           "vissl.utils.svm_utils.evaluate.calculate_ap; SVMLowShotTrainer.test",
           "vissl/utils/svm_utils/evaluate.py:9-23; svm_trainer.py:256; svm_low_shot_trainer.py:176-180",

@@ -10,24 +10,47 @@ import sys
 
 import pytest
 
+from convit_ssl.checkpoints import run_folder
+from convit_ssl.checkpoints.io import load_checkpoint
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.launcher import ConViTSlurmJob, launch_on_slurm
 from convit_ssl.vissl.validate import validate
 
 
-def test_cli_run_trains_on_two_processes(tmp_path):
-    """`convit-ssl run` sets VISSL up in the ranks VISSL spawns too (they re-import
-    the CLI with its argv before unpickling VISSL's worker, which builds our trunk)."""
-    checkpoint_dir = tmp_path / "ck"
+SCRIPT = """
+import sys
+from convit_ssl.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))
+"""
+
+
+def test_two_ranks_with_data_workers_set_themselves_up(tmp_path):
+    """A script that imports nothing of `convit_ssl.vissl` (nor VISSL) at its top
+    level launches 2 ranks, each with a data-loader worker: the ranks (fresh
+    interpreters from torch.multiprocessing.spawn) and the workers (from the
+    forkserver) set VISSL up themselves; without the pkg_resources stand-in
+    VISSL cannot even be imported on this stack."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    probe = subprocess.run([sys.executable, "-c", "import sys, convit_ssl.cli; "
+                            "print(sorted({'convit_ssl.vissl', 'vissl'} & set(sys.modules)))"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]"
+    checkpoint_dir = tmp_path / "ck"
     proc = subprocess.run(
-        [sys.executable, "-m", "convit_ssl.cli", "run", "config=test/convit_ssl/supervised_micro_synthetic",
-         "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", f"config.CHECKPOINT.DIR={checkpoint_dir}"],
+        [sys.executable, str(script), "config=test/convit_ssl/supervised_micro_synthetic",
+         "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.NUM_DATALOADER_WORKERS=1",
+         f"config.CHECKPOINT.DIR={checkpoint_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (checkpoint_dir / "model_final_checkpoint_phase0.torch").is_file()
-    assert "Rank: 1" in proc.stdout + proc.stderr
+    final = run_folder.final_checkpoint(checkpoint_dir)
+    assert final is not None and final.name == "model_final_checkpoint_phase0.torch"
+    # 16 images, 4 per rank and step: 2 steps for a group of 2 (one process alone takes 4)
+    assert load_checkpoint(final)["iteration"] == 2
 
 
 def test_cli_lists_models(capsys):

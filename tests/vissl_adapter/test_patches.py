@@ -22,7 +22,8 @@ from convit_ssl.vissl import patches
 VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",
                  "DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
                  "warm-up start kept on request", "MoCo queue shared by every rank", "disk images read once, as 8-bit RGB",
-                 "feature extraction on the task's device", "SVM average precision as a scalar"]
+                 "feature extraction on the task's device", "ranks and data workers set up as their parent",
+                 "SVM average precision as a scalar"]
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:
@@ -38,6 +39,21 @@ def test_table_is_complete_and_idempotent():
         assert patch.apply() is False, f"{patch.name}: a second application changed something"
     assert patches.apply() == patches.applied()
     assert set(VISSL_PATCHES) <= set(patches.applied())
+
+
+def test_a_dataset_pickle_sets_vissl_up_before_loading_its_class():
+    """A data-loader worker unpickles the dataset in a fresh interpreter: its
+    pickle names convit_ssl.vissl before VISSL's dataset class, and round-trips."""
+    import pickle
+
+    from vissl.data.ssl_dataset import GenericSSLDataset
+
+    dataset = GenericSSLDataset.__new__(GenericSSLDataset)
+    dataset.split, dataset.data_paths = "train", [["/data/train"]]
+    payload = pickle.dumps(dataset)
+    assert 0 <= payload.find(b"convit_ssl.vissl.patches") < payload.find(b"vissl.data.ssl_dataset")
+    copy = pickle.loads(payload)
+    assert type(copy) is GenericSSLDataset and copy.__dict__ == dataset.__dict__
 
 
 def test_the_stack_doc_lists_the_table():
@@ -140,7 +156,7 @@ import collections, json, sys, warnings
 import numpy as np
 import torch
 filters = list(warnings.filters)  # after torch, which adds its own
-import convit_ssl, convit_ssl.models, convit_ssl.checkpoints, convit_ssl.analysis, convit_ssl.convert
+import convit_ssl, convit_ssl.models, convit_ssl.checkpoints, convit_ssl.analysis, convit_ssl.cli.convert
 m = convit_ssl.create_model("convit_tiny", img_size=32, patch_size=8, depth=2, num_gpsa_layers=1)
 roots = sorted({name.split(".")[0] for name in sys.modules})
 print(json.dumps({"roots": roots, "np_float": "float" in np.__dict__, "mapping": hasattr(collections, "Mapping"),

@@ -143,7 +143,7 @@ def _networks(final, where: str):
 @pytest.mark.parametrize("twin, where", [("dino_micro_synthetic", "momentum_teacher"),
                                          ("moco_micro_synthetic", "moco_encoder")])
 def test_converter_reads_the_momentum_teacher(twin, where, twin_run, tmp_path):
-    from convit_ssl.convert import ConvertConfig, convert
+    from convit_ssl.cli.convert import ConvertConfig, convert
 
     final = _final(twin_run(twin)[0], twin)
     teacher, student = _networks(final, where)

@@ -18,11 +18,6 @@ import sys
 import warnings
 from typing import Any, Callable, List, Optional, Tuple, Type
 
-# Commands that run VISSL. VISSL's spawned ranks re-import the main module (this
-# one, or the console script that imports it) with the parent's sys.argv before
-# they unpickle VISSL's worker, so a process started for one of them sets VISSL
-# up as soon as it loads this module (`convit_ssl.vissl`: patches, registration).
-VISSL_COMMANDS = {"run", "knn", "svm", "low-shot"}
 BENCHMARK_COMMANDS = {"knn": "knn", "svm": "svm", "low-shot": "low_shot"}
 # Set to show the traceback of a user error instead of its one line.
 TRACEBACK_ENV = "CONVIT_SSL_TRACEBACK"
@@ -36,18 +31,6 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
-
-
-def setup_vissl() -> None:
-    """Import `convit_ssl.vissl` (patches, registration) without the deprecation
-    noise VISSL's imports make. Entry points call it at module top level."""
-    with warnings.catch_warnings():
-        quiet_library_warnings()
-        import convit_ssl.vissl  # noqa: F401
-
-
-if sys.argv[1:2] and sys.argv[1] in VISSL_COMMANDS:
-    setup_vissl()
 
 
 def user_errors() -> Tuple[Type[BaseException], ...]:
@@ -110,7 +93,7 @@ def _run(argv: List[str]) -> int:
             print(line)
         return 0
     if argv and argv[0] == "convert":
-        from convit_ssl.convert import main as convert_main
+        from convit_ssl.cli.convert import main as convert_main
 
         checked("convert", lambda: convert_main(argv[1:]))
         return 0
@@ -128,7 +111,7 @@ def _run(argv: List[str]) -> int:
     demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 12)")
     demo.add_argument("--probe-epochs", type=int, default=None,
                       help="epochs of the linear probes and the fine-tune (default: the configs', 5)")
-    from convit_ssl.analyze import add_arguments as analyze_arguments
+    from convit_ssl.cli.analyze import add_arguments as analyze_arguments
 
     analyze_arguments(sub.add_parser(
         "analyze", help="gating, nonlocality and attention-map figures (and analysis.json) of a checkpoint",
@@ -137,11 +120,11 @@ def _run(argv: List[str]) -> int:
     sub.add_parser("models", help="list the architectures create_model accepts")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from convit_ssl.demo import run_demo
+        from convit_ssl.cli.demo import run_demo
 
         checked("demo", lambda: run_demo(args.out, args.data, args.epochs, args.ssl_epochs, args.probe_epochs))
     elif args.command == "analyze":
-        from convit_ssl.analyze import run_args
+        from convit_ssl.cli.analyze import run_args
 
         checked("analyze", lambda: run_args(args))
     elif args.command == "models":

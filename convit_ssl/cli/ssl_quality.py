@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.digits import train_val_folders
-from convit_ssl.demo import run_stage
+from convit_ssl.cli.demo import run_stage
 from convit_ssl.files import atomic_write_text
 from convit_ssl.vissl.configs import SSL_METHODS, num_epochs, small_scale_config
 from convit_ssl.vissl.knn_hook import read_records, record_frequency
@@ -67,7 +67,7 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
     """Pretrain `method` with `arch` and `seed` (and Hydra `overrides` of the
     pretraining), then probe; returns the run's entry of results.json."""
     extra = list(overrides)
-    from convit_ssl.demo import data_overrides
+    from convit_ssl.cli.demo import data_overrides
 
     run_dir = out / method / f"{arch}_seed{seed}"
     data = data_overrides(train, val)

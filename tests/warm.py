@@ -1,10 +1,11 @@
-"""Commands in forks of one Python that has imported VISSL once.
+"""The test suite's commands in forks of one Python that has imported VISSL once.
 
 A `convit-ssl` command pays 6-8 s of imports (torch, torchvision, VISSL,
-ClassyVision, hydra, scikit-learn) before it does any work. Programs that run
-many of them (the demo's stages, tools/ssl_quality.py, the GPU check's CPU
-rehearsal, the test suite) start each in a fork of multiprocessing's fork
-server instead, which imports `PRELOAD` once; a fork starts in milliseconds.
+ClassyVision, hydra, scikit-learn) before it does any work. The suite runs
+dozens of them, so it starts each in a fork of multiprocessing's fork server,
+which imports `PRELOAD` once; a fork starts in milliseconds. The commands
+themselves (the demo, tools/ssl_quality.py, the GPU check) start plain
+processes: this lives in tests/ only.
 
     process = start(["-m", "convit_ssl.cli", "run", "config=..."], output=Path("log.txt"))
     process.join()  # process.exitcode as `python -m convit_ssl.cli run config=...` would exit
@@ -12,7 +13,9 @@ server instead, which imports `PRELOAD` once; a fork starts in milliseconds.
 The child is otherwise the command as `python ARGV` runs it: `ARGV[0]` a
 script path or `-m MODULE`, run as `__main__` with that argv, the given
 working directory and environment (its PYTHONWARNINGS applied), intra-op
-threads from its OMP_NUM_THREADS, its exit code (SystemExit; 1 with the
+threads from its OMP_NUM_THREADS / MKL_NUM_THREADS, VISSL's dataset catalog
+from its VISSL_DATASET_CATALOG_PATH (VISSL reads both at import, which
+happened in the server), its exit code (SystemExit; 1 with the
 traceback for an exception), its exit handlers.
 The fork server itself runs no tensor code: a fork after OpenMP threads exist
 could hang. CUDA is never initialised there either, so the children may use it.
@@ -31,12 +34,16 @@ import sys
 import warnings
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 # What every command imports: the CLI, the patched VISSL, its engines and launcher.
-PRELOAD = ["convit_ssl._warm_preload"]
+# (names importable from site-packages: the server's sys.path is a fresh interpreter's, not pytest's)
+PRELOAD = ["convit_ssl.vissl", "convit_ssl.cli", "vissl.engines.extract_features", "vissl.engines.train",
+           "vissl.utils.distributed_launcher"]
 
 _context = multiprocessing.get_context("forkserver")
+_UNSET: Any = object()
+_server_catalog: Any = _UNSET  # the VISSL_DATASET_CATALOG_PATH the server imported VISSL with
 
 
 def _apply_warning_options(value: str) -> None:
@@ -53,7 +60,7 @@ def _apply_warning_options(value: str) -> None:
 
 
 def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, Connection],
-         new_session: bool, prepare: Optional[Callable[[], None]]) -> None:
+         new_session: bool, prepare: Optional[Callable[[], None]], server_catalog: Optional[str]) -> None:
     """In the fork: become `python ARGV`, exit as it would."""
     if new_session:
         os.setsid()
@@ -72,9 +79,9 @@ def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, 
     if env.get("PYTHONWARNINGS"):
         _apply_warning_options(env["PYTHONWARNINGS"])
     os.chdir(cwd)
-    import torch
-
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    # runpy's warning when the child runs a module the server has loaded (`-m convit_ssl.cli`)
+    warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package", category=RuntimeWarning)
+    _read_environment(env, server_catalog)
     if prepare is not None:
         prepare()
     try:
@@ -86,6 +93,21 @@ def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, 
             runpy.run_path(argv[0], run_name="__main__")
     finally:
         exit_as_an_interpreter()
+
+
+def _read_environment(env: Dict[str, str], server_catalog: Optional[str]) -> None:
+    """What the server read from its own environment at import, read again from
+    the child's: the thread counts and VISSL's dataset catalog."""
+    import torch
+    from vissl.data.dataset_catalog import VisslDatasetCatalog, register_datasets
+    from vissl.utils.misc import get_json_data_catalog_file
+
+    threads = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))  # OpenMP's and MKL's
+    if env.get("VISSL_DATASET_CATALOG_PATH") != server_catalog:
+        VisslDatasetCatalog.clear()
+        register_datasets(get_json_data_catalog_file())  # as vissl.data.dataset_catalog does at import
 
 
 def exit_as_an_interpreter() -> None:
@@ -106,11 +128,14 @@ def start(argv: Sequence[str], output: Union[os.PathLike, Connection], cwd: Opti
     group of its own (`os.killpg(process.pid, ...)` stops it with what it started).
     `prepare`, a module-level function, runs in the child first. Returns the
     started process: `pid`, `join(timeout)`, `exitcode`, `kill()`."""
-    _context.set_forkserver_preload(PRELOAD)  # read when the fork server starts (at the first call)
+    global _server_catalog
+    if _server_catalog is _UNSET:  # the first call starts the server, with this environment
+        _context.set_forkserver_preload(PRELOAD)
+        _server_catalog = os.environ.get("VISSL_DATASET_CATALOG_PATH")
     target = str(Path(output).resolve()) if not isinstance(output, Connection) else output
     process = _context.Process(target=_run, args=(list(map(str, argv)), str(Path(cwd or os.getcwd()).resolve()),
                                                   dict(os.environ if env is None else env), target, new_session,
-                                                  prepare))
+                                                  prepare, _server_catalog))
     process.start()
     return process
 

@@ -13,9 +13,8 @@ the analysis hook logged).
 
 With no data it exports scikit-learn's bundled handwritten digits to an image
 folder; with `--data DIR` (holding `train/<class>/*` and `val/<class>/*`) it
-runs on the user's own images. Each stage runs in its own process (VISSL
-initialises a process group per run; a fork of the warm Python of
-`convit_ssl.warm`, which has imported VISSL once), two at a time as soon as the stages
+runs on the user's own images. Each stage runs in its own process
+(`python -m convit_ssl.cli run ...`: VISSL initialises a process group per run), two at a time as soon as the stages
 they start from have finished, with its progress lines echoed under its name
 and its full log in `<out>/<stage>/log.txt`.
 """
@@ -26,15 +25,15 @@ import ast
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from convit_ssl import warm
 from convit_ssl.checkpoints.run_folder import final_accuracies, require_final_checkpoint
 
 STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
@@ -92,30 +91,26 @@ class _Echo:
 
 def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: str = "",
               threads: Optional[int] = None, echo: Optional[Callable[[str], None]] = None,
-              children: Optional[List[BaseProcess]] = None) -> float:
-    """`convit-ssl run OVERRIDES` into `stage_dir` in a child process (a fork of
-    the warm Python, `convit_ssl.warm`, with `threads` intra-op threads if given),
-    its progress lines echoed (under `[label]` if given); returns the wall time.
-    A failure raises with the last output lines. `children` collects the
-    process, so that it can be stopped."""
-    argv = ["-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
+              children: Optional[List[subprocess.Popen]] = None) -> float:
+    """`python -m convit_ssl.cli run OVERRIDES` into `stage_dir` in a child process
+    (with `threads` intra-op threads if given), its progress lines echoed (under
+    `[label]` if given); returns the wall time. A failure raises with the last
+    output lines. `children` collects the process, so that it can be stopped."""
+    argv = [sys.executable, "-m", "convit_ssl.cli", "run", *overrides, f"config.CHECKPOINT.DIR={stage_dir}"]
     echo = echo or _Echo()
-    echo(f"\n== {title}: convit-ssl {' '.join(argv[2:])}")
+    echo(f"\n== {title}: convit-ssl {' '.join(argv[3:])}")
     prefix = f"[{label}] " if label else ""
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
     tail: List[str] = []
-    reader, writer = warm.pipe()
-    try:
-        process = warm.start(argv, output=writer, env=env)
-    finally:
-        writer.close()  # the child holds the only writing end: EOF when it exits
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                               text=True, errors="replace")
     if children is not None:
         children.append(process)
-    with open(os.dup(reader.fileno()), errors="replace") as output:
-        reader.close()
+    assert process.stdout is not None
+    with process.stdout as output:
         for line in output:
             tail = (tail + [line.rstrip()])[-40:]
             progress = _PROGRESS.search(line)
@@ -124,9 +119,8 @@ def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: s
                 echo(f"   {prefix}epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}")
             elif meter:
                 echo(f"   {prefix}{'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}")
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"stage {title!r} failed (exit {process.exitcode}); last output:\n" + "\n".join(tail))
+    if process.wait() != 0:
+        raise RuntimeError(f"stage {title!r} failed (exit {process.returncode}); last output:\n" + "\n".join(tail))
     return time.time() - start
 
 
@@ -157,7 +151,7 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2) -> Dict[str, 
                     times[stage.name] = future.result()
                 except BaseException:
                     for child in children:
-                        if child.is_alive():
+                        if child.poll() is None:
                             child.kill()
                     raise
     return times
@@ -184,7 +178,7 @@ def _claim_output(out: Path, train: Path, val: Path) -> None:
 def _analyse(checkpoint: Path, val: Path, out: Path) -> Path:
     """`convit-ssl analyze` of the supervised checkpoint on the first validation
     images, with the hook's log of the supervised run; returns the figure folder."""
-    from convit_ssl.analyze import run_analysis
+    from convit_ssl.cli.analyze import run_analysis
 
     figures = out / "analysis"
     print(f"\n== analysis: convit-ssl analyze {checkpoint} --images {val} --out {figures}")
