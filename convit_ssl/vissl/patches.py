@@ -221,12 +221,12 @@ def patch_extraction_device() -> bool:
     return any(changed)
 
 
-def _rank_worker(*args: Any) -> None:
+def _rank_worker(*args: Any, **kwargs: Any) -> None:
     """VISSL's `_distributed_worker` in a rank that torch.multiprocessing.spawn
     started. Pickled by reference to this module, so a fresh rank imports
     `convit_ssl.vissl` (patches, registration) before it unpickles anything of
     VISSL's: no entry point has to set VISSL up at its top level."""
-    _rank_worker.upstream(*args)  # type: ignore[attr-defined]
+    _rank_worker.upstream(*args, **kwargs)  # type: ignore[attr-defined]
 
 
 def _set_up_then_rebuild(rebuild: Callable[..., Any], args: Tuple[Any, ...], state: Any) -> Any:
