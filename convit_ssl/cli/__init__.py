@@ -18,6 +18,8 @@ import sys
 import warnings
 from typing import Any, Callable, List, Optional, Tuple, Type
 
+from convit_ssl.processes import Stopped
+
 BENCHMARK_COMMANDS = {"knn": "knn", "svm": "svm", "low-shot": "low_shot"}
 # Set to show the traceback of a user error instead of its one line.
 TRACEBACK_ENV = "CONVIT_SSL_TRACEBACK"
@@ -70,6 +72,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CommandError as e:
         print(e, file=sys.stderr)
         return 2
+    except Stopped as e:  # a stop signal: everything the command started has ended
+        command = (sys.argv[1:] if argv is None else argv)[:1] or ["?"]
+        print(f"convit-ssl {command[0]}: {e}", file=sys.stderr)
+        return e.exit_code
     except BrokenPipeError:  # `convit-ssl models | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from convit_ssl.checkpoints.run_folder import final_accuracies, require_final_checkpoint
+from convit_ssl.processes import Stopped, forward_stop_signals
 
 STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
 # the self-supervised stage: the method that learns most reliably at this scale (docs/SSL_SMALL_SCALE.md, tools/ssl_quality.py)
@@ -110,7 +111,8 @@ def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: s
     if children is not None:
         children.append(process)
     assert process.stdout is not None
-    with process.stdout as output:
+    # (called alone, in the main thread: a stop signal goes to the stage; in run_stages' threads: no-op)
+    with forward_stop_signals(lambda: [process]) as stop, process.stdout as output:
         for line in output:
             tail = (tail + [line.rstrip()])[-40:]
             progress = _PROGRESS.search(line)
@@ -119,7 +121,10 @@ def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: s
                 echo(f"   {prefix}epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}")
             elif meter:
                 echo(f"   {prefix}{'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}")
-    if process.wait() != 0:
+        process.wait()
+    if stop.received is not None:
+        raise Stopped(stop.received, f"{title} stopped ({tail[-1] if tail else 'no output'})")
+    if process.returncode != 0:
         raise RuntimeError(f"stage {title!r} failed (exit {process.returncode}); last output:\n" + "\n".join(tail))
     return time.time() - start
 
@@ -129,12 +134,13 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2) -> Dict[str, 
     finished, in list order; each child gets cpu_count / slots threads (on 2
     cores, two 1-thread runs side by side do 1.4x the work of one 2-thread run:
     measured 0.50 s and 0.35 s per step of the demo model). Returns each wall time.
-    A failed stage stops the others and raises."""
+    A failed stage stops the others and raises. A stop signal goes to the
+    running stages (each saves a checkpoint of its iteration), then `Stopped`."""
     threads = max(1, (os.cpu_count() or 1) // slots)
     echo, children = _Echo(), []
     times: Dict[str, float] = {}
     pending = list(stages)
-    with ThreadPoolExecutor(slots) as pool:
+    with forward_stop_signals(lambda: children) as stop, ThreadPoolExecutor(slots) as pool:
         running: Dict[Future, Stage] = {}
         while pending or running:
             for stage in [s for s in pending if all(n in times for n in s.needs)][:slots - len(running)]:
@@ -150,10 +156,15 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2) -> Dict[str, 
                 try:
                     times[stage.name] = future.result()
                 except BaseException:
-                    for child in children:
-                        if child.poll() is None:
-                            child.kill()
-                    raise
+                    if stop.received is None:  # a failure: the others are stopped at once
+                        for child in children:
+                            if child.poll() is None:
+                                child.kill()
+                        raise
+                    stopped = [stage.name, *(s.name for s in running.values())]
+                    wait(running)  # the others save their checkpoints (at most the grace period)
+                    raise Stopped(stop.received, f"stopped the stages {', '.join(stopped)}; the same command "
+                                                 "resumes them (finished stages are reused)") from None
     return times
 
 

@@ -45,6 +45,7 @@ from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.digits import train_val_folders
 from convit_ssl.cli.demo import run_stage
 from convit_ssl.files import atomic_write_text
+from convit_ssl.processes import Stopped
 from convit_ssl.vissl.configs import SSL_METHODS, num_epochs, small_scale_config
 from convit_ssl.vissl.knn_hook import read_records, record_frequency
 
@@ -228,8 +229,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if (method, arch, seed) in done:
                     print(f"== {method} / {arch} / seed {seed}: in {path} already, skipped")
                     continue
-                run = run_one(method, arch, seed, out, train, val, results["random_init_linear"], args.epochs,
-                              linear=not args.no_linear, overrides=args.override)
+                try:
+                    run = run_one(method, arch, seed, out, train, val, results["random_init_linear"], args.epochs,
+                                  linear=not args.no_linear, overrides=args.override)
+                except Stopped as e:
+                    _write(path, results)
+                    print(f"ssl_quality: {e}; the same command resumes it (finished runs are skipped)",
+                          file=sys.stderr)
+                    return e.exit_code
                 results["runs"].append(run)
                 _write(path, results)
                 knn = run["knn_top1"]

@@ -69,15 +69,13 @@ def _check_benchmark_config(config: Any) -> None:
 def extract(config: Any, node_id: int = 0) -> str:
     """Validate `config`, then run VISSL's ``extract_features`` engine on it (all
     ranks of this node); return the folder that holds the features."""
-    from vissl.utils.distributed_launcher import launch_distributed
-
-    from convit_ssl.vissl.hooks import hook_generator
+    from convit_ssl.vissl.launcher import launch_local
     from convit_ssl.vissl.validate import validate
     from convit_ssl.vissl.weights_init import prepare_weights_init
 
     validate(config)
     prepare_weights_init(config)
-    launch_distributed(cfg=config, node_id=node_id, engine_name="extract_features", hook_generator=hook_generator)
+    launch_local(config, node_id, "extract_features")
     return features_folder(config)
 
 

@@ -1,5 +1,6 @@
 """The hooks of a convit_ssl VISSL run: VISSL's defaults, the count of
-unreadable images (`unreadable_hook`, always), and convit_ssl's analysis
+unreadable images (`unreadable_hook`, always), the stop on a signal with a
+checkpoint (`stop_hook`, always), and convit_ssl's analysis
 (`analysis_hook`) and online kNN (`knn_hook`) monitors when their config
 blocks switch them on."""
 
@@ -21,18 +22,19 @@ def validate_hook_configs(config: Any) -> None:
 
 def hook_generator(cfg: Any) -> List[ClassyHook]:
     """VISSL's `default_hook_generator`, plus `UnreadableImagesHook`, and
-    `ConViTAnalysisHook` and `ConViTKnnHook` when switched on: placed before
+    `ConViTAnalysisHook` and `ConViTKnnHook` when switched on, and `StopHook`: placed before
     VISSL's checkpoint hook (so that their records precede each checkpoint),
     writing to the TensorBoard writer of VISSL's tensorboard hook, if any. Runs in every rank (a
     module-level function, so spawn can pickle it)."""
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
     from convit_ssl.vissl import analysis_hook, knn_hook
+    from convit_ssl.vissl.stop_hook import StopHook
     from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
 
     hooks = default_hook_generator(cfg)
     tb_writer = next((h.tb_writer for h in hooks if isinstance(h, SSLTensorboardHook)), None)
     monitors = (analysis_hook.build_hook(cfg, tb_writer), knn_hook.build_hook(cfg, tb_writer))
-    ours = [UnreadableImagesHook(), *(hook for hook in monitors if hook)]
+    ours = [UnreadableImagesHook(), *(hook for hook in monitors if hook), StopHook()]
     position = next((i for i, h in enumerate(hooks) if isinstance(h, LogLossMetricsCheckpointHook)), len(hooks))
     return hooks[:position] + ours + hooks[position:]

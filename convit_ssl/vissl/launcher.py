@@ -2,11 +2,12 @@
 configs on the search path and its checks before any process is spawned
 (`prepare`: every user error is raised there), then `launch`.
 
-VISSL spawns one process per rank; each re-imports `__main__` before it
-unpickles VISSL's worker, and every entry point sets VISSL up when loaded
-(tools/* import `convit_ssl.vissl`; `convit_ssl.cli` does for a VISSL
-command), so the patches and the trunk registration exist in every rank.
-SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
+VISSL spawns one process per rank; what a rank unpickles first is convit_ssl's
+worker (the patch "ranks and data workers set up as their parent"), so the
+patches and the trunk registration exist in every rank, whatever `__main__` is.
+A local launch is stoppable (`launch_local`): a stop signal to this process
+reaches the ranks, which save a checkpoint of their iteration and exit
+(`stop_hook`); the launch then raises `convit_ssl.processes.Stopped`. SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
 whose unpickling imports this module, and so `convit_ssl.vissl`, on the
 compute nodes.
 """
@@ -14,11 +15,15 @@ compute nodes.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 from typing import Any, Sequence, Tuple
 
 from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
 from vissl.utils.hydra_config import save_attrdict_to_disk
 
+from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
 from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
@@ -40,9 +45,14 @@ class ConViTSlurmJob(_ResumableSlurmJob):
             hook_generator=hook_generator,
         )
 
-    def checkpoint(self):  # requeue as the same class
+    def checkpoint(self):
+        """Submitit's preemption / time-limit handler (its USR2, `--signal=USR2@90`)
+        on the first node: the ranks of this node get SIGUSR1, so all ranks save
+        a checkpoint of the iteration they agree on (`stop_hook`) and exit; then
+        the job requeues as the same class and resumes from that checkpoint."""
         import submitit
 
+        stop_children(multiprocessing.active_children(), signal.SIGUSR1)
         return submitit.helpers.DelayedSubmission(ConViTSlurmJob(engine_name=self.engine_name, config=self.config))
 
 
@@ -98,16 +108,44 @@ def prepare(overrides: Sequence[str]) -> Tuple[Any, Any]:
     return args, config
 
 
+def _stopped_detail(config: Any) -> str:
+    """Where a stopped run's work is: the checkpoint `checkpoint.torch` points at."""
+    from vissl.utils.checkpoint import get_checkpoint_folder
+
+    link = os.path.join(get_checkpoint_folder(config), "checkpoint.torch")
+    if not os.path.exists(link):
+        return "no checkpoint written yet"
+    return f"the relaunched command resumes from {os.path.realpath(link)}"
+
+
+def launch_local(config: Any, node_id: int, engine_name: str) -> None:
+    """VISSL's `launch_distributed` on this node, with convit_ssl's hooks,
+    stoppable: with ranks spawned (more than one process in the job), a stop
+    signal is passed on to them (`convit_ssl.processes.forward_stop_signals`);
+    a single process stops where it is, at the end of an iteration while it
+    trains. Raises `Stopped` once everything has ended."""
+    spawned = config.DISTRIBUTED.NUM_NODES * config.DISTRIBUTED.NUM_PROC_PER_NODE > 1
+    with forward_stop_signals(multiprocessing.active_children if spawned else None) as stop:
+        try:
+            launch_distributed(cfg=config, node_id=node_id, engine_name=engine_name, hook_generator=hook_generator)
+        except Stopped:  # this process trained and stopped (stop_hook)
+            raise
+        except Exception as e:  # torch's ProcessExitedException: a rank killed after the grace period
+            if stop.received is None:
+                raise
+            raise Stopped(stop.received, f"{e}; {_stopped_detail(config)}") from None
+    if stop.received is not None:
+        raise Stopped(stop.received, f"{config.DISTRIBUTED.NUM_PROC_PER_NODE} ranks stopped; {_stopped_detail(config)}")
+
+
 def launch(args: Any, config: Any) -> None:
-    """Launch a prepared run locally or on SLURM, with VISSL's default hooks
-    plus convit_ssl's (`hooks.hook_generator`)."""
+    """Launch a prepared run locally (`launch_local`) or on SLURM, with VISSL's
+    default hooks plus convit_ssl's (`hooks.hook_generator`)."""
     if config.SLURM.USE_SLURM:
         launch_on_slurm(config, args.engine_name)
     else:
         logging.getLogger(__name__).info("launching %s", args.engine_name)
-        launch_distributed(
-            cfg=config, node_id=args.node_id, engine_name=args.engine_name, hook_generator=hook_generator
-        )
+        launch_local(config, args.node_id, args.engine_name)
 
 
 def run(overrides: Sequence[str]) -> None:

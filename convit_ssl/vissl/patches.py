@@ -27,6 +27,8 @@ import functools
 import importlib.abc
 import importlib.metadata
 import importlib.util
+import multiprocessing
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -225,13 +227,49 @@ def _rank_worker(*args: Any, **kwargs: Any) -> None:
     """VISSL's `_distributed_worker` in a rank that torch.multiprocessing.spawn
     started. Pickled by reference to this module, so a fresh rank imports
     `convit_ssl.vissl` (patches, registration) before it unpickles anything of
-    VISSL's: no entry point has to set VISSL up at its top level."""
-    _rank_worker.upstream(*args, **kwargs)  # type: ignore[attr-defined]
+    VISSL's: no entry point has to set VISSL up at its top level. A spawned rank
+    gets SIGTERM if its launcher dies, and one stopped by a signal
+    (`stop_hook`, a checkpoint saved) exits 0: the launcher reports the stop."""
+    from convit_ssl.processes import Stopped
+
+    cfg = kwargs["cfg"] if "cfg" in kwargs else args[1]
+    spawned = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1  # VISSL's rule for spawning
+    if spawned:
+        _terminate_with_parent()
+    try:
+        _rank_worker.upstream(*args, **kwargs)  # type: ignore[attr-defined]
+    except Stopped:
+        if not spawned:  # one process: the launcher itself, which reports the stop
+            raise
+
+
+def _terminate_with_parent() -> None:
+    """SIGTERM to this process when its parent exits (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the parent had already gone
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _set_up_then_rebuild(rebuild: Callable[..., Any], args: Tuple[Any, ...], state: Any) -> Any:
     """Unpickles a dataset in a data-loader worker. Its pickle starts with this
-    function, so the worker imports `convit_ssl.vissl` before the dataset's classes."""
+    function, so the worker imports `convit_ssl.vissl` before the dataset's
+    classes. The worker ignores the stop signals (a process group's SIGTERM
+    would otherwise kill it under its rank, which then fails before it can save
+    its checkpoint); it ends with its rank."""
+    import signal
+
+    from convit_ssl.processes import STOP_SIGNALS
+
+    if multiprocessing.parent_process() is not None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
     dataset = rebuild(*args)
     if isinstance(state, tuple):  # (__dict__, slots)
         state, slots = state
@@ -244,6 +282,20 @@ def _set_up_then_rebuild(rebuild: Callable[..., Any], args: Tuple[Any, ...], sta
 def _dataset_reduce(self: Any, protocol: int) -> Tuple[Any, ...]:
     rebuild, args, state = object.__reduce_ex__(self, protocol)[:3]
     return _set_up_then_rebuild, (rebuild, args, state)
+
+
+def patch_resume_from_preemption() -> bool:
+    from vissl.utils import distributed_launcher
+
+    original = distributed_launcher.get_resume_checkpoint
+
+    @functools.wraps(original)
+    def get_resume_checkpoint(cfg: Any, checkpoint_folder: str) -> Any:
+        from convit_ssl.vissl.stop_hook import resume_checkpoint
+
+        return resume_checkpoint(cfg, checkpoint_folder, original(cfg, checkpoint_folder))
+
+    return _replace(distributed_launcher, "get_resume_checkpoint", get_resume_checkpoint)
 
 
 def patch_spawned_processes() -> bool:
@@ -392,6 +444,12 @@ PATCHES: Tuple[Patch, ...] = (
           "cannot) unless its __main__ set VISSL up; both pickles now start with a function of convit_ssl.vissl, "
           "so each process sets itself up before it loads anything of VISSL's",
           patch_spawned_processes),
+    Patch("resume from a preemption checkpoint", "vissl.utils.distributed_launcher.get_resume_checkpoint",
+          "vissl/utils/checkpoint.py:566-572; vissl/utils/distributed_launcher.py:106-114",
+          "VISSL resumes from iteration checkpoints only when CHECKPOINT_ITER_FREQUENCY > 0, so the checkpoint a "
+          "stopped run wrote (convit_ssl.vissl.stop_hook) would be skipped; when checkpoint.torch points at an "
+          "iteration checkpoint (the last one written), the run resumes from it",
+          patch_resume_from_preemption),
     Patch("SVM average precision as a scalar",
           "vissl.utils.svm_utils.evaluate.calculate_ap; SVMLowShotTrainer.test",
           "vissl/utils/svm_utils/evaluate.py:9-23; svm_trainer.py:256; svm_low_shot_trainer.py:176-180",

@@ -433,6 +433,34 @@ def test_killed_rank_ends_the_job_and_relaunch_resumes(procs, supervised_runs, d
     assert max_difference(resumed.weights, uninterrupted.weights) == 0.0
 
 
+def test_preempted_run_resumes_bit_identically(supervised_runs, digits, tmp_path):
+    """SIGTERM to the launcher of a 2-process run as its second of 4 epochs
+    starts (a preemption): the ranks agree on an iteration, save it and exit
+    (143). Relaunched, the run resumes from that iteration and ends with the
+    weights and the per-step losses of the uninterrupted run: nothing lost,
+    nothing trained twice."""
+    overrides = [*supervised_twin(digits), _batch(4)]
+    uninterrupted = supervised_runs["1x2"]
+    checkpoint_dir = tmp_path / "ck"
+    checkpoint_dir.mkdir()
+    started = launch(overrides, checkpoint_dir, procs=2)
+    _wait_for_checkpoint(checkpoint_dir, "model_phase0.torch", started)
+    os.kill(started[0].pid, signal.SIGTERM)
+    signalled = time.time()
+    codes = wait(started, timeout=60)
+    print(f"preempted: exit {codes[0]} {time.time() - signalled:.2f} s after SIGTERM")
+    assert codes == [128 + signal.SIGTERM]
+    assert not _rank_processes(started[0])
+    saved = Path(os.path.realpath(checkpoint_dir / "checkpoint.torch")).name
+    stopped_at = int(re.fullmatch(r"model_iteration(\d+)\.torch", saved).group(1))
+    assert 4 < stopped_at < 8, saved  # mid-way through the second epoch (4 steps each)
+    assert len(run_folder.losses(checkpoint_dir)) == stopped_at
+
+    resumed = train(overrides, checkpoint_dir, procs=2)
+    assert max_difference(resumed.weights, uninterrupted.weights) == 0.0
+    assert resumed.losses == uninterrupted.losses  # 16 steps: stopped_at before, the rest after
+
+
 def test_lost_node_ends_the_other_node(digits, tmp_path):
     """2 nodes x 1 process: node 1's rank is killed; node 0 learns of it only
     through the process group (gloo sees the connection close) and exits non-zero."""

@@ -23,6 +23,7 @@ VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",
                  "DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
                  "warm-up start kept on request", "MoCo queue shared by every rank", "disk images read once, as 8-bit RGB",
                  "feature extraction on the task's device", "ranks and data workers set up as their parent",
+                 "resume from a preemption checkpoint",
                  "SVM average precision as a scalar"]
 
 
