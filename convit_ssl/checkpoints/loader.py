@@ -144,6 +144,9 @@ def load_model(path: PathLike, *, fmt: str = "auto", arch: Optional[str] = None,
                           keep_head=keep_head)
     weights = loaded.weights
     model = build_convit(weights.trunk, loaded.kwargs, weights.head if keep_head else None)
+    if loaded.source.hub_config is not None:  # the preprocessing the weights were published with
+        model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v  # as timm holds them
+                                     for k, v in hub.preprocessing_of(loaded.source.hub_config).items()})
     info = {"format": loaded.fmt, "model": {k: v for k, v in loaded.kwargs.items() if k != "num_classes"},
             "head_classes": None if weights.head is None else int(weights.head["weight"].shape[0]),
             "notes": weights.notes}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from convit_ssl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.models.attention import GPSA, MHSA
 from convit_ssl.models.geometry import Size, patch_grid, to_pair
 from convit_ssl.models.layers import DropPath, Mlp, PatchEmbed
@@ -42,6 +43,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         locality_strength: float = 1.0,
         norm_eps: float = 1e-6,
+        global_pool: str = "token",
     ) -> None:
         super().__init__()
         self.use_gpsa = use_gpsa
@@ -85,6 +87,15 @@ class ConViT(nn.Module):
         locality_strength: alpha of the convolutional init of GPSA.
         use_pos_embed: learn an absolute position embedding.
         norm_eps: LayerNorm epsilon (timm and the official code: 1e-6).
+        global_pool: what the head sees (timm's names): "token" the class token,
+            "avg" the mean patch token, "" every token (no pooling).
+
+    timm's model interface: `get_classifier`, `reset_classifier`,
+    `group_matcher` (for timm's layer-wise lr decay), `no_weight_decay`,
+    `pretrained_cfg` / `default_cfg` (the input the weights expect; ImageNet's
+    unless a loader set it from the weights' source), `num_prefix_tokens`,
+    `feature_info` (one entry per block), `forward_features`, `forward_head`,
+    `forward_intermediates`, `set_grad_checkpointing`.
     """
 
     def __init__(
@@ -108,6 +119,7 @@ class ConViT(nn.Module):
         locality_strength: float = 1.0,
         use_pos_embed: bool = True,
         norm_eps: float = 1e-6,
+        global_pool: str = "token",
     ) -> None:
         super().__init__()
         img_hw = to_pair(img_size, "img_size")
@@ -123,6 +135,10 @@ class ConViT(nn.Module):
         self.num_heads = num_heads
         self.num_gpsa_layers = num_gpsa_layers
         self.locality_strength = locality_strength
+        self.global_pool = _check_pool(global_pool)
+        self.num_prefix_tokens = 1  # the class token, in the output of forward_features
+        self.feature_info = [dict(num_chs=width, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.pretrained_cfg = default_pretrained_cfg(in_chans, img_hw, num_classes)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, width)
         self.grid = patch_grid(img_hw, patch_size)
@@ -181,6 +197,38 @@ class ConViT(nn.Module):
         names.update(n for n, _ in self.named_parameters() if n.endswith("gating_param"))
         return names
 
+    # ------------------------------------------------------- timm interface
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups by name, as timm's ConVit groups them: the embeddings
+        first, then each block, the final norm last (timm's layer-wise lr decay)."""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier of `num_classes` outputs (0: none), initialised as at
+        construction, in the model's device, dtype and train/eval mode."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
+        reference = self.norm.weight
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.head = nn.Linear(self.width, num_classes, device=reference.device, dtype=reference.dtype)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+
     # --------------------------------------------------------------- forward
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         tokens, grid = self.patch_embed(x)
@@ -210,8 +258,14 @@ class ConViT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Normalised tokens (B, 1 + N, width) -> logits (B, num_classes) from the class token."""
-        x = self.head_drop(x[:, 0])
+        """Normalised tokens (B, 1 + N, width) -> logits (B, num_classes), from
+        the class token (`global_pool` "token"), the mean patch token ("avg") or
+        every token ("": (B, 1 + N, num_classes))."""
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -256,6 +310,23 @@ class ConViT(nn.Module):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
+
+
+POOLS = ("token", "avg", "")
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in POOLS:
+        raise ValueError(f"global_pool must be one of 'token', 'avg' or '' (none), got {global_pool!r}")
+    return global_pool
+
+
+def default_pretrained_cfg(in_chans: int, img_hw: Tuple[int, int], num_classes: int) -> Dict[str, Any]:
+    """timm's pretrained_cfg for weights trained as the paper's (ImageNet statistics,
+    bicubic, 0.875 center crop) at this input size."""
+    return {"input_size": (in_chans, *img_hw), "num_classes": num_classes, "interpolation": "bicubic",
+            "crop_pct": 0.875, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "fixed_input_size": False, "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head"}
 
 
 def block_indices(indices: Optional[Union[int, Sequence[int]]], depth: int) -> List[int]:
