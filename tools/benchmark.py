@@ -3,10 +3,11 @@
 ViT of identical dimensions, measured in one process, in alternation.
 
     python tools/benchmark.py [--arch convit_tiny convit_small] [--batch 32] [--size 224]
-                              [--mem-size 384] [--mem-batch 32] [--modes fp32 compile bf16]
+                              [--mem-size 384] [--mem-batch 32] [--modes fp32 compile export bf16]
                               [--device cpu] [--json benchmark.json]
 
-For each architecture and mode (fp32 eager, fp32 under torch.compile, bf16
+For each architecture and mode (fp32 eager, fp32 under torch.compile, fp32
+through torch.export (the exported program's module; inference only), bf16
 autocast) the three models are timed in alternation: forward images/s
 (inference) and training-step images/s (forward, backward, AdamW step). The
 peak memory of one fp32 training step at --mem-size px is measured for ours
@@ -34,7 +35,7 @@ import torch
 import convit_ssl
 
 PEERS = ("ours", "timm_convit", "timm_vit")
-MODES = ("fp32", "compile", "bf16")
+MODES = ("fp32", "compile", "export", "bf16")
 # (ratio name, comparison, bound) for convit_tiny, CPU fp32
 TARGETS = {
     "forward_vs_timm_vit": (">=", 0.90),
@@ -84,9 +85,13 @@ def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, D
     device = torch.device(args.device)
     torch.manual_seed(0)
     models = {k: build(k, arch, args.size).to(device) for k in PEERS}
-    runners = {k: torch.compile(m) if mode == "compile" else m for k, m in models.items()}
-    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    if mode == "export":  # the exported program, as a deployment runs it
+        runners = {k: torch.export.export(m.eval(), (x,)).module() for k, m in models.items()}
+    else:
+        runners = {k: torch.compile(m) if mode == "compile" else m for k, m in models.items()}
+    steps = ("forward",) if mode == "export" else ("forward", "train")
+    optims = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     target = torch.randint(0, 1000, (args.batch,), device=device)
 
     def precision():
@@ -96,7 +101,8 @@ def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, D
 
     def forward(k):
         def run():
-            models[k].eval()
+            if mode != "export":  # an exported module has no train/eval switch
+                models[k].eval()
             with torch.inference_mode(), precision():
                 runners[k](x)
         return run
@@ -111,15 +117,16 @@ def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, D
             optims[k].step()
         return run
 
-    results: Dict[str, Dict[str, List[float]]] = {k: {"forward": [], "train": []} for k in PEERS}
+    step_fns = {"forward": forward, "train": train}
+    results: Dict[str, Dict[str, List[float]]] = {k: {step: [] for step in steps} for k in PEERS}
     for k in PEERS:  # warm-up (and compilation)
         for _ in range(2):
-            forward(k)()
-            train(k)()
+            for step in steps:
+                step_fns[step](k)()
     for _ in range(args.rounds):  # alternate, so drift hits every model alike
         for k in PEERS:
-            results[k]["forward"].append(args.batch / _time(forward(k), args.iters, device))
-            results[k]["train"].append(args.batch / _time(train(k), args.iters, device))
+            for step in steps:
+                results[k][step].append(args.batch / _time(step_fns[step](k), args.iters, device))
     return {k: {m: statistics.median(v) for m, v in r.items()} for k, r in results.items()}
 
 
@@ -186,7 +193,7 @@ def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> Optional[f
 def ratios_of(speed: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return {
         f"{step}_vs_{peer}": speed["ours"][step] / speed[peer][step]
-        for step in ("forward", "train") for peer in ("timm_vit", "timm_convit")
+        for step in ("forward", "train") if step in speed["ours"] for peer in ("timm_vit", "timm_convit")
     }
 
 
@@ -226,7 +233,8 @@ def report(arch: str, record: Dict, args: argparse.Namespace) -> None:
     print(f"{'mode':<9}{'model':<13}{'forward img/s':>15}{'train img/s':>14}")
     for mode, speed in record["speed"].items():
         for k in PEERS:
-            print(f"{mode:<9}{k:<13}{speed[k]['forward']:>15.1f}{speed[k]['train']:>14.1f}")
+            train = f"{speed[k]['train']:>14.1f}" if "train" in speed[k] else f"{'-':>14}"
+            print(f"{mode:<9}{k:<13}{speed[k]['forward']:>15.1f}{train}")
     mem = {k: "failed" if v is None else f"{v:.0f} MB" for k, v in record["memory_mb"].items()}
     print(f"train-step peak memory, batch {args.mem_batch} @{args.mem_size} px: ours {mem['ours']}, "
           f"ours + activation checkpointing {mem['ours_ckpt']}, timm_convit {mem['timm_convit']}")

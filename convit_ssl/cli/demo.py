@@ -161,7 +161,7 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2) -> Dict[str, 
                             if child.poll() is None:
                                 child.kill()
                         raise
-                    stopped = [stage.name, *(s.name for s in running.values())]
+                    stopped = [s.name for s in stages if s is stage or s in running.values()]
                     wait(running)  # the others save their checkpoints (at most the grace period)
                     raise Stopped(stop.received, f"stopped the stages {', '.join(stopped)}; the same command "
                                                  "resumes them (finished stages are reused)") from None

@@ -222,6 +222,7 @@ def test_config_defaults_and_off_switch():
 def test_hook_generator(tmp_path):
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
+    from convit_ssl.vissl.stop_hook import StopHook
     from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
 
     overrides = [SYNTHETIC, f"config.CHECKPOINT.DIR={tmp_path}", "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true"]
@@ -229,13 +230,15 @@ def test_hook_generator(tmp_path):
     hooks = hook_generator(config)
     vissl_hooks = [type(h) for h in default_hook_generator(config)]
     checkpoint = vissl_hooks.index(LogLossMetricsCheckpointHook)
-    # off: VISSL's own, and the count of unreadable images (always on) before the checkpoint
-    assert [type(h) for h in hooks] == vissl_hooks[:checkpoint] + [UnreadableImagesHook] + vissl_hooks[checkpoint:]
+    # off: VISSL's own, and the count of unreadable images and the stop on a signal (always on) before the checkpoint
+    assert [type(h) for h in hooks] == (vissl_hooks[:checkpoint] + [UnreadableImagesHook, StopHook]
+                                        + vissl_hooks[checkpoint:])
     _, config = compose([*overrides, "+config/convit_ssl/hooks=analysis"])
     hooks = hook_generator(config)
     names = [type(h) for h in hooks]
     ours = names.index(ConViTAnalysisHook)
-    assert ours == names.index(LogLossMetricsCheckpointHook) - 1  # records precede the checkpoint
+    assert ours == names.index(LogLossMetricsCheckpointHook) - 2  # records precede the checkpoint (and the stop)
+    assert names[ours + 1] is StopHook
     tb_hook = next(h for h in hooks if isinstance(h, SSLTensorboardHook))
     assert hooks[ours].tb_writer is tb_hook.tb_writer
     assert hooks[ours].output_path == str(tmp_path / RECORD_FILE)
