@@ -181,8 +181,9 @@ def low_shot(config: Any, node_id: int = 0) -> Dict[str, Any]:
         generate_voc07_low_shot_samples,
     )
     from vissl.utils.checkpoint import get_checkpoint_folder
-    from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer
+    from convit_ssl.vissl.patches import low_shot_trainer
 
+    SVMLowShotTrainer = low_shot_trainer()
     _check_benchmark_config(config)
     settings = config.SVM.low_shot
     k_values, samples = [int(k) for k in settings.k_values], [int(s) for s in settings.sample_inds]

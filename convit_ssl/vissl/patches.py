@@ -4,13 +4,14 @@ answers, why, and the function that applies it).
 
 `apply()` applies them in table order and is idempotent. `convit_ssl.vissl`
 calls it when imported, before anything imports VISSL, so every VISSL entry
-point (`convit-ssl run`, tools/*, the trunk module, each spawned rank, a
-SLURM job on its node) runs patched. Nothing outside VISSL's world is
+point (`convit-ssl run`, tools/*, the trunk module, each spawned rank and
+data-loader worker, a SLURM job on its node) runs patched. Nothing outside VISSL's world is
 touched: `import convit_ssl` and `convit_ssl.models` / `checkpoints` /
 `analysis` never import this module. A patch does nothing where what it
 restores already exists (a setuptools with pkg_resources, an older numpy).
-One that targets a module most runs never load (VISSL's low-shot SVM trainer,
-which loads scikit-learn) waits for that module's first import (`_after_import`).
+The one part for a module most runs never load (VISSL's low-shot SVM trainer,
+which loads scikit-learn) is applied where that module is used
+(`low_shot_trainer()`, called by the low-shot benchmark).
 docs/STACK.md lists this table (`markdown_table()`, checked by
 tests/test_patches.py). Run `python -m convit_ssl.vissl.patches` to print it.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import collections
 import collections.abc
 import functools
-import importlib.abc
 import importlib.metadata
 import importlib.util
 import multiprocessing
@@ -309,46 +309,15 @@ def patch_spawned_processes() -> bool:
     return any(changed)
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs `patch` right after `module` is first imported: a finder ahead of
-    the others that finds the module as they would and wraps its loader. For
-    modules most runs never import (VISSL's SVM trainers load scikit-learn and
-    SciPy: 1.3 s of every start otherwise)."""
-
-    def __init__(self, module: str, patch: Callable[[], None]) -> None:
-        self.module, self.patch = module, patch
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != self.module:
-            return None
-        sys.meta_path.remove(self)  # once; and the search below must not find this finder
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            exec_module = spec.loader.exec_module
-
-            def exec_then_patch(module: types.ModuleType) -> None:
-                exec_module(module)
-                self.patch()
-
-            spec.loader.exec_module = exec_then_patch  # type: ignore[method-assign]  (this spec's own loader)
-        return spec
-
-
-def _after_import(module: str, patch: Callable[[], None]) -> bool:
-    """`patch` now if `module` is loaded, else after its import; False if already arranged."""
-    if module in sys.modules:
-        patch()
-        return True
-    if any(isinstance(f, _AfterImport) and f.module == module for f in sys.meta_path):
-        return False
-    sys.meta_path.insert(0, _AfterImport(module, patch))
-    return True
-
-
-def _patch_low_shot_test() -> None:
+def low_shot_trainer() -> type:
+    """VISSL's `SVMLowShotTrainer`, patched (the last part of the patch "SVM
+    average precision as a scalar"). Its module loads scikit-learn and SciPy
+    (1.3 s), so it is imported and patched only where the low-shot benchmark
+    needs it (`benchmarks.low_shot`), not in every process."""
     from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer
 
     _replace(SVMLowShotTrainer, "test", upstream.low_shot_test)
+    return SVMLowShotTrainer
 
 
 def patch_svm_average_precision() -> bool:
@@ -360,10 +329,7 @@ def patch_svm_average_precision() -> bool:
     def calculate_ap(rec, prec) -> float:
         return float(np.asarray(original(rec, prec)).reshape(()))
 
-    if not _replace(evaluate, "calculate_ap", calculate_ap):
-        return False
-    _after_import("vissl.utils.svm_utils.svm_low_shot_trainer", _patch_low_shot_test)
-    return True
+    return _replace(evaluate, "calculate_ap", calculate_ap)  # SVMLowShotTrainer.test: low_shot_trainer()
 
 
 @dataclass(frozen=True)

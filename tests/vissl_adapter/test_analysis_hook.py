@@ -338,10 +338,9 @@ def test_every_n_iterations_two_processes(digits, tmp_path):
     proc = run_engine([ANALYSIS_FOLDER, *folder_overrides(digits), f"config.CHECKPOINT.DIR={checkpoint_dir}",
                        "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.DATA_LIMIT=32",
                        "config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=3"], cwd=tmp_path)
-    assert "Rank: 1" in proc.stdout  # the second rank ran
     assert proc.stdout.count("ConViT analysis: 4 held-out images") == 1  # only rank 0 loaded them
     assert sorted(p.name for p in checkpoint_dir.glob("*.jsonl")) == [RECORD_FILE]
     records = _records(checkpoint_dir)
-    assert [(r["iteration"], r["epoch"]) for r in records] == [(3, 0), (6, 1)]
+    assert [(r["iteration"], r["epoch"]) for r in records] == [(3, 0), (6, 1)]  # 4 steps an epoch: both ranks ran
     for record in records:
         _check_structure(record, num_images=4)

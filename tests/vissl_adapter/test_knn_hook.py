@@ -177,9 +177,9 @@ def test_two_processes_give_the_one_process_numbers(epoch_run, digits, tmp_path)
     training they are those of the 2-process run's own checkpoint."""
     checkpoint_dir = tmp_path / "ck"
     proc = run_engine(_run(digits, checkpoint_dir, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2"), cwd=tmp_path)
-    assert "Rank: 1" in proc.stdout and proc.stdout.count("ConViT kNN: lastCLS of") == 1
+    assert proc.stdout.count("ConViT kNN: lastCLS of") == 1  # rank 0 logs
     records = _records(checkpoint_dir)
-    assert [r["iteration"] for r in records] == [0, 8, 16]  # 2 x 4 images per iteration
+    assert [r["iteration"] for r in records] == [0, 8, 16]  # 2 ranks x 4 images per iteration
     assert records[0]["student"] == _records(epoch_run)[0]["student"]
     final = _trunk(checkpoint_dir / "model_final_checkpoint_phase1.torch")
     assert records[-1]["student"]["top1"] == pytest.approx(_independent_knn(final, digits), abs=1e-4)

@@ -176,15 +176,15 @@ def test_pure_pytorch_import_loads_no_vissl_and_changes_nothing():
 
 
 def test_importing_the_vissl_package_sets_vissl_up():
-    """...and leaves scikit-learn unloaded until VISSL's SVM trainers are imported,
-    whose patch then applies (patches._after_import)."""
+    """...and leaves scikit-learn unloaded until the low-shot benchmark asks for
+    VISSL's low-shot trainer (patches.low_shot_trainer), patched."""
     code = ("import convit_ssl.vissl, sys\n"
             "from convit_ssl.vissl import patches, upstream\n"
             "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
             "from classy_vision.tasks import TASK_REGISTRY\n"
             "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n"
             "print('sklearn' in sys.modules)\n"
-            "from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer\n"
+            "SVMLowShotTrainer = patches.low_shot_trainer()\n"
             "print('sklearn' in sys.modules, SVMLowShotTrainer.test is upstream.low_shot_test)\n")
     lines = _fresh(code).stdout.strip().splitlines()
     assert set(VISSL_PATCHES) <= set(eval(lines[-4])) and lines[-3] == "True True"
