@@ -224,3 +224,32 @@ def test_stop_children_of_popen(tmp_path):
     start = time.time()
     stop_children([child], signal.SIGTERM, grace=5)
     assert child.returncode == -signal.SIGTERM and time.time() - start < 5
+
+
+class _SignalsWhilePickled:
+    """Sends SIGTERM to this process while torch.save pickles it: mid-write."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return (dict, ())
+
+
+def test_a_signal_during_the_checkpoint_write_changes_nothing(tmp_path):
+    """While a rank trains (StopHook's handlers installed), a stop signal that
+    arrives in the middle of writing a checkpoint is only recorded: the write
+    completes and the file loads; the run stops at the end of its step."""
+    from convit_ssl.checkpoints.io import atomic_torch_save
+    from convit_ssl.vissl.stop_hook import StopHook
+
+    path = tmp_path / "model_iteration7.torch"
+    atomic_torch_save({"iteration": 6}, path)
+    hook = StopHook()
+    hook.on_start(task=None)
+    try:
+        atomic_torch_save({"iteration": 7, "weights": torch.ones(1000), "probe": _SignalsWhilePickled()}, path)
+    finally:
+        hook.on_end(task=None)
+    assert hook.received == signal.SIGTERM
+    state = torch.load(path, weights_only=False)
+    assert state["iteration"] == 7 and state["weights"].sum() == 1000
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left
