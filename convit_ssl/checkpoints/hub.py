@@ -26,11 +26,13 @@ from torch import Tensor
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
 from convit_ssl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.files import PathLike
+from convit_ssl.models.factory import ARCHITECTURES
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# timm's ConViT names and their (channels per head, heads)
-TIMM_CONVITS = {"convit_tiny": (48, 4), "convit_small": (48, 9), "convit_base": (48, 16)}
+# timm's ConViT names (timm has no "+" variants) and their (channels per head, heads)
+TIMM_CONVITS = {name: (ARCHITECTURES[name]["width"] // ARCHITECTURES[name]["num_heads"], ARCHITECTURES[name]["num_heads"])
+                for name in ("convit_tiny", "convit_small", "convit_base")}
 
 
 def is_hub_folder(path: PathLike) -> bool:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from convit_ssl.checkpoints.io import CheckpointError
+from convit_ssl.models.factory import ARCHITECTURES
 
 StateDict = Dict[str, Tensor]
 
@@ -109,7 +110,7 @@ def deit_to_vit(state_dict: Mapping[str, Tensor]) -> StateDict:
 # timm architecture names of ViTs and DeiTs: the size word gives the heads
 # (a ViT's heads are not visible in tensor shapes).
 VIT_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16}
-DEIT_ARCHS = {"deit_tiny": (192, 3), "deit_small": (384, 6), "deit_base": (768, 12)}
+DEIT_ARCHS = {name: (spec["width"], spec["num_heads"]) for name, spec in ARCHITECTURES.items() if name.startswith("deit_")}
 
 
 def heads_from_timm_name(architecture: str) -> Optional[int]:
