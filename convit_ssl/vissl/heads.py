@@ -12,10 +12,15 @@ from torch import nn
 
 @lru_cache(maxsize=1)
 def _model_config() -> Any:
-    """A composed MODEL section: VISSL heads read HEAD.* defaults from it."""
-    from convit_ssl.vissl.configs import compose
+    """VISSL's default MODEL section (vissl/config/defaults.yaml): its heads read
+    the HEAD.* defaults from it."""
+    from importlib.resources import files
 
-    return compose(["config=test/convit_ssl/supervised_micro_synthetic"])[1].MODEL
+    import yaml
+    from vissl.config import AttrDict
+
+    defaults = yaml.safe_load(files("vissl").joinpath("config", "defaults.yaml").read_text())
+    return AttrDict(defaults["config"]).MODEL
 
 
 def build_vissl_head(heads: Mapping[str, torch.Tensor], index: int, bn_eps: float = 1e-5) -> nn.Module:
