@@ -7,7 +7,8 @@ worker (the patch "ranks and data workers set up as their parent"), so the
 patches and the trunk registration exist in every rank, whatever `__main__` is.
 A local launch is stoppable (`launch_local`): a stop signal to this process
 reaches the ranks, which save a checkpoint of their iteration and exit
-(`stop_hook`); the launch then raises `convit_ssl.processes.Stopped`. SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
+(`stop_hook`); the launch then raises `convit_ssl.processes.Stopped`.
+SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
 whose unpickling imports this module, and so `convit_ssl.vissl`, on the
 compute nodes.
 """

@@ -408,7 +408,8 @@ PATCHES: Tuple[Patch, ...] = (
           "a spawned rank unpickles VISSL's worker, and a data-loader worker (spawn or forkserver) VISSL's "
           "dataset, in a fresh interpreter that imports VISSL unpatched (without the pkg_resources stand-in it "
           "cannot) unless its __main__ set VISSL up; both pickles now start with a function of convit_ssl.vissl, "
-          "so each process sets itself up before it loads anything of VISSL's",
+          "so each process sets itself up before it loads anything of VISSL's; a spawned rank also gets "
+          "SIGTERM when its launcher dies, and a data-loader worker ignores the stop signals (its rank ends it)",
           patch_spawned_processes),
     Patch("resume from a preemption checkpoint", "vissl.utils.distributed_launcher.get_resume_checkpoint",
           "vissl/utils/checkpoint.py:566-572; vissl/utils/distributed_launcher.py:106-114",
