@@ -34,7 +34,7 @@ import sys
 import warnings
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 # What every command imports: the CLI, the patched VISSL, its engines and launcher.
 # (names importable from site-packages: the server's sys.path is a fresh interpreter's, not pytest's)
@@ -42,8 +42,7 @@ PRELOAD = ["convit_ssl.vissl", "convit_ssl.cli", "vissl.engines.extract_features
            "vissl.utils.distributed_launcher"]
 
 _context = multiprocessing.get_context("forkserver")
-_UNSET: Any = object()
-_server_catalog: Any = _UNSET  # the VISSL_DATASET_CATALOG_PATH the server imported VISSL with
+_server_env: Optional[Dict[str, str]] = None  # the environment the server imported VISSL with
 
 
 def _apply_warning_options(value: str) -> None:
@@ -128,14 +127,14 @@ def start(argv: Sequence[str], output: Union[os.PathLike, Connection], cwd: Opti
     group of its own (`os.killpg(process.pid, ...)` stops it with what it started).
     `prepare`, a module-level function, runs in the child first. Returns the
     started process: `pid`, `join(timeout)`, `exitcode`, `kill()`."""
-    global _server_catalog
-    if _server_catalog is _UNSET:  # the first call starts the server, with this environment
+    global _server_env
+    if _server_env is None:  # the first call starts the server, with this environment
         _context.set_forkserver_preload(PRELOAD)
-        _server_catalog = os.environ.get("VISSL_DATASET_CATALOG_PATH")
+        _server_env = dict(os.environ)
     target = str(Path(output).resolve()) if not isinstance(output, Connection) else output
     process = _context.Process(target=_run, args=(list(map(str, argv)), str(Path(cwd or os.getcwd()).resolve()),
                                                   dict(os.environ if env is None else env), target, new_session,
-                                                  prepare, _server_catalog))
+                                                  prepare, _server_env.get("VISSL_DATASET_CATALOG_PATH")))
     process.start()
     return process
 

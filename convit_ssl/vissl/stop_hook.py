@@ -41,6 +41,7 @@ class StopHook(ClassyHook):
         super().__init__()
         self.received: Optional[int] = None
         self._previous: List[Any] = []
+        self._stopping = False
 
     def _record(self, signum: int, frame: Any = None) -> None:
         if self.received is None:
@@ -58,6 +59,8 @@ class StopHook(ClassyHook):
         self._restore()
 
     def _restore(self) -> None:
+        if self._stopping:  # a later signal (a second SIGTERM, torch's terminate) must not kill the exit
+            return
         for s, handler in zip(STOP_SIGNALS, self._previous):
             signal.signal(s, handler)
         self._previous = []
@@ -87,7 +90,7 @@ class StopHook(ClassyHook):
             detail = f"saved a resumable checkpoint of iteration {task.iteration} in {task.checkpoint_folder}"
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        self._restore()
+        self._stopping = True  # keep recording signals until this process has ended
         raise Stopped(signum, detail)
 
 

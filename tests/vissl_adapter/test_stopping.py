@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Tuple
 
 import pytest
 import torch
@@ -55,6 +55,30 @@ def until_gone(sid: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def start_command(argv: List[str], cwd: Path) -> subprocess.Popen:
+    """`python ARGV` as a user starts it, in a session of its own (to list what it started)."""
+    return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def sigterm_when(ready: Callable[[], None], process: subprocess.Popen, twice: bool = False) -> Tuple[str, float]:
+    """After `ready()`, SIGTERM to `process` alone (`twice`: again 50 ms later);
+    returns its stderr and the seconds until no process of its session is left."""
+    try:
+        ready()
+        process.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        if twice:
+            time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        until_gone(process.pid, timeout=10)
+        return stderr, time.time() - signalled
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def iteration_checkpoint(checkpoint_dir: Path) -> Path:
     """The checkpoint the stop wrote: what checkpoint.torch points at, loadable."""
     target = Path(os.path.realpath(checkpoint_dir / "checkpoint.torch"))
@@ -69,23 +93,10 @@ def test_sigterm_to_the_launcher_stops_two_ranks_after_a_checkpoint(tmp_path):
     SIGTERM to the launcher alone, then a second one while the ranks save:
     everything ends, exit 143, one line, a loadable checkpoint of the iteration."""
     checkpoint_dir = tmp_path / "ck"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "convit_ssl.cli", "run", *LONG_RUN, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
-         f"config.CHECKPOINT.DIR={checkpoint_dir}"],
-        cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        wait_for_steps(checkpoint_dir, 2, process)
-        process.send_signal(signal.SIGTERM)
-        signalled = time.time()
-        time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)  # changes nothing: the ranks are saving
-        _, stderr = process.communicate(timeout=60)
-        until_gone(process.pid, timeout=10)
-        gone = time.time() - signalled
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    process = start_command(["-m", "convit_ssl.cli", "run", *LONG_RUN, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+                             f"config.CHECKPOINT.DIR={checkpoint_dir}"], tmp_path)
+    # the second SIGTERM changes nothing: the ranks are saving
+    stderr, gone = sigterm_when(lambda: wait_for_steps(checkpoint_dir, 2, process), process, twice=True)
     print(f"2 ranks: exit {process.returncode}, everything gone {gone:.2f} s after SIGTERM")
     assert process.returncode == 128 + signal.SIGTERM
     last = stderr.strip().splitlines()[-1]
@@ -148,20 +159,13 @@ def test_sigterm_to_the_demo_stops_its_stages(tmp_path):
     left running, and it says which stages stopped."""
     script = tmp_path / "stages.py"
     script.write_text(STAGES_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), str(tmp_path), *LONG_RUN], cwd=tmp_path,
-                               env=dict(os.environ, PYTHONWARNINGS="ignore"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    process = start_command([str(script), str(tmp_path), *LONG_RUN], tmp_path)
+
+    def both_stages_training() -> None:
         for stage in ("first", "second"):
             wait_for_steps(tmp_path / stage, 1, process)
-        process.send_signal(signal.SIGTERM)
-        signalled = time.time()
-        _, stderr = process.communicate(timeout=60)
-        until_gone(process.pid, timeout=10)
-        gone = time.time() - signalled
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+
+    stderr, gone = sigterm_when(both_stages_training, process)
     print(f"demo stages: exit {process.returncode}, everything gone {gone:.2f} s after SIGTERM")
     assert process.returncode == 128 + signal.SIGTERM and gone < 15
     assert stderr.strip().splitlines()[-1] == ("stopped by SIGTERM: stopped the stages first, second; the same "
