@@ -1,4 +1,4 @@
-"""Tests of the checkpoint converter (convit_ssl.cli.convert, tools/convert_checkpoint.py,
+"""Tests of the checkpoint converter (convit_ssl.checkpoints.convert through convit_ssl.cli.convert, tools/convert_checkpoint.py,
 `convit-ssl convert`): round trips between the formats, real shapes, heads,
 resampling, safety and the command line. CPU only; every file lives in tmp_path.
 """
@@ -22,7 +22,8 @@ from convit_ssl import create_model
 from convit_ssl.checkpoints import io as ckpt_io
 from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS, vissl_convit_to_timm
-from convit_ssl.cli.convert import ConvertConfig, convert, load_config
+from convit_ssl.checkpoints.convert import ConvertConfig
+from convit_ssl.cli.convert import load_config, run
 from convit_ssl.vissl.trunk import named_features
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"
@@ -36,7 +37,7 @@ def _quiet(_: str) -> None:
 
 
 def _convert(inp: Path, out: Path, **fields: Any) -> Dict[str, Any]:
-    return convert(ConvertConfig(input=str(inp), output=str(out), **fields), log=_quiet)
+    return run(ConvertConfig(input=str(inp), output=str(out), **fields), log=_quiet)
 
 
 def _perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> Dict[str, torch.Tensor]:
@@ -290,6 +291,30 @@ def test_eval_mlp_head_is_folded(tmp_path, tiny):
     with torch.no_grad():
         feat = named_features(features, x, ["lastCLS"])[0]
         torch.testing.assert_close(model(x), head(feat), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "mlp without bias", "eval_mlp"])
+def test_plain_head_reference_is_vissls_head(kind):
+    """The converter verifies VISSL heads with `references.vissl_head` (plain PyTorch, no
+    VISSL import): it computes what VISSL's own `mlp` / `eval_mlp` module computes."""
+    from vissl.models.heads.mlp import MLP
+
+    from convit_ssl.checkpoints.references import vissl_head
+    from convit_ssl.vissl.configs import compose
+
+    if kind == "eval_mlp":
+        theirs = _eval_mlp()
+    else:
+        _, cfg = compose(["config=test/convit_ssl/supervised_micro_synthetic"])
+        theirs = MLP(cfg.MODEL, dims=[48, CLASSES], use_bias=kind == "mlp").eval()
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ours = vissl_head({f"3.{k}": v for k, v in theirs.state_dict().items()}, index=3)
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
+        assert not torch.allclose(ours(x), theirs(x + 0.1), atol=1e-3)
 
 
 def test_two_layer_head_needs_keep_head_false(tmp_path, tiny):

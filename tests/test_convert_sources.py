@@ -21,14 +21,15 @@ from timm.models.vision_transformer import VisionTransformer
 
 from convit_ssl import create_model
 from convit_ssl.checkpoints.io import CheckpointError
-from convit_ssl.cli.convert import ConvertConfig, convert
+from convit_ssl.checkpoints.convert import ConvertConfig
+from convit_ssl.cli.convert import run
 
 TIMM_TINY = dict(img_size=32, patch_size=8, depth=3, local_up_to_layer=2, num_classes=10, embed_dim=16, num_heads=2)
 VIT_TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
 
 
 def _convert(inp: Path, out, **fields: Any) -> Dict[str, Any]:
-    return convert(ConvertConfig(input=str(inp), output=str(out), **fields), log=lambda _: None)
+    return run(ConvertConfig(input=str(inp), output=str(out), **fields), log=lambda _: None)
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

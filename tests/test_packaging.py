@@ -16,10 +16,11 @@ import sys
 # None in sys.modules: `import` raises ModuleNotFoundError, importlib.util.find_spec answers None
 for name in ("vissl", "classy_vision", "hydra", "fvcore", "iopath", "submitit", "matplotlib", "sklearn", "tensorboard"):
     sys.modules[name] = None
+from pathlib import Path
 import torch
 import convit_ssl
 from convit_ssl.analysis import analyze
-from convit_ssl.cli.convert import ConvertConfig, convert
+from convit_ssl.checkpoints.convert import ConvertConfig, convert
 
 torch.manual_seed(0)
 model = convit_ssl.create_model("convit_tiny", img_size=32, patch_size=8, depth=2, num_gpsa_layers=1, num_classes=3)
@@ -30,10 +31,26 @@ assert len(report["layers"]) == 2
 out = sys.argv[1]
 torch.save(model.state_dict(), f"{out}/timm.pth")
 result = convert(ConvertConfig(input=f"{out}/timm.pth", output=f"{out}/vissl.torch", target_format="vissl",
-                               keep_head=False), log=lambda line: None)
-back = convert(ConvertConfig(input=f"{out}/vissl.torch", output=f"{out}/back.pth", target_format="timm"),
-               log=lambda line: None)
-print("ok", result["max_abs_diff"], back["max_abs_diff"])
+                               keep_head=False))
+back = convert(ConvertConfig(input=f"{out}/vissl.torch", output=f"{out}/back.pth", target_format="timm"))
+# a linear-evaluation checkpoint (eval_mlp head), verified against VISSL's head layout in plain PyTorch
+ckpt = torch.load(f"{out}/vissl.torch", weights_only=True)
+bn = torch.nn.BatchNorm1d(model.width)
+bn.running_mean.uniform_(-1, 1)
+bn.running_var.uniform_(0.5, 2)
+heads = {f"0.channel_bn.{k}": v for k, v in bn.state_dict().items()}
+heads.update({"0.clf.clf.0.weight": torch.randn(3, model.width), "0.clf.clf.0.bias": torch.randn(3)})
+ckpt["classy_state_dict"]["base_model"]["model"]["heads"] = heads
+torch.save(ckpt, f"{out}/linear_eval.torch")
+folded = convert(ConvertConfig(input=f"{out}/linear_eval.torch", output=f"{out}/folded.pth", target_format="timm"))
+assert folded["head_classes"] == 3 and "eval_mlp" in folded["notes"][-1], folded
+try:  # VISSL's built-in trunk is the one reference that needs VISSL: a clear error, not a silent skip
+    convert(ConvertConfig(input=f"{out}/timm.pth", output=f"{out}/vc.torch", target_format="vissl_convit"))
+    raise SystemExit("vissl_convit was not verified")
+except Exception as e:
+    assert "vissl_convit_trunk=" in str(e) and "verify=false" in str(e), e
+assert not (Path(out) / "vc.torch").exists()
+print("ok", result["max_abs_diff"], back["max_abs_diff"], folded["max_abs_diff"])
 """
 
 

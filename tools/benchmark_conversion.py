@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import convit_ssl
-from convit_ssl.cli.convert import ConvertConfig, convert
+from convit_ssl.checkpoints.convert import ConvertConfig, convert
 
 CHILD = {
     "make": "import convit_ssl, torch, sys; torch.save(convit_ssl.create_model(sys.argv[1]).state_dict(), sys.argv[2])",
@@ -34,7 +34,7 @@ CHILD = {
     "baseline": "import convit_ssl, torch, sys; torch.save(torch.load(sys.argv[1], weights_only=True), sys.argv[2])",
     "convert": (
         "import convit_ssl, sys\n"
-        "from convit_ssl.cli.convert import ConvertConfig, convert\n"
+        "from convit_ssl.checkpoints.convert import ConvertConfig, convert\n"
         "convert(ConvertConfig(input=sys.argv[1], output=sys.argv[2], source_format='timm', target_format='vissl',"
         " verify=False, overwrite=True), log=lambda s: None)\n"
     ),
@@ -76,7 +76,7 @@ def main() -> None:
             torch.save(torch.load(src, map_location="cpu", weights_only=True), out_base)
             times["baseline"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            convert(cfg, log=lambda s: None)
+            convert(cfg)
             times["convert"].append(time.perf_counter() - start)
 
     best = {k: min(v) for k, v in times.items()}

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
 from convit_ssl.checkpoints import hub, run_folder
 from convit_ssl.checkpoints.formats import FORMATS, Weights, detect_format, read, select_network
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs
@@ -90,6 +92,15 @@ def architecture_hint(fmt: str, hub_config: Optional[Dict[str, Any]], arch: Opti
     return arch, num_heads
 
 
+def _cast(node: Any, dtype: torch.dtype) -> Any:
+    """Floating-point tensors of a nested checkpoint cast to `dtype`."""
+    if isinstance(node, torch.Tensor):
+        return node.to(dtype) if node.is_floating_point() else node
+    if isinstance(node, dict):
+        return {k: _cast(v, dtype) for k, v in node.items()}
+    return node
+
+
 @dataclass
 class Loaded:
     """What `read_weights` found: the canonical weights, the ConViT keyword arguments
@@ -103,13 +114,16 @@ class Loaded:
 
 def read_weights(path: PathLike, *, fmt: str = "auto", arch: Optional[str] = None, num_heads: Optional[int] = None,
                  network: str = "student", norm_eps: Optional[float] = None, keep_head: bool = False,
-                 head_index: int = 0, bn_eps: float = 1e-5) -> Loaded:
+                 head_index: int = 0, bn_eps: float = 1e-5, dtype: Optional[torch.dtype] = None) -> Loaded:
     """Read any source as canonical weights (`Weights`: our trunk's state dict, a timm-style
-    head) and the ConViT keyword arguments that hold them, checked against each other."""
+    head) and the ConViT keyword arguments that hold them, checked against each other.
+    `dtype` casts the checkpoint's floating-point tensors first (None keeps them)."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     source = read_source(path)
     source.obj = select_network(source.obj, network)
+    if dtype is not None:
+        source.obj = _cast(source.obj, dtype)
     detected = detect_format(source.obj)
     if fmt not in ("auto", detected):
         raise CheckpointError(f"{str(path)!r} was declared {fmt} but holds a {detected} checkpoint "

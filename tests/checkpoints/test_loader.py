@@ -16,7 +16,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 import convit_ssl
 from convit_ssl.checkpoints.io import CheckpointError
-from convit_ssl.cli.convert import ConvertConfig, convert
+from convit_ssl.checkpoints.convert import ConvertConfig
+from convit_ssl.cli.convert import run as convert
 
 TIMM_TINY = dict(img_size=32, patch_size=8, depth=3, local_up_to_layer=2, num_classes=10, embed_dim=16, num_heads=2)
 

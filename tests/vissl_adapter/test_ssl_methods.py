@@ -143,14 +143,15 @@ def _networks(final, where: str):
 @pytest.mark.parametrize("twin, where", [("dino_micro_synthetic", "momentum_teacher"),
                                          ("moco_micro_synthetic", "moco_encoder")])
 def test_converter_reads_the_momentum_teacher(twin, where, twin_run, tmp_path):
-    from convit_ssl.cli.convert import ConvertConfig, convert
+    from convit_ssl.checkpoints.convert import ConvertConfig
+    from convit_ssl.cli.convert import run
 
     final = _final(twin_run(twin)[0], twin)
     teacher, student = _networks(final, where)
     assert any(not torch.equal(teacher[k], student[k]) for k in student)  # an average of the students, not a copy
     for network, expected in (("teacher", teacher), ("student", student)):
         out = tmp_path / f"{network}.pth"
-        report = convert(ConvertConfig(input=str(final), output=str(out), target_format="timm", keep_head=False,
+        report = run(ConvertConfig(input=str(final), output=str(out), target_format="timm", keep_head=False,
                                        network=network), log=lambda _: None)
         converted = torch.load(out, weights_only=True)
         assert set(converted) == set(expected) and all(torch.equal(converted[k], expected[k]) for k in expected)
