@@ -53,12 +53,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
-from classy_vision.hooks.classy_hook import ClassyHook
 
 from convit_ssl.analysis import analyze
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import held_out_split, load_held_out_images
-from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, is_primary, preserved_rng, read_block
+from convit_ssl.vissl.hook_utils import BlockKeys, MonitorHook, is_primary, preserved_rng, read_block
 from convit_ssl.vissl.trunk import find_convit
 
 CONFIG_BLOCK = "CONVIT_ANALYSIS"
@@ -121,18 +120,13 @@ def scalars(record: Mapping[str, Any]) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------- the hook
-class ConViTAnalysisHook(ClassyHook):
+class ConViTAnalysisHook(MonitorHook):
     """Logs gates and nonlocality of the ConViT trunk on a fixed held-out batch
     (module docstring). Rank 0 works; the other ranks do nothing."""
 
-    on_phase_start = ClassyHook._noop
-
     def __init__(self, settings: AnalysisSettings, output_path: str, tb_writer: Any = None) -> None:
-        super().__init__()  # nothing goes into self.state: VISSL checkpoints it
+        super().__init__(output_path, "ConViT analysis", tb_writer, settings.frequency_iters, frequency_epochs=1)
         self.settings = settings
-        self.output_path = output_path
-        self.tb_writer = tb_writer
-        self.records = JsonLines(output_path, "ConViT analysis")
         self.images: Optional[torch.Tensor] = None
 
     def on_start(self, task: Any) -> None:
@@ -151,19 +145,6 @@ class ConViTAnalysisHook(ClassyHook):
             self.output_path,
         )
 
-    def on_step(self, task: Any) -> None:
-        every = self.settings.frequency_iters
-        if every > 0 and task.train and task.iteration % every == 0:
-            self._log(task)
-
-    def on_phase_end(self, task: Any) -> None:
-        if self.settings.frequency_iters == 0 and task.train:
-            self._log(task)
-
-    def on_end(self, task: Any) -> None:
-        if self.tb_writer is not None and is_primary():
-            self.tb_writer.flush()
-
     # ------------------------------------------------------------------
     def _log(self, task: Any) -> None:
         if not is_primary():
@@ -173,11 +154,7 @@ class ConViTAnalysisHook(ClassyHook):
         with preserved_rng(self.images.device):
             numbers = analysis_record(model, self.images)
         record = {"iteration": int(task.iteration), "epoch": int(task.train_phase_idx), **numbers}
-        self.records.append(record)
-        if self.tb_writer is not None:
-            for tag, value in scalars(record).items():
-                self.tb_writer.add_scalar(tag, value, global_step=record["iteration"])
-            self.tb_writer.flush()
+        self.write(record, scalars(record))
 
 
 def build_hook(config: Any, tb_writer: Any = None) -> Optional[ConViTAnalysisHook]:

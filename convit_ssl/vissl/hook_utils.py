@@ -1,5 +1,6 @@
-"""What convit_ssl's VISSL hooks share: their config blocks, the trunk they
-measure, RNG isolation, rank checks and their JSON-lines record files."""
+"""What convit_ssl's VISSL hooks share: their config blocks, RNG isolation,
+rank checks, their JSON-lines record files, and the monitors' skeleton
+(`MonitorHook`: when to measure, where the records go)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+from classy_vision.hooks.classy_hook import ClassyHook
 from torch import nn
 
 from convit_ssl.analysis.collect import evaluating
@@ -117,3 +119,46 @@ class JsonLines:
         logging.info("%s: resuming at iteration %d, dropping %d later record(s) of %s",
                      self.label, iteration, len(lines) - len(kept), self.path)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+
+class MonitorHook(ClassyHook):
+    """The skeleton of the analysis and kNN monitors: measure (`_log`) after every
+    `frequency_iters` training iterations, or, when that is 0, after every
+    `frequency_epochs` training phases; `write` a record to the JSON-lines file
+    and its scalars to VISSL's TensorBoard writer (rank 0). Nothing goes into
+    `self.state`: VISSL checkpoints it."""
+
+    on_phase_start = ClassyHook._noop
+
+    def __init__(self, output_path: str, label: str, tb_writer: Any, frequency_iters: int,
+                 frequency_epochs: int) -> None:
+        super().__init__()
+        self.output_path = output_path
+        self.tb_writer = tb_writer
+        self.records = JsonLines(output_path, label)
+        self.frequency_iters = frequency_iters
+        self.frequency_epochs = frequency_epochs
+
+    def _log(self, task: Any) -> None:
+        raise NotImplementedError
+
+    def on_step(self, task: Any) -> None:
+        if self.frequency_iters > 0 and task.train and task.iteration % self.frequency_iters == 0:
+            self._log(task)
+
+    def on_phase_end(self, task: Any) -> None:
+        every = self.frequency_epochs
+        if self.frequency_iters == 0 and every > 0 and task.train and (task.train_phase_idx + 1) % every == 0:
+            self._log(task)
+
+    def on_end(self, task: Any) -> None:
+        if self.tb_writer is not None and is_primary():
+            self.tb_writer.flush()
+
+    def write(self, record: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
+        """Append `record` (with its ``iteration``) and put `scalars` (tag -> value) at that step."""
+        self.records.append(record)
+        if self.tb_writer is not None:
+            for tag, value in scalars.items():
+                self.tb_writer.add_scalar(tag, value, global_step=record["iteration"])
+            self.tb_writer.flush()

@@ -58,12 +58,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from classy_vision.hooks.classy_hook import ClassyHook
 
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import eval_transforms
-from convit_ssl.vissl.hook_utils import BlockKeys, JsonLines, eval_mode, is_primary, preserved_rng, read_block
+from convit_ssl.vissl.hook_utils import BlockKeys, MonitorHook, eval_mode, is_primary, preserved_rng, read_block
 from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names
 
 CONFIG_BLOCK = "CONVIT_KNN"
@@ -242,19 +241,14 @@ def gather_features(indices: np.ndarray, features: torch.Tensor, labels: torch.T
 
 
 # ------------------------------------------------------------------ the hook
-class ConViTKnnHook(ClassyHook):
+class ConViTKnnHook(MonitorHook):
     """Logs the online kNN top-1 / top-5 of the trunk (and teacher) being trained
     (module docstring). Every rank extracts its shard; rank 0 classifies and logs."""
 
-    on_phase_start = ClassyHook._noop
-
     def __init__(self, settings: KnnSettings, output_path: str, metrics_path: str, tb_writer: Any = None) -> None:
-        super().__init__()  # nothing goes into self.state: VISSL checkpoints it
+        super().__init__(output_path, "ConViT kNN", tb_writer, settings.frequency_iters, settings.frequency_epochs)
         self.settings = settings
-        self.output_path = output_path
         self.metrics_path = metrics_path
-        self.tb_writer = tb_writer
-        self.records = JsonLines(output_path, "ConViT kNN")
         self.bank: Optional[LabelledImages] = None
         self.queries: Optional[LabelledImages] = None
 
@@ -270,20 +264,6 @@ class ConViTKnnHook(ClassyHook):
                          s.feature, len(self.bank), len(self.queries), every, self.output_path)
         if s.at_start and task.iteration == 0 and task.train:
             self._log(task)
-
-    def on_step(self, task: Any) -> None:
-        every = self.settings.frequency_iters
-        if every > 0 and task.train and task.iteration % every == 0:
-            self._log(task)
-
-    def on_phase_end(self, task: Any) -> None:
-        every = self.settings.frequency_epochs
-        if self.settings.frequency_iters == 0 and every > 0 and task.train and (task.train_phase_idx + 1) % every == 0:
-            self._log(task)
-
-    def on_end(self, task: Any) -> None:
-        if self.tb_writer is not None and is_primary():
-            self.tb_writer.flush()
 
     # ------------------------------------------------------------------
     def _networks(self, task: Any) -> Dict[str, ConViT]:
@@ -323,17 +303,13 @@ class ConViTKnnHook(ClassyHook):
                   "feature": s.feature, "k": s.k, "temperature": s.temperature,
                   "num_train": len(self.bank), "num_val": len(self.queries),
                   "seconds": round(time.time() - start, 3), **results}
-        self.records.append(record)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"iteration": record["iteration"], "train_phase_idx": record["epoch"],
                                 "knn": results}, allow_nan=False) + "\n")
         logging.info("ConViT kNN at iteration %d: %s", record["iteration"],
                      ", ".join(f"{n} top-1 {r['top1']:.2f}%" for n, r in results.items()))
-        if self.tb_writer is not None:
-            for name, numbers in results.items():
-                for metric, value in numbers.items():
-                    self.tb_writer.add_scalar(f"knn/{name}/{metric}", value, global_step=record["iteration"])
-            self.tb_writer.flush()
+        self.write(record, {f"knn/{name}/{metric}": value
+                            for name, numbers in results.items() for metric, value in numbers.items()})
 
 
 def metrics_file(config: Any) -> str:
