@@ -219,3 +219,17 @@ def kmeans_on_ranks(memory: torch.Tensor, clusters: int, world: int, out: Path) 
     proc = run_warm([str(script), str(memory_file), str(clusters), str(world), str(out)], cwd=out.parent, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return torch.load(out)
+
+
+def assert_started_from_resampled(pos_embed, pretrained, old_grid=(4, 4), new_grid=(6, 6)) -> None:
+    """A fine-tuned position embedding started from the pretrained one resampled to `new_grid`
+    (it stays far closer to that than a fresh initialisation is)."""
+    from convit_ssl.checkpoints.resample import resample_state_dict
+    from convit_ssl.models import create_model
+
+    resampled = resample_state_dict({"pos_embed": pretrained}, new_grid, old_grid)["pos_embed"]
+    width = pretrained.shape[-1]
+    fresh = create_model("convit_tiny", img_size=8 * new_grid[0], patch_size=8, width=width, depth=2,
+                         num_gpsa_layers=1, num_heads=width // 12).pos_embed.detach()
+    moved = (pos_embed - resampled).abs().max().item()
+    assert moved < 0.2 * (fresh - resampled).abs().max().item(), moved

@@ -9,7 +9,8 @@ Layout (VISSL 0.1.6, vissl/utils/checkpoint.py and hooks/log_hooks.py)::
     model_final_checkpoint_phase{N}.torch  at the end of the run (N = last phase)
     checkpoint.torch                     a link to the latest of them
     stdout.json                          one JSON record per logged iteration ({"loss": ...})
-    metrics.json                         one JSON record per phase ({"train_accuracy_list_meter": ...})
+    metrics.json                         one JSON record per phase ({"train_accuracy_list_meter": ...}), and
+                                         convit_ssl's kNN and unreadable-image records
 """
 
 from __future__ import annotations
@@ -70,3 +71,10 @@ def final_accuracies(folder: os.PathLike) -> Dict[str, Dict[str, float]]:
             if meter:
                 result[split] = {str(k): float(v) for k, v in meter["top_1"].items()}
     return result
+
+
+def unreadable_images(folder: os.PathLike) -> List[Dict[str, object]]:
+    """The phases in which VISSL replaced unreadable images by grey ones (convit_ssl's count in
+    metrics.json): [{"phase_idx", "train_phase_idx", "split", "unreadable", "images"}, ...]."""
+    return [{"phase_idx": r["phase_idx"], "train_phase_idx": r["train_phase_idx"], **r["unreadable_images"]}
+            for r in _records(Path(folder) / "metrics.json") if "unreadable_images" in r]

@@ -29,12 +29,13 @@ def hook_generator(cfg: Any) -> List[ClassyHook]:
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
     from convit_ssl.vissl import analysis_hook, knn_hook
+    from convit_ssl.vissl.hook_utils import metrics_file
     from convit_ssl.vissl.stop_hook import StopHook
     from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
 
     hooks = default_hook_generator(cfg)
     tb_writer = next((h.tb_writer for h in hooks if isinstance(h, SSLTensorboardHook)), None)
     monitors = (analysis_hook.build_hook(cfg, tb_writer), knn_hook.build_hook(cfg, tb_writer))
-    ours = [UnreadableImagesHook(), *(hook for hook in monitors if hook), StopHook()]
+    ours = [UnreadableImagesHook(metrics_file(cfg)), *(hook for hook in monitors if hook), StopHook()]
     position = next((i for i, h in enumerate(hooks) if isinstance(h, LogLossMetricsCheckpointHook)), len(hooks))
     return hooks[:position] + ours + hooks[position:]

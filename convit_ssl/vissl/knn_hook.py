@@ -62,7 +62,8 @@ import torch
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import eval_transforms
-from convit_ssl.vissl.hook_utils import BlockKeys, MonitorHook, eval_mode, is_primary, preserved_rng, read_block
+from convit_ssl.vissl.hook_utils import (BlockKeys, MonitorHook, append_metrics, eval_mode, is_primary, metrics_file,
+                                         preserved_rng, read_block)
 from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names
 
 CONFIG_BLOCK = "CONVIT_KNN"
@@ -303,19 +304,12 @@ class ConViTKnnHook(MonitorHook):
                   "feature": s.feature, "k": s.k, "temperature": s.temperature,
                   "num_train": len(self.bank), "num_val": len(self.queries),
                   "seconds": round(time.time() - start, 3), **results}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"iteration": record["iteration"], "train_phase_idx": record["epoch"],
-                                "knn": results}, allow_nan=False) + "\n")
+        append_metrics(self.metrics_path, {"iteration": record["iteration"], "train_phase_idx": record["epoch"],
+                                           "knn": results})
         logging.info("ConViT kNN at iteration %d: %s", record["iteration"],
                      ", ".join(f"{n} top-1 {r['top1']:.2f}%" for n, r in results.items()))
         self.write(record, {f"knn/{name}/{metric}": value
                             for name, numbers in results.items() for metric, value in numbers.items()})
-
-
-def metrics_file(config: Any) -> str:
-    from vissl.utils.checkpoint import get_checkpoint_folder
-
-    return os.path.join(get_checkpoint_folder(config), "metrics.json")
 
 
 def build_hook(config: Any, tb_writer: Any = None) -> Optional[ConViTKnnHook]:

@@ -5,7 +5,10 @@ once per file ("Couldn't load: ..."), inside the data-loader workers, among
 thousands of log lines; a training run on a folder with broken files goes on
 with grey inputs. This hook, always on, sums the samples VISSL marked invalid
 (`data_valid` = -1) over the ranks at the end of each phase and, when there are
-any, logs one warning on the primary rank with the count and the split.
+any, the primary rank logs one warning with the count and the split and adds a
+record to the run's metrics.json::
+
+    {"phase_idx": 0, "train_phase_idx": 0, "unreadable_images": {"split": "train", "unreadable": 2, "images": 12}}
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from classy_vision.hooks.classy_hook import ClassyHook
 
-from convit_ssl.vissl.hook_utils import is_primary
+from convit_ssl.vissl.hook_utils import append_metrics, is_primary
 
 
 def views_per_image(transforms: Any) -> int:
@@ -38,8 +41,9 @@ class UnreadableImagesHook(ClassyHook):
     on_step = ClassyHook._noop
     on_end = ClassyHook._noop
 
-    def __init__(self) -> None:
+    def __init__(self, metrics_path: str) -> None:
         super().__init__()
+        self.metrics_path = metrics_path
         self.invalid = self.seen = 0
 
     def on_phase_start(self, task: Any) -> None:
@@ -62,8 +66,12 @@ class UnreadableImagesHook(ClassyHook):
         if invalid and is_primary():
             split = "TRAIN" if task.train else "TEST"
             views = views_per_image(task.config["DATA"][split]["TRANSFORMS"])
+            count = {"split": split.lower(), "unreadable": invalid // views, "images": seen // views}
             logging.warning(
                 "phase %d (%s): %d of %d images could not be read and were replaced by grey images "
                 "(VISSL's 'Couldn't load' warnings name them)",
-                task.phase_idx, split.lower(), invalid // views, seen // views,
+                task.phase_idx, count["split"], count["unreadable"], count["images"],
             )
+            append_metrics(self.metrics_path, {"phase_idx": int(task.phase_idx),
+                                               "train_phase_idx": int(task.train_phase_idx),
+                                               "unreadable_images": count})

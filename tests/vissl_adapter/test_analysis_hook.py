@@ -322,8 +322,7 @@ def test_resume_drops_records_past_the_checkpoint(epoch_run, digits, tmp_path):
         (checkpoint_dir / name).unlink()
     with open(checkpoint_dir / RECORD_FILE, "a") as f:
         f.write('{"iteration": 9, "epo')
-    proc = run_engine(_folder_run(digits, checkpoint_dir), cwd=tmp_path)
-    assert "resuming at iteration 4, dropping 2 later record(s)" in proc.stdout
+    run_engine(_folder_run(digits, checkpoint_dir), cwd=tmp_path)
     records = _records(checkpoint_dir)
     assert [(r["iteration"], r["epoch"]) for r in records] == [(4, 0), (8, 1)]
     assert records[0] == _records(epoch_run)[0]

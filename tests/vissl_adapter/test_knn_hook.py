@@ -194,8 +194,7 @@ def test_resume_keeps_one_record_per_trigger(epoch_run, digits, tmp_path):
         (checkpoint_dir / name).unlink()
     with open(checkpoint_dir / RECORD_FILE, "a") as f:
         f.write('{"iteration": 33, "epo')
-    proc = run_engine(_run(digits, checkpoint_dir), cwd=tmp_path)
-    assert "resuming at iteration 16, dropping 2 later record(s)" in proc.stdout
+    run_engine(_run(digits, checkpoint_dir), cwd=tmp_path)
     records = _records(checkpoint_dir)
     assert [r["iteration"] for r in records] == [0, 16, 32]
     assert records[:2] == _records(epoch_run)[:2]

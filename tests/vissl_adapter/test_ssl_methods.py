@@ -43,7 +43,7 @@ def _config(name: str) -> Any:
 
 def _check_dino(state: dict[str, Any], stdout: str) -> None:
     """12 crops per image; the loss state keeps the EMA teacher (to resume) with the student's keys."""
-    assert "'num_crops': 12" in stdout and "Building momentum encoder" in stdout
+    assert "'num_crops': 12" in stdout
     student = state["base_model"]["model"]
     prefix = "momentum_teacher."
     teacher = {k[len(prefix):]: v for k, v in state["loss"].items() if k.startswith(prefix)}
@@ -54,7 +54,6 @@ def _check_dino(state: dict[str, Any], stdout: str) -> None:
 
 def _check_moco(state: dict[str, Any], stdout: str) -> None:
     """The key encoder was built and every step's keys entered the queue."""
-    assert "Building MoCo encoder" in stdout
     assert int(state["loss"]["queue_ptr"]) == 12  # 3 steps x 4 keys
     assert any(k.startswith("moco_encoder.trunk.") for k in state["loss"])
 
@@ -76,7 +75,6 @@ def _check_barlow_twins(state: dict[str, Any], stdout: str) -> None:
 
 def _check_deepclusterv2(state: dict[str, Any], stdout: str) -> None:
     """The memory bank was filled, then clustered at the start of both epochs."""
-    assert "Memory banks initialized" in stdout
     assert stdout.count("clustering of the memory bank done") == 2
     assignments = state["loss"]["assignments"]
     assert assignments.shape == (3, 12) and (assignments >= 0).all() and (assignments < 8).all()
