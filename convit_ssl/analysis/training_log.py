@@ -22,7 +22,6 @@ from convit_ssl.analysis.collect import GPSA_KIND, MHSA_KIND
 from convit_ssl.files import PathLike
 
 
-
 @dataclass
 class TrainingLog:
     """Records of a training log, in file order; `truncated_line` is the number

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 from convit_ssl.checkpoints.io import CheckpointError
+from convit_ssl.checkpoints.vissl_convit import timm_to_vissl_convit, vissl_convit_to_timm
+from convit_ssl.checkpoints.vit import class_slot, deit_to_vit, unmappable, vit_to_deit
 
 FORMATS = ("vissl", "timm", "vissl_convit", "vit")
 NETWORKS = ("student", "teacher")
@@ -121,8 +123,6 @@ def select_network(obj: Any, network: str) -> Any:
 
 
 def _is_vit(keys, state_dict: Mapping[str, Tensor]) -> bool:
-    from convit_ssl.checkpoints.vit import class_slot, unmappable
-
     pos = state_dict.get("pos_embed")
     return bool(unmappable(keys)) or any(".ls1.gamma" in k for k in keys) or (
         pos is not None and pos.ndim == 3 and class_slot(pos) and not any(k.endswith("gating_param") for k in keys))
@@ -198,8 +198,6 @@ def unwrap_state_dict(obj: Any) -> Tuple[Optional[StateDict], Optional[str]]:
 def _is_vissl_convit(trunk: Mapping[str, Tensor]) -> bool:
     """VISSL's convit and vision_transformer trunks share key names; the ViT's
     pos_embedding has a class slot."""
-    from convit_ssl.checkpoints.vit import class_slot
-
     pos = trunk.get("pos_embedding")
     return pos is None or pos.ndim != 3 or not class_slot(pos)
 
@@ -259,8 +257,6 @@ def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps
             notes.append(f"read {fmt} weights from the {wrapper!r} entry")
         trunk = _strip_prefix(state, "module.")
         if fmt == "vit":
-            from convit_ssl.checkpoints.vit import vit_to_deit
-
             trunk, vit_notes = vit_to_deit(trunk)
             notes += vit_notes
         head_keys = {"head.weight", "head.bias"} & set(trunk)
@@ -274,8 +270,6 @@ def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps
         if network == "teacher":
             notes.append("read the momentum teacher (network=teacher)")
         if fmt == "vissl_convit":
-            from convit_ssl.checkpoints.vissl_convit import vissl_convit_to_timm
-
             trunk = vissl_convit_to_timm(trunk)
             notes.append("VISSL built-in convit keys mapped to timm's (positional weights summed over LOCALITY_DIM)")
         if heads and keep_head:
@@ -292,8 +286,6 @@ def write(weights: Weights, fmt: str) -> Dict[str, Any]:
     """The object to save for format `fmt`."""
     if fmt in ("timm", "vit"):
         if fmt == "vit":
-            from convit_ssl.checkpoints.vit import deit_to_vit
-
             out = deit_to_vit(weights.trunk)
         else:
             out = dict(weights.trunk)
@@ -304,8 +296,6 @@ def write(weights: Weights, fmt: str) -> Dict[str, Any]:
         heads = {} if weights.head is None else {f"0.clf.0.{k}": v for k, v in weights.head.items()}
         return {"classy_state_dict": {"base_model": {"model": {"trunk": dict(weights.trunk), "heads": heads}}}}
     if fmt == "vissl_convit":
-        from convit_ssl.checkpoints.vissl_convit import timm_to_vissl_convit
-
         heads = {} if weights.head is None else {f"0.clf.0.{k}": v for k, v in weights.head.items()}
         return {"classy_state_dict": {"base_model": {"model": {"trunk": timm_to_vissl_convit(weights.trunk),
                                                                "heads": heads}}}}

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
+from convit_ssl.checkpoints.vit import timm_vit_name
 from convit_ssl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.files import PathLike
 from convit_ssl.models.factory import ARCHITECTURES
@@ -69,8 +70,6 @@ def convit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing
 
 def vit_hub_config(kwargs: Mapping[str, Any], num_classes: int, preprocessing: Mapping[str, Any]) -> Dict[str, Any]:
     """config.json of a DeiT baseline as timm's `VisionTransformer`."""
-    from convit_ssl.checkpoints.vit import timm_vit_name
-
     architecture = timm_vit_name(kwargs["width"], kwargs["num_heads"])
     model_args = {**_model_args(kwargs, num_classes), "embed_dim": kwargs["width"], "class_token": True}
     return _hub_config(architecture, model_args, kwargs, num_classes, preprocessing)

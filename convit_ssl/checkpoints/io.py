@@ -23,7 +23,6 @@ import torch
 from convit_ssl.files import PathLike, atomic_path
 
 
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

@@ -25,6 +25,7 @@ from convit_ssl.checkpoints.formats import FORMATS, Weights, detect_format, read
 from convit_ssl.checkpoints.infer import build_convit, check_trunk, infer_model_kwargs
 from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS
+from convit_ssl.checkpoints.vit import DEIT_ARCHS, heads_from_timm_name
 from convit_ssl.files import PathLike
 from convit_ssl.models import ConViT
 
@@ -69,8 +70,6 @@ def architecture_hint(fmt: str, hub_config: Optional[Dict[str, Any]], arch: Opti
                       num_heads: Optional[int], where: str) -> Tuple[Optional[str], Optional[int]]:
     """(arch, num_heads) for shape inference: those given, else a hub folder's config.json;
     a ViT / DeiT, whose head count its shapes do not show, needs one of them."""
-    from convit_ssl.checkpoints.vit import DEIT_ARCHS, heads_from_timm_name
-
     if fmt == "vit" and arch is not None and arch not in DEIT_ARCHS:
         raise CheckpointError(f"{where!r} is a ViT / DeiT (timm's VisionTransformer, no GPSA block): it converts to "
                               f"the DeiT baselines, not {arch}; give arch={' or '.join(DEIT_ARCHS)}, "

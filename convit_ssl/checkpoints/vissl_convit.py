@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from convit_ssl.checkpoints.infer import infer_model_kwargs
 from convit_ssl.checkpoints.io import CheckpointError
 
 __all__ = [
@@ -337,8 +338,6 @@ def vissl_convit_model_kwargs(state_dict: Dict[str, Tensor], num_heads: Optional
             block is GPSA (the class token would never join), or the heads
             cannot be inferred / contradict ``num_heads``.
     """
-    from convit_ssl.checkpoints.infer import infer_model_kwargs
-
     try:
         kwargs = infer_model_kwargs(vissl_convit_to_timm(state_dict), num_heads=num_heads)
     except CheckpointError as e:

@@ -38,8 +38,13 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 import torch
 
-from convit_ssl.files import atomic_write_text
 from convit_ssl.evaluation import knn_accuracy
+from convit_ssl.files import atomic_write_text
+from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.launcher import launch_local
+from convit_ssl.vissl.patches import low_shot_trainer
+from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.weights_init import prepare_weights_init
 
 LOG = logging.getLogger(__name__)
 
@@ -69,10 +74,6 @@ def _check_benchmark_config(config: Any) -> None:
 def extract(config: Any, node_id: int = 0) -> str:
     """Validate `config`, then run VISSL's ``extract_features`` engine on it (all
     ranks of this node); return the folder that holds the features."""
-    from convit_ssl.vissl.launcher import launch_local
-    from convit_ssl.vissl.validate import validate
-    from convit_ssl.vissl.weights_init import prepare_weights_init
-
     validate(config)
     prepare_weights_init(config)
     launch_local(config, node_id, "extract_features")
@@ -181,7 +182,6 @@ def low_shot(config: Any, node_id: int = 0) -> Dict[str, Any]:
         generate_voc07_low_shot_samples,
     )
     from vissl.utils.checkpoint import get_checkpoint_folder
-    from convit_ssl.vissl.patches import low_shot_trainer
 
     SVMLowShotTrainer = low_shot_trainer()
     _check_benchmark_config(config)
@@ -261,9 +261,6 @@ def prepare(benchmark: str, overrides: Sequence[str]) -> Tuple[Callable[[Any, in
     """Compose `overrides` (``config=NAME`` plus Hydra overrides, ``node_id=K``) for
     `benchmark` and check the config; returns (runner, config, node_id). Every
     user error (unknown benchmark, config, data path) is raised here, before any work."""
-    from convit_ssl.vissl.configs import compose
-    from convit_ssl.vissl.validate import validate
-
     if benchmark not in RUNNERS:
         raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(RUNNERS)}")
     args, config = compose(overrides)

@@ -10,6 +10,7 @@ from torch import nn
 
 from convit_ssl.checkpoints.formats import vissl_model_parts
 from convit_ssl.checkpoints.vissl_convit import vissl_convit_model_kwargs
+from convit_ssl.vissl.configs import compose
 
 
 REFERENCE_CONFIG = "convit_ssl/reference/vissl_builtin_convit"
@@ -33,8 +34,6 @@ def build_vissl_convit(checkpoint: Any, kwargs: Dict[str, Any] | None = None) ->
     (a VISSL checkpoint or a bare trunk state dict of that trunk), in eval mode
     and float32. Returns x (B, C, H, W) -> class-token features (B, width)."""
     from vissl.models.trunks.convit import ConViT as VisslConViT
-
-    from convit_ssl.vissl.configs import compose
 
     trunk_state, _ = vissl_model_parts(checkpoint)
     if kwargs is None:

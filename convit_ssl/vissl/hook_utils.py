@@ -18,6 +18,7 @@ from torch import nn
 
 from convit_ssl.analysis.collect import evaluating
 from convit_ssl.files import atomic_write_text
+from convit_ssl.vissl.trunk import TRUNK_NAME
 
 # config key -> (default, accepted type, condition, what the condition says)
 BlockKeys = Dict[str, Tuple[Any, type, Callable[[Any], bool], str]]
@@ -27,8 +28,6 @@ def read_block(config: Any, name: str, keys: BlockKeys) -> Optional[Dict[str, An
     """The ``HOOKS.<name>`` block of a VISSL config with defaults filled in and
     every value checked; None when absent or ``USE: false``. Unknown keys and
     wrong types or values raise a ValueError naming the key. Every block has ``USE``."""
-    from convit_ssl.vissl.trunk import TRUNK_NAME
-
     where = f"config.HOOKS.{name}"
     block = config.HOOKS.get(name)
     if block is None:

@@ -10,14 +10,16 @@ from typing import Any, List
 
 from classy_vision.hooks.classy_hook import ClassyHook
 
+from convit_ssl.vissl import analysis_hook, knn_hook
+from convit_ssl.vissl.hook_utils import metrics_file
+from convit_ssl.vissl.stop_hook import StopHook
+from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
+
 
 def validate_hook_configs(config: Any) -> None:
     """Pre-launch check of the ``HOOKS.CONVIT_ANALYSIS`` and ``HOOKS.CONVIT_KNN`` blocks."""
-    from convit_ssl.vissl.analysis_hook import analysis_settings
-    from convit_ssl.vissl.knn_hook import knn_settings
-
-    analysis_settings(config)
-    knn_settings(config)
+    analysis_hook.analysis_settings(config)
+    knn_hook.knn_settings(config)
 
 
 def hook_generator(cfg: Any) -> List[ClassyHook]:
@@ -29,10 +31,6 @@ def hook_generator(cfg: Any) -> List[ClassyHook]:
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
     from convit_ssl.vissl import analysis_hook, knn_hook
-    from convit_ssl.vissl.hook_utils import metrics_file
-    from convit_ssl.vissl.stop_hook import StopHook
-    from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
-
     hooks = default_hook_generator(cfg)
     tb_writer = next((h.tb_writer for h in hooks if isinstance(h, SSLTensorboardHook)), None)
     monitors = (analysis_hook.build_hook(cfg, tb_writer), knn_hook.build_hook(cfg, tb_writer))

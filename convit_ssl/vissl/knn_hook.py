@@ -64,7 +64,7 @@ from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import eval_transforms
 from convit_ssl.vissl.hook_utils import (BlockKeys, MonitorHook, append_metrics, eval_mode, is_primary, metrics_file,
                                          preserved_rng, read_block)
-from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names
+from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names, validate_trunk_config
 
 CONFIG_BLOCK = "CONVIT_KNN"
 RECORD_FILE = "convit_knn.jsonl"
@@ -109,8 +109,6 @@ def knn_settings(config: Any) -> Optional[KnnSettings]:
     """The ``HOOKS.CONVIT_KNN`` block, validated; None when absent or ``USE: false``.
     Raises a ValueError naming the key for unknown keys, wrong values, a feature
     the trunk does not have, TEACHER without DINO or MoCo, or no split to read."""
-    from convit_ssl.vissl.trunk import validate_trunk_config
-
     values = read_block(config, CONFIG_BLOCK, CONFIG_KEYS)
     if values is None:
         return None

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from convit_ssl.images import open_image
+from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME
+
 
 def build_dino_teacher(self, task: Any) -> None:
     """Upstream `DINOHook._build_momentum_network`, with the teacher's stochastic
@@ -23,8 +26,6 @@ def build_dino_teacher(self, task: Any) -> None:
     """
     from vissl.models import build_model
     from vissl.models.model_helpers import get_no_ddp_model
-
-    from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME
 
     logging.info("Building momentum encoder")  # noqa: LOG015
     trunk = task.config["MODEL"]["TRUNK"]
@@ -146,8 +147,6 @@ def disk_image(self, idx: int) -> Tuple[Any, bool]:
     """
     from iopath.common.file_io import g_pathmgr
     from vissl.data.data_helper import get_mean_image
-
-    from convit_ssl.images import open_image
 
     if not self.is_initialized:
         self._load_data(self._path)

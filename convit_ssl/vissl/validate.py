@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
+from convit_ssl.data.subsets import MODES
 from convit_ssl.files import is_image
 from convit_ssl.vissl.configs import used_splits
+from convit_ssl.vissl.hooks import validate_hook_configs
+from convit_ssl.vissl.llrd import validate_layer_decay
+from convit_ssl.vissl.task import TASK_NAME
 from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
-
 
 
 def _folder_classes(path: str, where: str) -> List[str]:
@@ -181,9 +184,6 @@ def validate_head_classes(config: Any, classes: Dict[str, Any]) -> None:
 
 def validate_task(config: Any) -> None:
     """convit_ssl's sampler keys are refused under a task that would ignore them."""
-    from convit_ssl.data.subsets import MODES
-    from convit_ssl.vissl.task import TASK_NAME
-
     train = config.DATA.TRAIN
     repeats = train.get("REPEATED_AUGMENTATIONS", 1) or 1
     subset = train.get("SUBSET") or {}
@@ -207,9 +207,6 @@ def validate_task(config: Any) -> None:
 
 def validate(config: Any) -> None:
     """All pre-launch checks for a VISSL config that uses the convit_ssl trunk."""
-    from convit_ssl.vissl.hooks import validate_hook_configs
-    from convit_ssl.vissl.llrd import validate_layer_decay
-
     validate_task(config)
     if config.SLURM.USE_SLURM and not config.SLURM.PARTITION:
         raise ValueError("config.SLURM.PARTITION must be set when config.SLURM.USE_SLURM=true")
