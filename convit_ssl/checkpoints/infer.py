@@ -6,6 +6,7 @@ import math
 import re
 from typing import Any, Dict, Mapping, Optional
 
+import torch
 from torch import Tensor, nn
 
 from convit_ssl.checkpoints.io import CheckpointError
@@ -104,10 +105,6 @@ def infer_model_kwargs(
 def check_trunk(trunk: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> None:
     """The trunk has exactly the keys and shapes of `ConViT(**kwargs)`, or a
     CheckpointError lists the missing, unexpected and mis-shaped keys."""
-    import torch
-
-    from convit_ssl.models import ConViT
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ConViT(**{**kwargs, "num_classes": 0}).state_dict().items()}
     missing = sorted(set(expected) - set(trunk))

@@ -35,10 +35,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from convit_ssl.analysis import analyze
+from convit_ssl.analysis.training_log import read_training_log
 from convit_ssl.checkpoints import loader
 from convit_ssl.checkpoints.formats import FORMATS
 from convit_ssl.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from convit_ssl.files import IMAGE_SUFFIXES, atomic_write_text, is_image
+from convit_ssl.images import open_image
 from convit_ssl.models import ConViT, list_models
 
 DEFAULT_NUM_IMAGES = 8
@@ -106,8 +109,6 @@ def load_images(paths: Sequence[Path], image_size: int, in_chans: int = 3,
     (RGB for 3, greyscale for 1)."""
     from PIL import Image
     from torchvision import transforms as T
-
-    from convit_ssl.images import open_image
 
     modes = {3: "RGB", 1: "L"}
     if in_chans not in modes:
@@ -178,9 +179,6 @@ def run_analysis(checkpoint: os.PathLike, images: os.PathLike, out: os.PathLike,
                  device: str = "cpu", overwrite: bool = False, log: Callable[[str], None] = print) -> List[Path]:
     """Analyse `checkpoint` on the images of `images` and write analysis.json and
     the figures into `out`; return the written paths (see the module docstring)."""
-    from convit_ssl.analysis import analyze
-    from convit_ssl.analysis.training_log import read_training_log
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder")

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from convit_ssl.checkpoints.run_folder import final_accuracies, require_final_checkpoint
+from convit_ssl.cli.analyze import run_analysis
+from convit_ssl.data import export_digits
 from convit_ssl.processes import Stopped, forward_stop_signals
 
 STAGES = ("supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune")
@@ -189,8 +191,6 @@ def _claim_output(out: Path, train: Path, val: Path) -> None:
 def _analyse(checkpoint: Path, val: Path, out: Path) -> Path:
     """`convit-ssl analyze` of the supervised checkpoint on the first validation
     images, with the hook's log of the supervised run; returns the figure folder."""
-    from convit_ssl.cli.analyze import run_analysis
-
     figures = out / "analysis"
     print(f"\n== analysis: convit-ssl analyze {checkpoint} --images {val} --out {figures}")
     log = out / "supervised" / "convit_analysis.jsonl"
@@ -222,8 +222,6 @@ def run_demo(out: os.PathLike, data: Optional[os.PathLike] = None, epochs: Optio
 
     out = Path(out).resolve()
     if data is None:
-        from convit_ssl.data import export_digits
-
         train, val = export_digits(out / "digits")
         print(f"exported scikit-learn digits to {train.parent} (train {sum(1 for _ in train.rglob('*.png'))}, "
               f"val {sum(1 for _ in val.rglob('*.png'))} images)")

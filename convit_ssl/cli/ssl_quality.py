@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from convit_ssl.checkpoints import run_folder
+from convit_ssl.cli.demo import data_overrides, run_stage
 from convit_ssl.data.digits import train_val_folders
-from convit_ssl.cli.demo import run_stage
 from convit_ssl.files import atomic_write_text
 from convit_ssl.processes import Stopped
 from convit_ssl.vissl.configs import SSL_METHODS, num_epochs, small_scale_config
@@ -68,8 +68,6 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
     """Pretrain `method` with `arch` and `seed` (and Hydra `overrides` of the
     pretraining), then probe; returns the run's entry of results.json."""
     extra = list(overrides)
-    from convit_ssl.cli.demo import data_overrides
-
     run_dir = out / method / f"{arch}_seed{seed}"
     data = data_overrides(train, val)
     overrides = [f"config={small_scale_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",

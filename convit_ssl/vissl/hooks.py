@@ -30,7 +30,6 @@ def hook_generator(cfg: Any) -> List[ClassyHook]:
     module-level function, so spawn can pickle it)."""
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
-    from convit_ssl.vissl import analysis_hook, knn_hook
     hooks = default_hook_generator(cfg)
     tb_writer = next((h.tb_writer for h in hooks if isinstance(h, SSLTensorboardHook)), None)
     monitors = (analysis_hook.build_hook(cfg, tb_writer), knn_hook.build_hook(cfg, tb_writer))

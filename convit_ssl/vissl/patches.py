@@ -29,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import multiprocessing
 import os
+import signal
 import sys
 import types
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 
 import convit_ssl.vissl.upstream as upstream
+from convit_ssl.checkpoints.io import atomic_torch_save
+from convit_ssl.processes import STOP_SIGNALS, Stopped
 
 _APPLIED: List[str] = []
 
@@ -107,8 +110,6 @@ def _replace(owner: Any, name: str, new: Callable[..., Any]) -> bool:
 def _atomic_save_checkpoint(checkpoint_folder, state, checkpoint_file="checkpoint.torch"):
     """ClassyVision's save_checkpoint, written to a temporary file and renamed into place."""
     from iopath.common.file_io import g_pathmgr
-
-    from convit_ssl.checkpoints.io import atomic_torch_save
 
     g_pathmgr.mkdirs(checkpoint_folder)
     full_filename = f"{checkpoint_folder}/{checkpoint_file}"
@@ -230,8 +231,6 @@ def _rank_worker(*args: Any, **kwargs: Any) -> None:
     VISSL's: no entry point has to set VISSL up at its top level. A spawned rank
     gets SIGTERM if its launcher dies, and one stopped by a signal
     (`stop_hook`, a checkpoint saved) exits 0: the launcher reports the stop."""
-    from convit_ssl.processes import Stopped
-
     cfg = kwargs["cfg"] if "cfg" in kwargs else args[1]
     spawned = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1  # VISSL's rule for spawning
     if spawned:
@@ -263,10 +262,6 @@ def _set_up_then_rebuild(rebuild: Callable[..., Any], args: Tuple[Any, ...], sta
     classes. The worker ignores the stop signals (a process group's SIGTERM
     would otherwise kill it under its rank, which then fails before it can save
     its checkpoint); it ends with its rank."""
-    import signal
-
-    from convit_ssl.processes import STOP_SIGNALS
-
     if multiprocessing.parent_process() is not None:
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
