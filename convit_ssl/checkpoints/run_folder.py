@@ -61,11 +61,17 @@ def losses(folder: os.PathLike) -> List[float]:
     return [float(r["loss"]) for r in _records(path) if r.get("loss") is not None]
 
 
+def metrics(folder: os.PathLike) -> List[dict]:
+    """Every record of the run's metrics.json, in order (VISSL's meters, convit_ssl's kNN and
+    unreadable-image records)."""
+    return _records(Path(folder) / "metrics.json")
+
+
 def final_accuracies(folder: os.PathLike) -> Dict[str, Dict[str, float]]:
     """The last top-1 accuracy of each head in percent, per split: {"train": {head: %}, "test": {...}},
     from metrics.json (a split the run did not measure is absent)."""
     result: Dict[str, Dict[str, float]] = {}
-    for record in _records(Path(folder) / "metrics.json"):
+    for record in metrics(folder):
         for split in ("train", "test"):
             meter = record.get(f"{split}_accuracy_list_meter")
             if meter:
@@ -77,4 +83,4 @@ def unreadable_images(folder: os.PathLike) -> List[Dict[str, object]]:
     """The phases in which VISSL replaced unreadable images by grey ones (convit_ssl's count in
     metrics.json): [{"phase_idx", "train_phase_idx", "split", "unreadable", "images"}, ...]."""
     return [{"phase_idx": r["phase_idx"], "train_phase_idx": r["train_phase_idx"], **r["unreadable_images"]}
-            for r in _records(Path(folder) / "metrics.json") if "unreadable_images" in r]
+            for r in metrics(folder) if "unreadable_images" in r]

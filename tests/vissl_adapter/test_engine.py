@@ -5,13 +5,7 @@ tools/run_distributed_engines.py from a directory outside the repository."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +13,9 @@ import torch
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.models import create_model
-from helpers import RUN_SCRIPT, assert_started_from_resampled, folder_overrides, run_engine
+from helpers import assert_started_from_resampled, folder_overrides, run_engine
 
 SUPERVISED_SYNTHETIC = "config=test/convit_ssl/supervised_micro_synthetic"
-
-
-def _metrics(checkpoint_dir: Path) -> list:
-    return [json.loads(line) for line in (checkpoint_dir / "metrics.json").read_text().splitlines()]
 
 
 def _trunk(checkpoint: Path) -> dict:
@@ -53,7 +43,7 @@ def test_supervised_folder_one_process(supervised_folder_run):
     trunk = _trunk(final)
     # The trunk's keys are timm's ConViT keys (no prefix, no classifier).
     assert set(trunk) == set(_micro_reference().state_dict())
-    records = _metrics(supervised_folder_run)
+    records = run_folder.metrics(supervised_folder_run)
     assert any("test_accuracy_list_meter" in r for r in records)
 
 
@@ -86,7 +76,7 @@ def test_linear_eval_from_checkpoint(supervised_folder_run, digits, tmp_path):
     run_engine(["config=test/convit_ssl/linear_eval_micro_folder", *folder_overrides(digits),
                        f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
                        f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
-    test_records = [r for r in _metrics(checkpoint_dir) if "test_accuracy_list_meter" in r]
+    test_records = [r for r in run_folder.metrics(checkpoint_dir) if "test_accuracy_list_meter" in r]
     assert len(test_records[-1]["test_accuracy_list_meter"]["top_1"]) == 4  # one probe per feature
     # The trunk stayed frozen: its weights equal the pretrained ones (under feature-eval's prefix).
     before = _trunk(pretrained)

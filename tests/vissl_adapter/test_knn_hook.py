@@ -22,6 +22,7 @@ from torch import nn
 from torchvision import transforms
 
 from helpers import folder_overrides, run_engine
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.knn_hook import RECORD_FILE, ConViTKnnHook, knn_settings
@@ -150,7 +151,7 @@ def test_metrics_json_and_tensorboard(epoch_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     records = _records(epoch_run)
-    knn_lines = [json.loads(line) for line in (epoch_run / "metrics.json").read_text().splitlines() if '"knn"' in line]
+    knn_lines = [m for m in run_folder.metrics(epoch_run) if "knn" in m]
     assert [(m["iteration"], m["knn"]) for m in knn_lines] == [(r["iteration"], {"student": r["student"]}) for r in records]
     events = EventAccumulator(str(epoch_run / "tb_logs"))
     events.Reload()

@@ -7,7 +7,6 @@ no stochastic depth."""
 
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 import torch
 from helpers import run_engine
 
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.vissl import patches
 from convit_ssl.vissl.configs import compose
 
@@ -116,10 +116,9 @@ def test_twin_trains_end_to_end(twin, twin_run):
     epochs = config.OPTIMIZER.num_epochs
     final = _final(checkpoint_dir, twin)
     assert final.is_file()
-    records = [json.loads(line) for line in (checkpoint_dir / "stdout.json").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
+    losses = run_folder.losses(checkpoint_dir)
     iterations = epochs * config.DATA.TRAIN.DATA_LIMIT // config.DATA.TRAIN.BATCHSIZE_PER_REPLICA
-    assert len(losses) == iterations, records
+    assert len(losses) == iterations, losses
     assert all(math.isfinite(loss) for loss in losses), losses
     state = torch.load(final, map_location="cpu", weights_only=False)["classy_state_dict"]
     METHOD_CHECKS[twin](state, stdout)

@@ -5,13 +5,13 @@ resolution, with and without layer-wise lr decay)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from convit_ssl.checkpoints import run_folder
 from helpers import REPO, assert_started_from_resampled, folder_overrides, run_engine
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.trunk import named_features, validate_trunk_config
@@ -160,17 +160,12 @@ def _model_state(checkpoint: Path) -> dict:
     return state["classy_state_dict"]["base_model"]["model"]
 
 
-def _test_metrics(checkpoint_dir: Path) -> dict:
-    records = [json.loads(line) for line in (checkpoint_dir / "metrics.json").read_text().splitlines()]
-    return [r for r in records if "test_accuracy_list_meter" in r][-1]["test_accuracy_list_meter"]
-
-
 def test_linear_eval_twin(tmp_path, digits, supervised_checkpoint):
     ck = tmp_path / "ck"
     run_engine([f"config={TWINS}/linear_eval_micro_folder_in1k", *folder_overrides(digits),
                 f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
                 f"config.CHECKPOINT.DIR={ck}"], cwd=tmp_path)
-    assert set(_test_metrics(ck)["top_1"]) == {"lastCLS", "concatCLS3", "lastPOOL"}
+    assert set(run_folder.final_accuracies(ck)["test"]) == {"lastCLS", "concatCLS3", "lastPOOL"}
     # The trunk stayed frozen at the supervised weights (feature-eval keys carry `base_model.`).
     before = _model_state(supervised_checkpoint)["trunk"]
     after = {k.removeprefix("base_model."): v for k, v in _model_state(ck / "model_final_checkpoint_phase0.torch")["trunk"].items()}
@@ -189,7 +184,7 @@ def test_finetune_twin_at_a_new_resolution(tmp_path, digits, supervised_checkpoi
     assert model["heads"]["0.clf.0.weight"].shape == (10, 48)
     before = _model_state(supervised_checkpoint)["trunk"]
     assert not torch.equal(model["trunk"]["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])
-    assert "top_1" in _test_metrics(ck)
+    assert "test" in run_folder.final_accuracies(ck)
 
 
 def test_finetune_twin_with_layer_decay(tmp_path, digits, supervised_checkpoint):
