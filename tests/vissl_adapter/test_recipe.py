@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import folder_overrides, run_engine
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.subsets import subset_indices
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
@@ -155,13 +156,14 @@ def test_recipe_twin_runs(digits, tmp_path):
     proc = run_engine([RECIPE_TWIN, *folder_overrides(digits), f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"], cwd=tmp_path)
     assert "repeated augmentation x3" in proc.stdout
     assert (tmp_path / "ck" / "model_final_checkpoint_phase0.torch").is_file()
-    losses = [float(x) for x in re.findall(r"loss: ([^;\s]+)", proc.stdout)]  # "nan" and "inf" are captured too
-    assert losses and all(np.isfinite(losses)), losses
+    losses = run_folder.losses(tmp_path / "ck")
+    assert len(losses) == 96 // 8 and all(np.isfinite(losses)), losses  # every iteration (LOG_FREQUENCY: 1)
 
 
 def test_subset_twin_trains_on_the_subset(digits, tmp_path):
     proc = run_engine(["config=test/convit_ssl/recipe/supervised_subset_micro_folder", *folder_overrides(digits),
                        f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"], cwd=tmp_path)
     # digits train split: 1438 images, 10 classes of 142-146: int(n_c * 0.1) = 14 each, minus one
-    assert re.search(r"convit_ssl sampler: 139 of 1438 images", proc.stdout)
+    assert re.search(r"convit_ssl sampler: 139 of 1438 images", proc.stdout)  # the user is told
     assert (tmp_path / "ck" / "model_final_checkpoint_phase1.torch").is_file()
+    assert len(run_folder.losses(tmp_path / "ck")) == 2 * (139 // 8)  # 2 epochs of the subset (all 1438: 2 x 179)
