@@ -19,7 +19,7 @@ verified by `timm.create_model("local-dir:...")`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -304,13 +304,12 @@ def convert(cfg: ConvertConfig, vissl_convit_trunk: Optional[TrunkBuilder] = Non
         verification = verified()
         save_checkpoint(out, cfg.output, overwrite=cfg.overwrite)
     head = target.weights.head
-    report = Report(loaded.fmt, cfg.target_format,
-                    {k: v for k, v in target.kwargs.items() if k != "num_classes"},
-                    None if head is None else int(head["weight"].shape[0]), target.weights.notes)
-    if verification is not None:
-        report.verification, report.max_abs_diff = verification.text, verification.max_abs_diff
-    report.seconds = round(time.perf_counter() - start, 3)
-    return {k: v for k, v in report.__dict__.items() if not (k == "max_abs_diff" and v is None)}
+    report = Report(loaded.fmt, cfg.target_format, {k: v for k, v in target.kwargs.items() if k != "num_classes"},
+                    None if head is None else int(head["weight"].shape[0]), target.weights.notes,
+                    **({} if verification is None else {"verification": verification.text,
+                                                        "max_abs_diff": verification.max_abs_diff}),
+                    seconds=round(time.perf_counter() - start, 3))
+    return {k: v for k, v in asdict(report).items() if not (k == "max_abs_diff" and v is None)}
 
 
 def format_report(cfg: ConvertConfig, report: Dict[str, Any]) -> str:
