@@ -89,12 +89,6 @@ def metrics_file(config: Any) -> str:
     return os.path.join(get_checkpoint_folder(config), "metrics.json")
 
 
-def append_metrics(path: str, record: Mapping[str, Any]) -> None:
-    """One record appended to a metrics.json beside VISSL's own."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
-
-
 class JsonLines:
     """A JSON-lines record file, one object per trigger, each with an ``iteration``."""
 

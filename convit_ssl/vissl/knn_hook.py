@@ -62,7 +62,7 @@ import torch
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import eval_transforms
-from convit_ssl.vissl.hook_utils import (BlockKeys, MonitorHook, append_metrics, eval_mode, is_primary, metrics_file,
+from convit_ssl.vissl.hook_utils import (BlockKeys, JsonLines, MonitorHook, eval_mode, is_primary, metrics_file,
                                          preserved_rng, read_block)
 from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names, validate_trunk_config
 
@@ -247,7 +247,7 @@ class ConViTKnnHook(MonitorHook):
     def __init__(self, settings: KnnSettings, output_path: str, metrics_path: str, tb_writer: Any = None) -> None:
         super().__init__(output_path, "ConViT kNN", tb_writer, settings.frequency_iters, settings.frequency_epochs)
         self.settings = settings
-        self.metrics_path = metrics_path
+        self.metrics = JsonLines(metrics_path, "metrics.json")
         self.bank: Optional[LabelledImages] = None
         self.queries: Optional[LabelledImages] = None
 
@@ -302,8 +302,7 @@ class ConViTKnnHook(MonitorHook):
                   "feature": s.feature, "k": s.k, "temperature": s.temperature,
                   "num_train": len(self.bank), "num_val": len(self.queries),
                   "seconds": round(time.time() - start, 3), **results}
-        append_metrics(self.metrics_path, {"iteration": record["iteration"], "train_phase_idx": record["epoch"],
-                                           "knn": results})
+        self.metrics.append({"iteration": record["iteration"], "train_phase_idx": record["epoch"], "knn": results})
         logging.info("ConViT kNN at iteration %d: %s", record["iteration"],
                      ", ".join(f"{n} top-1 {r['top1']:.2f}%" for n, r in results.items()))
         self.write(record, {f"knn/{name}/{metric}": value

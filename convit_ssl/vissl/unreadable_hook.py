@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from classy_vision.hooks.classy_hook import ClassyHook
 
-from convit_ssl.vissl.hook_utils import append_metrics, is_primary
+from convit_ssl.vissl.hook_utils import JsonLines, is_primary
 
 
 def views_per_image(transforms: Any) -> int:
@@ -43,7 +43,7 @@ class UnreadableImagesHook(ClassyHook):
 
     def __init__(self, metrics_path: str) -> None:
         super().__init__()
-        self.metrics_path = metrics_path
+        self.metrics = JsonLines(metrics_path, "metrics.json")
         self.invalid = self.seen = 0
 
     def on_phase_start(self, task: Any) -> None:
@@ -72,6 +72,5 @@ class UnreadableImagesHook(ClassyHook):
                 "(VISSL's 'Couldn't load' warnings name them)",
                 task.phase_idx, count["split"], count["unreadable"], count["images"],
             )
-            append_metrics(self.metrics_path, {"phase_idx": int(task.phase_idx),
-                                               "train_phase_idx": int(task.train_phase_idx),
-                                               "unreadable_images": count})
+            self.metrics.append({"phase_idx": int(task.phase_idx), "train_phase_idx": int(task.train_phase_idx),
+                                 "unreadable_images": count})
