@@ -9,7 +9,9 @@ recipe pieces that VISSL 0.1.6 lacks, both in the training sampler.
   FRACTION, MODE (first_per_class, as the paper's code, or random_per_class)
   and SEED trains on a class-balanced part of the training set.
 
-It also takes `OPTIMIZER.layer_decay` (layer-wise lr decay, llrd.py). Select
+It also takes `OPTIMIZER.layer_decay` (layer-wise lr decay, llrd.py) and
+`DATA.TRAIN.DEVICE_AUGMENTATION` (photometric augmentation on the training
+device, device_augment.py). Select
 with `TRAINER.TASK_NAME: convit_ssl_task`; the launcher's checks refuse these
 keys under a task that would ignore them.
 """
@@ -26,6 +28,7 @@ from vissl.data.data_helper import StatefulDistributedSampler
 from vissl.trainer.train_task import SelfSupervisionTask
 
 from convit_ssl.data.subsets import subset_indices
+from convit_ssl.vissl import device_augment
 from convit_ssl.vissl.llrd import LayerDecayTaskMixin
 
 TASK_NAME = "convit_ssl_task"
@@ -93,8 +96,29 @@ def make_sampler(dataset, dataset_config: Any, sampler_seed: int = 0) -> ConViTS
 
 
 class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
-    """VISSL's self_supervision_task with convit_ssl's training sampler and,
-    when `OPTIMIZER.layer_decay` is set, layer-wise lr decay (see llrd.py)."""
+    """VISSL's self_supervision_task with convit_ssl's training sampler,
+    layer-wise lr decay when `OPTIMIZER.layer_decay` is set (see llrd.py), and
+    device-side augmentation when `DATA.TRAIN.DEVICE_AUGMENTATION` is."""
+
+    def build_datasets(self, current_train_phase_idx=0):
+        """VISSL's datasets; with device-side augmentation the train dataset's
+        transform is the loader's part of the split (uint8 crops)."""
+        datasets, keys = super().build_datasets(current_train_phase_idx)
+        if "train" in datasets and device_augment.enabled(self.config):
+            self.device_augment_plan = device_augment.plan(self.config.DATA.TRAIN)
+            datasets["train"].transform = device_augment.LoaderTransform(self.device_augment_plan)
+        return datasets, keys
+
+    def recreate_data_iterator(self, phase_type, epoch, compute_start_iter, train_phase_idx):
+        """VISSL's; with device-side augmentation the train batches are augmented on the task's device."""
+        super().recreate_data_iterator(phase_type, epoch, compute_start_iter, train_phase_idx)
+        plan = getattr(self, "device_augment_plan", None)
+        if phase_type == "train" and plan is not None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            seed_value = int(self.config.SEED_VALUE)
+            self.data_iterator = device_augment.DeviceAugmentedBatches(
+                self.data_iterator, plan.augment(), self.config.DATA.TRAIN.COLLATE_FUNCTION, plan.num_crops,
+                self.device, lambda: device_augment.step_seed(seed_value, rank, self.iteration))
 
     def build_dataloaders(self, pin_memory: bool, current_train_phase_idx=0):
         """VISSL's loaders (same arguments as SelfSupervisionTask.build_dataloaders),

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from convit_ssl.data.subsets import MODES
 from convit_ssl.files import is_image
+from convit_ssl.vissl import device_augment
 from convit_ssl.vissl.configs import used_splits
 from convit_ssl.vissl.hooks import validate_hook_configs
 from convit_ssl.vissl.llrd import validate_layer_decay
@@ -208,6 +209,7 @@ def validate_task(config: Any) -> None:
 def validate(config: Any) -> None:
     """All pre-launch checks for a VISSL config that uses the convit_ssl trunk."""
     validate_task(config)
+    device_augment.validate(config, TASK_NAME)
     if config.SLURM.USE_SLURM and not config.SLURM.PARTITION:
         raise ValueError("config.SLURM.PARTITION must be set when config.SLURM.USE_SLURM=true")
     validate_hook_configs(config)

@@ -1,0 +1,250 @@
+"""`DATA.TRAIN.DEVICE_AUGMENTATION`: a recipe's photometric augmentation on
+the training device instead of in the data-loader workers.
+
+With the key on, the training transforms (`DATA.TRAIN.TRANSFORMS`, as the
+user wrote them) are split once by `plan()`:
+
+- the loader does what must happen per image on the CPU: decode, resizes,
+  the random resized crops (ImgPilToMultiCrop, ImgReplicatePil,
+  RandomResizedCrop) and flips, on uint8 tensors (`convit_ssl.data.crops`); a recipe whose crops
+  include another per-image transform (RandAugment, ...) runs that part with
+  VISSL's own transforms on the PIL image. The collator gets uint8 crops.
+- the training device does the rest, batched, right after the batch reaches
+  it (`convit_ssl.data.photometric`): ImgPilColorDistortion,
+  ImgPilGaussianBlur, ImgPilRandomSolarize, ImgPilMultiCropRandomApply (of
+  one of those), ToTensor, Normalize. A flip written among them moves to the
+  loader (it commutes with every one of them).
+
+Anything else after the crops cannot be split and is refused before launch,
+with its name. `convit_ssl_task` does the wiring (`ConViTSSLTask`): the train
+dataset's transform, and the train data iterator wrapped in
+`DeviceAugmentedBatches`. Parameters are drawn from a generator seeded by
+(SEED_VALUE, rank, iteration): a resumed run draws what it would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from convit_ssl.data import crops as C
+from convit_ssl.data import photometric as P
+
+KEY = "DEVICE_AUGMENTATION"
+
+# torchvision's integer interpolation codes, as a VISSL config writes them
+_INTERPOLATION = {0: C.InterpolationMode.NEAREST, 2: C.InterpolationMode.BILINEAR,
+                  3: C.InterpolationMode.BICUBIC}
+_CROPS = ("Resize", "ImgPilToMultiCrop", "ImgReplicatePil", "RandomResizedCrop")
+_DEVICE = ("ImgPilColorDistortion", "ImgPilGaussianBlur", "ImgPilRandomSolarize", "ImgPilMultiCropRandomApply",
+           "ToTensor", "Normalize")
+# collators whose batch layout `crop_groups` knows
+COLLATORS = ("multicrop_collator", "simclr_collator", "moco_collator", "default_collate")
+
+
+def enabled(config: Any) -> bool:
+    """Whether a run's config turns device-side augmentation on."""
+    return bool(config.DATA.TRAIN.get(KEY, False))
+
+
+@dataclass
+class Plan:
+    """A recipe's transforms split between the loader and the training device."""
+
+    loader_transforms: List[Dict[str, Any]]      # VISSL transform configs run on the PIL image first (may be [])
+    crop_ops: List[Any]                          # then these, on uint8 tensors
+    steps: List[P.Step] = field(default_factory=list)
+    mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    num_crops: int = 1
+
+    def augment(self) -> P.PhotometricAugment:
+        return P.PhotometricAugment(self.steps, self.mean, self.std)
+
+
+def _where(i: int, transform: Dict[str, Any]) -> str:
+    return f"config.DATA.TRAIN.TRANSFORMS[{i}] ({transform.get('name')!r})"
+
+
+def _crop_op(name: str, args: Dict[str, Any], where: str) -> Any:
+    try:
+        if name == "ImgPilToMultiCrop":
+            sizes, counts, scales = args["size_crops"], args["num_crops"], args["crop_scales"]
+            if sum(counts) != args.get("total_num_crops", sum(counts)):
+                raise ValueError(f"total_num_crops {args['total_num_crops']} != sum of num_crops {counts}")
+            return C.MultiCrop(tuple(C.ResizedCrop(int(size), tuple(scale))
+                                     for size, count, scale in zip(sizes, counts, scales, strict=True)
+                                     for _ in range(count)))
+        if name == "Resize":
+            return C.Resize(args["size"], _INTERPOLATION[int(args.get("interpolation", 2))])
+        if name == "ImgReplicatePil":
+            return C.Replicate(int(args.get("num_times", 2)))
+        if name == "RandomResizedCrop":
+            size = args["size"]
+            return C.ResizedCrop(int(size if isinstance(size, int) else size[0]),
+                                 tuple(args.get("scale", (0.08, 1.0))), tuple(args.get("ratio", C.RATIO)),
+                                 _INTERPOLATION[int(args.get("interpolation", 2))])
+        return C.HorizontalFlip(float(args.get("p", 0.5)))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{where}: cannot read its arguments {args} ({e})") from e
+
+
+def _steps(name: str, args: Dict[str, Any], num_crops: int, where: str) -> List[P.Step]:
+    """The device steps of one photometric transform of VISSL's."""
+    every = lambda p: (float(p),) * num_crops  # noqa: E731
+    if name == "ImgPilColorDistortion":  # SimCLR's: jitter w.p. 0.8, then greyscale w.p. 0.2
+        s = float(args.get("strength", 1.0))
+        return [P.Step(P.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), every(0.8)), P.Step(P.Grayscale(), every(0.2))]
+    if name == "ImgPilGaussianBlur":
+        return [P.Step(P.GaussianBlur(float(args.get("radius_min", 0.1)), float(args.get("radius_max", 2.0))),
+                       every(args.get("p", 0.5)))]
+    if name == "ImgPilRandomSolarize":
+        return [P.Step(P.Solarize(), every(args.get("p", 0.66)))]
+    if name == "ImgPilMultiCropRandomApply":
+        inner, prob = list(args.get("transforms", [])), list(args.get("prob", []))
+        if len(prob) != num_crops:
+            raise ValueError(f"{where}: {len(prob)} probabilities for {num_crops} crops")
+        if len(inner) != 1 or inner[0].get("name") not in ("ImgPilGaussianBlur", "ImgPilRandomSolarize"):
+            raise ValueError(f"{where}: on the training device it takes one ImgPilGaussianBlur or "
+                             f"ImgPilRandomSolarize, got {[t.get('name') for t in inner]}")
+        (step,) = _steps(inner[0]["name"], dict(inner[0]), num_crops, where)
+        return [P.Step(step.op, tuple(float(p) * q for p, q in zip(prob, step.probs)))]
+    raise AssertionError(name)
+
+
+def plan(train: Any) -> Plan:
+    """Split a DATA.TRAIN block's TRANSFORMS; ValueError naming the transform
+    that cannot be split."""
+    transforms = [dict(t) for t in train.TRANSFORMS]
+    names = [t.get("name") for t in transforms]
+    first = next((i for i, n in enumerate(names) if n in _DEVICE), None)
+    if first is None or "ToTensor" not in names[first:]:
+        raise ValueError(f"config.DATA.TRAIN.{KEY}: the transforms {names} have no photometric part ending in "
+                         f"ToTensor to run on the training device; expected some of {', '.join(_DEVICE)}")
+    for i, t in enumerate(transforms):
+        if t.get("indices") is not None or t.get("transform_type") is not None:
+            raise ValueError(f"{_where(i, t)}: 'indices' / 'transform_type' are not supported with {KEY}")
+    head = [(i, t) for i, t in enumerate(transforms[:first])]
+    tail = [(i, t) for i, t in enumerate(transforms) if i >= first]
+    # flips commute with every device op: they run in the loader, in their place among the crops
+    head += [(i, t) for i, t in tail if t["name"] == "RandomHorizontalFlip"]
+    tail = [(i, t) for i, t in tail if t["name"] != "RandomHorizontalFlip"]
+    for i, t in tail:
+        if t["name"] not in _DEVICE:
+            raise ValueError(f"{_where(i, t)} follows the photometric transforms and cannot run on the training "
+                             f"device ({KEY}); supported there: {', '.join(_DEVICE)}, RandomHorizontalFlip")
+    # the loader's part: on uint8 tensors when every op is a known crop or flip, else VISSL's on PIL
+    tensor_ops = all(t["name"] in _CROPS + ("RandomHorizontalFlip",) and isinstance(t.get("size", 0), int)
+                     for _, t in head)
+    loader_transforms = [] if tensor_ops else [t for _, t in head]
+    crop_ops = [_crop_op(t["name"], t, _where(i, t)) for i, t in head] if tensor_ops else []
+    result = Plan(loader_transforms, crop_ops, num_crops=_num_crops([t for _, t in head]))
+    for i, t in tail:
+        name = t["name"]
+        if name == "Normalize":
+            result.mean, result.std = tuple(t["mean"]), tuple(t["std"])
+        elif name != "ToTensor":
+            result.steps += _steps(name, t, result.num_crops, _where(i, t))
+    if [t["name"] for _, t in tail][-2:] not in (["ToTensor", "Normalize"], ["ToTensor"]):
+        raise ValueError(f"config.DATA.TRAIN.TRANSFORMS: with {KEY} the photometric part must end in ToTensor "
+                         f"(then Normalize), got {[t['name'] for _, t in tail]}")
+    return result
+
+
+def _num_crops(head: Sequence[Dict[str, Any]]) -> int:
+    count = 1
+    for t in head:
+        if t["name"] == "ImgPilToMultiCrop":
+            count = int(sum(t["num_crops"]))
+        elif t["name"] == "ImgReplicatePil":
+            count *= int(t.get("num_times", 2))
+    return count
+
+
+def validate(config: Any, task_name: str) -> None:
+    """Pre-launch checks of a run with the key on (a no-op with it off)."""
+    if not enabled(config):
+        return
+    train = config.DATA.TRAIN
+    if config.TRAINER.TASK_NAME != task_name:
+        raise ValueError(f"config.DATA.TRAIN.{KEY} needs config.TRAINER.TASK_NAME={task_name} "
+                         f"(got {config.TRAINER.TASK_NAME!r}, which would ignore it)")
+    if len(train.DATA_SOURCES) != 1:
+        raise ValueError(f"config.DATA.TRAIN.{KEY} takes one data source, got {list(train.DATA_SOURCES)}")
+    if train.COLLATE_FUNCTION not in COLLATORS:
+        raise ValueError(f"config.DATA.TRAIN.{KEY}: collator {train.COLLATE_FUNCTION!r} is not supported; "
+                         f"valid: {', '.join(COLLATORS)}")
+    P._require_kornia()
+    plan(train)
+
+
+class LoaderTransform:
+    """The loader's part, as a VISSL dataset transform: the sample's image ->
+    its uint8 crops (``sample["data"]`` becomes the list of crops)."""
+
+    def __init__(self, plan_: Plan) -> None:
+        from vissl.data.ssl_transforms import get_transform  # VISSL's own transforms, for a head they run
+
+        self.pil = get_transform(plan_.loader_transforms) if plan_.loader_transforms else None
+        self.crops = C.CropPipeline(plan_.crop_ops)
+
+    def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
+        if self.pil is not None:
+            sample = self.pil(sample)
+            sample["data"] = [C.to_uint8_tensor(image) for image in sample["data"]]
+            return sample
+        (image,) = sample["data"]
+        crops = self.crops(image)
+        sample["data"] = crops
+        for key in ("label", "data_valid", "data_idx"):  # one entry per crop, as VISSL's copies give
+            if key in sample and len(sample[key]) == 1:
+                sample[key] = sample[key] * len(crops)
+        return sample
+
+
+def crop_groups(batch: Dict[str, Any], collator: str, num_crops: int) -> List[Tuple[str, int, Tensor, Tensor]]:
+    """The collated batch's image tensors as (key, index in its list, uint8
+    tensor, crop position of each row)."""
+    if collator == "multicrop_collator":
+        return [("data", k, t, torch.full((len(t),), k)) for k, t in enumerate(batch["data"][0])]
+    if collator == "moco_collator":
+        return [("data", 0, batch["data"][0], torch.zeros(len(batch["data"][0]), dtype=torch.long)),
+                ("data_momentum", 0, batch["data_momentum"][0], torch.ones(len(batch["data_momentum"][0]),
+                                                                           dtype=torch.long))]
+    images = batch["data"][0]
+    per_view = len(images) // num_crops  # simclr_collator: view-major, [img1_0, img2_0, ..., img1_1, ...]
+    return [("data", 0, images, torch.arange(len(images)) // max(per_view, 1))]
+
+
+class DeviceAugmentedBatches:
+    """Wraps a train data iterator: each batch moves to `device` and is augmented there."""
+
+    def __init__(self, batches: Iterator[Dict[str, Any]], augment: P.PhotometricAugment, collator: str,
+                 num_crops: int, device: torch.device, seed: Callable[[], int]) -> None:
+        self.batches, self.augment, self.collator = batches, augment, collator
+        self.num_crops, self.device, self.seed = num_crops, device, seed
+
+    def __iter__(self) -> "DeviceAugmentedBatches":
+        return self
+
+    def __len__(self) -> int:  # ClassyVision's task counts batches per phase with len(data_iterator)
+        return len(self.batches)
+
+    def __next__(self) -> Dict[str, Any]:
+        batch = next(self.batches)
+        generator = torch.Generator().manual_seed(self.seed())
+        for key, index, images, crop in crop_groups(batch, self.collator, self.num_crops):
+            augmented = self.augment(images.to(self.device, non_blocking=True), crop, generator)
+            if self.collator == "multicrop_collator":
+                batch[key][0][index] = augmented
+            else:
+                batch[key][index] = augmented
+        return batch
+
+
+def step_seed(seed_value: int, rank: int, iteration: int) -> int:
+    """The augmentation generator's seed of one training step (ints hash the same in every process)."""
+    return hash((int(seed_value), int(rank), int(iteration))) & (2 ** 63 - 1)
