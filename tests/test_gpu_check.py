@@ -28,7 +28,8 @@ for module, dists in importlib.metadata.packages_distributions().items():
 sys.path.insert(0, sys.argv[1])
 import gpu_check, benchmark
 import convit_ssl.vissl, timm, timm.models.convit, timm.models.vision_transformer
-from convit_ssl.vissl import benchmarks, hooks, knn_hook, analysis_hook, launcher
+from convit_ssl.vissl import benchmarks, hooks, knn_hook, analysis_hook, launcher, device_augment
+import kornia
 from vissl.trainer import trainer_main
 from vissl.models import build_model
 from convit_ssl.vissl.configs import compose
@@ -68,6 +69,9 @@ def test_quick_cpu_rehearsal_runs_every_step(tmp_path):
     record = result["speed"]["convit_tiny"]
     assert set(record["speed"]) == {"fp32", "bf16"} and set(record["speed"]["bf16"]) == {"ours", "timm_convit", "timm_vit"}
     assert set(record["targets"]) == {"train_vs_timm_vit", "train_vs_timm_convit", "memory_vs_timm_convit"}
+    augment = result["augment"]
+    assert set(augment) == {"images", "dino", "moco", "swav", "simclr", "barlow_twins", "deepclusterv2"}
+    assert augment["dino"]["crops"] == [224] * 2 + [96] * 10 and augment["dino"]["ms_per_image"] > 0
     assert set(result["vissl"]) == {"supervised", "dino", "linear_eval", "extraction_knn"}
     for name, run in result["vissl"].items():
         assert run["ok"], (name, run.get("error"))

@@ -24,7 +24,10 @@ Steps, each recorded in DIR/gpu_check.json and printed as one table:
    bf16 autocast, torch.compile, for convit_tiny and convit_small at batch
    128, 224 px; peak memory of a training step at 384 px with and without
    activation checkpointing; the targets in TARGETS;
-4. VISSL on the device: the supervised micro twin and the DINO twin
+4. augmentation on the device (DATA.TRAIN.DEVICE_AUGMENTATION): the
+   photometric part of each self-supervised ImageNet recipe, batched on the
+   device, in ms per image (64 images' crops at the recipe's sizes);
+5. VISSL on the device: the supervised micro twin and the DINO twin
    (MACHINE.DEVICE=gpu, NCCL with one process, torch AMP), a linear evaluation
    from the supervised checkpoint, VISSL's feature extraction behind the kNN
    benchmark; each run must end with finite losses and its checkpoint must
@@ -182,7 +185,44 @@ def _target(name: str, value: Any) -> Dict[str, Any]:
     return {"value": value, "target": f"{op} {bound}", "met": met}
 
 
-# ------------------------------------------------------------------ 4. VISSL
+# ------------------------------------------------------------------ 4. augmentation on the device
+def augment_cost(device: str, quick: bool) -> Dict[str, Any]:
+    """ms per image of each SSL recipe's device part (crops drawn at random, uint8, on the device)."""
+    import torch
+
+    from convit_ssl.vissl import device_augment
+    from convit_ssl.vissl.configs import SSL_METHODS, compose
+
+    images, reps = (4, 1) if quick else (64, 10)
+    out: Dict[str, Any] = {"images": images}
+    for method, folder in SSL_METHODS.items():
+        plan = device_augment.plan(compose([f"config=pretrain/{folder}/{method}_convit_small_in1k_224_300ep"])[1]
+                                   .DATA.TRAIN)
+        augment, generator = plan.augment(), torch.Generator().manual_seed(0)
+        groups = {}
+        for position, size in enumerate(plan.crop_sizes()):
+            groups.setdefault(size // 7 if quick else size, []).append(position)
+        batches = [(torch.randint(0, 256, (images * len(pos), 3, size, size), dtype=torch.uint8, device=device),
+                    torch.tensor(pos).repeat_interleave(images)) for size, pos in groups.items()]
+
+        def run() -> None:
+            for batch, position in batches:
+                augment(batch, position, generator)
+
+        run()  # warm-up (kernels, allocator)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out[method] = {"ms_per_image": round(1000 * (time.perf_counter() - start) / reps / images, 4),
+                       "crops": plan.crop_sizes()}
+    return out
+
+
+# ------------------------------------------------------------------ 5. VISSL
 def _image_folder(root: Path) -> Path:
     """A tiny labelled image folder (2 classes x 16 random 32 px images) for the extraction run."""
     import numpy as np
@@ -264,7 +304,8 @@ def table(result: Dict[str, Any]) -> str:
     v = result["versions"]
     lines = [f"{v.get('gpu', v['device'])}; torch {v['torch']}, CUDA {v['cuda']}, driver {v.get('driver')}, "
              f"Python {v['python']}", "", f"{'check':<46}{'value':>12}  verdict"]
-    lines += [f"{name + ' FAILED':<46}{'':>12}  {result[name]['error']}" for name in ("numbers", "speed", "vissl")
+    lines += [f"{name + ' FAILED':<46}{'':>12}  {result[name]['error']}"
+              for name in ("numbers", "speed", "augment", "vissl")
               if "error" in result[name]]
     for name, row in ({} if "error" in result["numbers"] else result["numbers"]).items():
         lines.append(f"{'numbers ' + name:<46}{max(row['output'], row['gradient']):>12.2e}  "
@@ -279,6 +320,9 @@ def table(result: Dict[str, Any]) -> str:
             value = "n/a" if target["value"] is None else f"{target['value']:.2f}x"
             lines.append(f"{f'{arch} bf16 {name}':<46}{value:>12}  {target['target']} "
                          f"{'met' if target['met'] else 'MISSED'}")
+    for name, record in ({} if "error" in result["augment"] else result["augment"]).items():
+        if name != "images":
+            lines.append(f"{'augmentation on the device ' + name + ' ms/img':<46}{record['ms_per_image']:>12.3f}")
     for name, record in ({} if "error" in result["vissl"] else result["vissl"]).items():
         detail = f"{record['seconds']} s" + (f", loss {record['losses']}" if record.get("losses") else "")
         lines.append(f"{'VISSL ' + name:<46}{'ok' if record['ok'] else 'FAILED':>12}  {detail}")
@@ -308,6 +352,7 @@ def main(argv: List[str] | None = None) -> int:
     result: Dict[str, Any] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
                               "quick": args.quick, "versions": versions(args.device)}
     steps = (("numbers", lambda: numbers(args.device, args.quick)), ("speed", lambda: speed(args.device, args.quick)),
+             ("augment", lambda: augment_cost(args.device, args.quick)),
              ("vissl", lambda: vissl_runs(args.device, out / "vissl")))
     for name, step in steps:  # each step's result is written as soon as it exists; a failure does not stop the rest
         start = time.time()

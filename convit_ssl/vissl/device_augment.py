@@ -64,6 +64,18 @@ class Plan:
     def augment(self) -> P.PhotometricAugment:
         return P.PhotometricAugment(self.steps, self.mean, self.std)
 
+    def crop_sizes(self) -> List[Optional[int]]:
+        """The side of the crop at each position (None where the loader's part does not fix it)."""
+        sizes: List[Optional[int]] = [None]
+        for op in self.crop_ops:
+            if isinstance(op, C.MultiCrop):
+                sizes = [crop.size for crop in op.crops]
+            elif isinstance(op, C.Replicate):
+                sizes = sizes * op.times
+            elif isinstance(op, C.ResizedCrop):
+                sizes = [op.size] * len(sizes)
+        return sizes
+
 
 def _where(i: int, transform: Dict[str, Any]) -> str:
     return f"config.DATA.TRAIN.TRANSFORMS[{i}] ({transform.get('name')!r})"
