@@ -25,6 +25,8 @@ instead of 8-bit integers rounded after every op):
   approximates the Gaussian by 3 box blurs), edges replicated as PIL does.
 - `Solarize`: VISSL's `ImgPilRandomSolarize`: an integer threshold t uniform
   in {0, ..., 256}; values >= t (of 255) are inverted.
+- `RandomErasing`: torchvision's, on the normalised crops (the supervised
+  DeiT recipe), one crop at a time with torchvision's functional `erase`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 try:  # an optional dependency (the `vissl` extra): a clear error where it is used
@@ -79,7 +82,18 @@ class Solarize:
     max_threshold: int = 256
 
 
-Op = Union[ColorJitter, Grayscale, GaussianBlur, Solarize]
+@dataclass(frozen=True)
+class RandomErasing:
+    """torchvision's RandomErasing on normalised crops: a box of area fraction in
+    `scale` and aspect ratio in `ratio` (log-uniform), up to 10 tries to fit;
+    filled with standard normal noise (``value="random"``) or `value`."""
+
+    scale: Tuple[float, float] = (0.02, 0.33)
+    ratio: Tuple[float, float] = (0.3, 3.3)
+    value: Union[float, str] = "random"
+
+
+Op = Union[ColorJitter, Grayscale, GaussianBlur, Solarize, RandomErasing]
 
 
 @dataclass(frozen=True)
@@ -98,38 +112,45 @@ def _require_kornia() -> None:
 class PhotometricAugment:
     """The photometric tail of a recipe as batched ops.
 
-    `steps` run in order, then the uint8 -> [0, 1] scaling (done first, in
-    fact: every op here is defined on [0, 1]) and normalisation by `mean` and
-    `std` (per channel, of [0, 1] values).
+    uint8 -> [0, 1], `steps` in order, normalisation by `mean` and `std` (per
+    channel, of [0, 1] values), then `after` on the normalised crops
+    (RandomErasing).
     """
 
-    def __init__(self, steps: Sequence[Step], mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, steps: Sequence[Step], mean: Sequence[float], std: Sequence[float],
+                 after: Sequence[Step] = ()) -> None:
         _require_kornia()
         self.steps = list(steps)
+        self.after = list(after)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
-        for step in self.steps:
+        if any(isinstance(step.op, RandomErasing) for step in self.steps) or \
+                any(not isinstance(step.op, RandomErasing) for step in self.after):
+            raise ValueError("RandomErasing runs after the normalisation, every other op before it")
+        for step in self.steps + self.after:
             if any(not 0 <= p <= 1 for p in step.probs):
                 raise ValueError(f"probabilities of {step.op} must be in [0, 1], got {step.probs}")
 
     @property
     def num_crops(self) -> int:
         """The number of crop positions every step has a probability for."""
-        return min((len(step.probs) for step in self.steps), default=0)
+        return min((len(step.probs) for step in self.steps + self.after), default=1)
 
     # ------------------------------------------------------------------ parameters (CPU)
-    def draw(self, crop: Tensor, generator: torch.Generator) -> List[Dict[str, Tensor]]:
-        """Random parameters for crops at positions `crop` (N,) long: per step,
-        ``apply`` (N,) bool and the op's own parameters, all on the CPU."""
+    def draw(self, crop: Tensor, generator: torch.Generator, size: Tuple[int, int] = (0, 0)
+             ) -> List[Dict[str, Tensor]]:
+        """Random parameters for crops at positions `crop` (N,) long, of `size`
+        (H, W; for RandomErasing's boxes): per step, ``apply`` (N,) bool and
+        the op's own parameters, all on the CPU."""
         crop = crop.cpu().long()
         if len(crop) and int(crop.max()) >= self.num_crops:
             raise ValueError(f"crop position {int(crop.max())} but the recipe gives probabilities for "
                              f"{self.num_crops} crops")
         n = len(crop)
         params = []
-        for step in self.steps:
+        for step in self.steps + self.after:
             probs = torch.tensor(step.probs, dtype=torch.float64)[crop]
             drawn: Dict[str, Tensor] = {"apply": torch.rand(n, generator=generator, dtype=torch.float64) < probs}
             if isinstance(step.op, ColorJitter):
@@ -141,6 +162,10 @@ class PhotometricAugment:
                 drawn["sigma"] = step.op.sigma_min + (step.op.sigma_max - step.op.sigma_min) * u
             elif isinstance(step.op, Solarize):
                 drawn["threshold"] = torch.randint(0, step.op.max_threshold + 1, (n,), generator=generator)
+            elif isinstance(step.op, RandomErasing):
+                drawn["box"] = _erasing_boxes(step.op, n, size, generator)
+                drawn["apply"] &= drawn["box"][:, 2] > 0  # no box fitted in 10 tries: unchanged (torchvision)
+                drawn["noise_seed"] = torch.randint(0, 2 ** 62, (1,), generator=generator)
             params.append(drawn)
         return params
 
@@ -151,7 +176,9 @@ class PhotometricAugment:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 crops (N, 3, H, W), got {tuple(images.shape)} {images.dtype}")
         x = images.float().div_(255)
-        for step, drawn in zip(self.steps, params, strict=True):
+        if len(params) != len(self.steps) + len(self.after):
+            raise ValueError(f"{len(params)} parameter sets for {len(self.steps) + len(self.after)} steps")
+        for step, drawn in zip(self.steps, params, strict=False):
             if isinstance(step.op, ColorJitter):
                 _color_jitter(x, drawn)
                 continue
@@ -173,16 +200,55 @@ class PhotometricAugment:
             x.index_copy_(0, idx, sub.contiguous())
         mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
         std = x.new_tensor(self.std).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
+        x = x.sub_(mean).div_(std)
+        for step, drawn in zip(self.after, params[len(self.steps):], strict=True):
+            _erase(x, step.op, drawn)
+        return x
 
     def __call__(self, images: Tensor, crop: Tensor, generator: torch.Generator) -> Tensor:
-        return self.apply(images, self.draw(crop, generator))
+        return self.apply(images, self.draw(crop, generator, tuple(images.shape[-2:])))
 
 
 def _indices(mask: Tensor, device: torch.device) -> Tensor | None:
     """The positions where the CPU `mask` is true, on `device` (None if none)."""
     idx = mask.nonzero().flatten()
     return idx.to(device, non_blocking=True) if len(idx) else None
+
+
+def _erasing_boxes(op: RandomErasing, n: int, size: Tuple[int, int], generator: torch.Generator) -> Tensor:
+    """(N, 4) boxes (top, left, height, width) by torchvision's RandomErasing.get_params;
+    height 0 where none fitted in 10 tries."""
+    height, width = size
+    area = height * width
+    log_ratio = torch.log(torch.tensor(op.ratio))
+    boxes = torch.zeros(n, 4, dtype=torch.long)
+    for k in range(n):
+        for _ in range(10):
+            erase_area = area * torch.empty(1).uniform_(op.scale[0], op.scale[1], generator=generator).item()
+            aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)).item()
+            h, w = int(round(math.sqrt(erase_area * aspect))), int(round(math.sqrt(erase_area / aspect)))
+            if h < height and w < width:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                boxes[k] = torch.tensor([top, left, h, w])
+                break
+    return boxes
+
+
+def _erase(x: Tensor, op: RandomErasing, drawn: Dict[str, Tensor]) -> None:
+    """In place: each selected crop's box filled with noise (from one device
+    generator seeded by the draw) or `op.value`; torchvision's functional erase."""
+    selected = drawn["apply"].nonzero().flatten().tolist()
+    if not selected:
+        return
+    generator = torch.Generator(device=x.device).manual_seed(int(drawn["noise_seed"]))
+    for k in selected:
+        top, left, h, w = drawn["box"][k].tolist()
+        if op.value == "random":
+            value = torch.randn((x.shape[1], h, w), generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            value = torch.tensor(float(op.value), device=x.device, dtype=x.dtype)
+        x[k] = TF.erase(x[k], top, left, h, w, value)
 
 
 def _jitter_fns():

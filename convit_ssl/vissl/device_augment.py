@@ -12,7 +12,9 @@ user wrote them) are split once by `plan()`:
 - the training device does the rest, batched, right after the batch reaches
   it (`convit_ssl.data.photometric`): ImgPilColorDistortion,
   ImgPilGaussianBlur, ImgPilRandomSolarize, ImgPilMultiCropRandomApply (of
-  one of those), ToTensor, Normalize. A flip written among them moves to the
+  one of those), ToTensor, Normalize, then RandomErasing and the mixup /
+  cutmix of `cutmixup_collator` (VISSL's own Mixup, on the device's batch;
+  the loader then collates plainly). A flip written among them moves to the
   loader (it commutes with every one of them).
 
 Anything else after the crops cannot be split and is refused before launch,
@@ -24,6 +26,7 @@ dataset's transform, and the train data iterator wrapped in
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -40,9 +43,11 @@ _INTERPOLATION = {0: C.InterpolationMode.NEAREST, 2: C.InterpolationMode.BILINEA
                   3: C.InterpolationMode.BICUBIC}
 _CROPS = ("Resize", "ImgPilToMultiCrop", "ImgReplicatePil", "RandomResizedCrop")
 _DEVICE = ("ImgPilColorDistortion", "ImgPilGaussianBlur", "ImgPilRandomSolarize", "ImgPilMultiCropRandomApply",
-           "ToTensor", "Normalize")
-# collators whose batch layout `crop_groups` knows
-COLLATORS = ("multicrop_collator", "simclr_collator", "moco_collator", "default_collate")
+           "ToTensor", "Normalize", "RandomErasing")
+# collators whose batch layout `crop_groups` knows; cutmixup_collator's mixing moves to the device
+# (the loader then collates with default_collate)
+COLLATORS = ("multicrop_collator", "simclr_collator", "moco_collator", "default_collate", "cutmixup_collator")
+MIXUP = "cutmixup_collator"
 
 
 def enabled(config: Any) -> bool:
@@ -57,12 +62,13 @@ class Plan:
     loader_transforms: List[Dict[str, Any]]      # VISSL transform configs run on the PIL image first (may be [])
     crop_ops: List[Any]                          # then these, on uint8 tensors
     steps: List[P.Step] = field(default_factory=list)
+    after: List[P.Step] = field(default_factory=list)  # on the normalised crops
     mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
     std: Tuple[float, ...] = (1.0, 1.0, 1.0)
     num_crops: int = 1
 
     def augment(self) -> P.PhotometricAugment:
-        return P.PhotometricAugment(self.steps, self.mean, self.std)
+        return P.PhotometricAugment(self.steps, self.mean, self.std, self.after)
 
     def crop_sizes(self) -> List[Optional[int]]:
         """The side of the crop at each position (None where the loader's part does not fix it)."""
@@ -158,11 +164,18 @@ def plan(train: Any) -> Plan:
         name = t["name"]
         if name == "Normalize":
             result.mean, result.std = tuple(t["mean"]), tuple(t["std"])
+        elif name == "RandomErasing":
+            if "Normalize" not in [u["name"] for j, u in tail if j < i]:
+                raise ValueError(f"{_where(i, t)}: with {KEY} it runs after Normalize (as the recipes have it)")
+            op = P.RandomErasing(tuple(t.get("scale", (0.02, 0.33))), tuple(t.get("ratio", (0.3, 3.3))),
+                                 t.get("value", 0))
+            result.after.append(P.Step(op, (float(t.get("p", 0.5)),) * result.num_crops))
         elif name != "ToTensor":
             result.steps += _steps(name, t, result.num_crops, _where(i, t))
-    if [t["name"] for _, t in tail][-2:] not in (["ToTensor", "Normalize"], ["ToTensor"]):
+    ending = [t["name"] for _, t in tail if t["name"] != "RandomErasing"][-2:]
+    if ending not in (["ToTensor", "Normalize"], ["ToTensor"]):
         raise ValueError(f"config.DATA.TRAIN.TRANSFORMS: with {KEY} the photometric part must end in ToTensor "
-                         f"(then Normalize), got {[t['name'] for _, t in tail]}")
+                         f"(then Normalize, RandomErasing), got {[t['name'] for _, t in tail]}")
     return result
 
 
@@ -189,6 +202,8 @@ def validate(config: Any, task_name: str) -> None:
     if train.COLLATE_FUNCTION not in COLLATORS:
         raise ValueError(f"config.DATA.TRAIN.{KEY}: collator {train.COLLATE_FUNCTION!r} is not supported; "
                          f"valid: {', '.join(COLLATORS)}")
+    if train.COLLATE_FUNCTION == MIXUP and train.COLLATE_FUNCTION_PARAMS.get("ssl_method"):
+        raise ValueError(f"config.DATA.TRAIN.{KEY}: {MIXUP} with ssl_method is not supported")
     P._require_kornia()
     plan(train)
 
@@ -217,6 +232,16 @@ class LoaderTransform:
         return sample
 
 
+def loader_collator(train: Any) -> Any:
+    """The DATA.TRAIN block the loader is built from: `train` itself, or for
+    the mixup collator a copy that collates plainly (the mixing runs on the device)."""
+    if train.COLLATE_FUNCTION != MIXUP:
+        return train
+    copy = deepcopy(train)
+    copy.COLLATE_FUNCTION, copy.COLLATE_FUNCTION_PARAMS = "default_collate", {}
+    return copy
+
+
 def crop_groups(batch: Dict[str, Any], collator: str, num_crops: int) -> List[Tuple[str, int, Tensor, Tensor]]:
     """The collated batch's image tensors as (key, index in its list, uint8
     tensor, crop position of each row)."""
@@ -235,9 +260,15 @@ class DeviceAugmentedBatches:
     """Wraps a train data iterator: each batch moves to `device` and is augmented there."""
 
     def __init__(self, batches: Iterator[Dict[str, Any]], augment: P.PhotometricAugment, collator: str,
-                 num_crops: int, device: torch.device, seed: Callable[[], int]) -> None:
+                 num_crops: int, device: torch.device, seed: Callable[[], int],
+                 mixup_params: Optional[Dict[str, Any]] = None) -> None:
         self.batches, self.augment, self.collator = batches, augment, collator
         self.num_crops, self.device, self.seed = num_crops, device, seed
+        self.mixup = None
+        if collator == MIXUP:  # VISSL's own Mixup/CutMix (timm's), on the device's batch
+            from vissl.data.collators.cutmixup_collator import Mixup
+
+            self.mixup = Mixup(**dict(mixup_params or {}))
 
     def __iter__(self) -> "DeviceAugmentedBatches":
         return self
@@ -254,6 +285,10 @@ class DeviceAugmentedBatches:
                 batch[key][0][index] = augmented
             else:
                 batch[key][index] = augmented
+        if self.mixup is not None:
+            mixed = self.mixup({"input": batch["data"][0],
+                                "target": batch["label"][0].to(self.device, non_blocking=True)})
+            batch["data"][0], batch["label"][0] = mixed["input"], mixed["target"]
         return batch
 
 

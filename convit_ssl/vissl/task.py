@@ -118,14 +118,18 @@ class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
             seed_value = int(self.config.SEED_VALUE)
             self.data_iterator = device_augment.DeviceAugmentedBatches(
                 self.data_iterator, plan.augment(), self.config.DATA.TRAIN.COLLATE_FUNCTION, plan.num_crops,
-                self.device, lambda: device_augment.step_seed(seed_value, rank, self.iteration))
+                self.device, lambda: device_augment.step_seed(seed_value, rank, self.iteration),
+                self.config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS)
 
     def build_dataloaders(self, pin_memory: bool, current_train_phase_idx=0):
         """VISSL's loaders (same arguments as SelfSupervisionTask.build_dataloaders),
         the training one with `make_sampler`."""
+        plan = getattr(self, "device_augment_plan", None)
         return {
             split.lower(): build_dataloader(
-                dataset=self.datasets[split.lower()], dataset_config=self.config["DATA"][split],
+                dataset=self.datasets[split.lower()],
+                dataset_config=device_augment.loader_collator(self.config["DATA"][split])
+                if split == "TRAIN" and plan is not None else self.config["DATA"][split],
                 num_dataloader_workers=self.config.DATA.NUM_DATALOADER_WORKERS, pin_memory=pin_memory,
                 multi_processing_method=self.config.MULTI_PROCESSING_METHOD, device=self.device,
                 sampler_seed=self.config["SEED_VALUE"], split=split.lower(),

@@ -140,3 +140,63 @@ def test_batches_are_augmented_by_crop_position(collator):
     else:
         views = [out["data"][0], out["data_momentum"][0]]
     assert torch.allclose(views[0], torch.tensor(10 / 255)) and torch.allclose(views[1], torch.tensor(245 / 255))
+
+
+# ---------------------------------------------------------------------------- the supervised DeiT recipe
+def test_supervised_recipe_keeps_randaugment_in_the_loader():
+    config = compose(["config=pretrain/supervised/supervised_convit_small_in1k_224_300ep"])[1]
+    plan = D.plan(config.DATA.TRAIN)
+    assert [t["name"] for t in plan.loader_transforms] == \
+        ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"]
+    assert plan.steps == []
+    (erasing,) = plan.after
+    assert erasing.op == P.RandomErasing(value="random") and erasing.probs == (0.25,)
+    train = D.loader_collator(config.DATA.TRAIN)
+    assert train.COLLATE_FUNCTION == "default_collate" and config.DATA.TRAIN.COLLATE_FUNCTION == "cutmixup_collator"
+
+
+def test_erasing_boxes_are_torchvisions_for_the_same_seed():
+    op = P.RandomErasing()
+    image = torch.zeros(3, 40, 56)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        top, left, h, w, _ = T.RandomErasing.get_params(image, op.scale, op.ratio, value=[0.0])
+        ours = P._erasing_boxes(op, 1, (40, 56), torch.Generator().manual_seed(seed))
+        assert ours[0].tolist() == [top, left, h, w]
+
+
+def test_erasing_fills_its_box_with_noise_only():
+    augment = P.PhotometricAugment([], (0,) * 3, (1,) * 3, after=[P.Step(P.RandomErasing(), (1.0,))])
+    images = torch.full((4, 3, 32, 32), 128, dtype=torch.uint8)
+    params = augment.draw(torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(0), (32, 32))
+    out = augment.apply(images, params)
+    for k, (top, left, h, w) in enumerate(params[0]["box"].tolist()):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[top:top + h, left:left + w] = True
+        assert torch.all(out[k][:, ~inside] == 128 / 255)
+        noise = out[k][:, inside]
+        assert noise.numel() > 30 and abs(float(noise.mean())) < 0.5 and 0.6 < float(noise.std()) < 1.4
+
+
+def test_mixup_on_the_device_equals_vissls_collator():
+    """The same images and seeds: VISSL's cutmixup_collator on float crops (in
+    the loader) and DeviceAugmentedBatches' mixing of the plainly collated uint8
+    crops give the same inputs and soft targets."""
+    from torch.utils.data import default_collate
+    from vissl.data.collators.cutmixup_collator import cutmixup_collator
+
+    params = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5, "mode": "batch",
+              "correct_lam": True, "label_smoothing": 0.1, "num_classes": 5}
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    samples = lambda to: [{"data": [to(images[i])], "label": [i % 5], "data_valid": [1], "data_idx": [i]}  # noqa
+                          for i in range(6)]
+    augment = P.PhotometricAugment([], (0,) * 3, (1,) * 3)
+    for seed in range(6):  # mixup and cutmix both drawn
+        np.random.seed(seed), torch.manual_seed(seed)
+        theirs = cutmixup_collator(samples(lambda x: x.float() / 255), **params)
+        np.random.seed(seed), torch.manual_seed(seed)
+        batches = D.DeviceAugmentedBatches(iter([default_collate(samples(lambda x: x))]), augment, "cutmixup_collator",
+                                           1, torch.device("cpu"), lambda: 0, params)
+        ours = next(batches)
+        assert torch.allclose(ours["data"][0], theirs["data"][0][0], atol=1e-6)
+        assert torch.allclose(ours["label"][0], theirs["label"][0], atol=1e-6)
