@@ -279,12 +279,19 @@ class DeviceAugmentedBatches:
     def __next__(self) -> Dict[str, Any]:
         batch = next(self.batches)
         generator = torch.Generator().manual_seed(self.seed())
-        for key, index, images, crop in crop_groups(batch, self.collator, self.num_crops):
-            augmented = self.augment(images.to(self.device, non_blocking=True), crop, generator)
-            if self.collator == "multicrop_collator":
-                batch[key][0][index] = augmented
-            else:
-                batch[key][index] = augmented
+        groups = crop_groups(batch, self.collator, self.num_crops)
+        by_shape: Dict[Tuple[int, ...], List[int]] = {}
+        for g, (_, _, images, _) in enumerate(groups):  # crops of one size are augmented as one batch
+            by_shape.setdefault(tuple(images.shape[1:]), []).append(g)
+        for members in by_shape.values():
+            images = torch.cat([groups[g][2].to(self.device, non_blocking=True) for g in members])
+            augmented = self.augment(images, torch.cat([groups[g][3] for g in members]), generator)
+            for g, part in zip(members, augmented.split([len(groups[g][2]) for g in members]), strict=True):
+                key, index = groups[g][:2]
+                if self.collator == "multicrop_collator":
+                    batch[key][0][index] = part
+                else:
+                    batch[key][index] = part
         if self.mixup is not None:
             mixed = self.mixup({"input": batch["data"][0],
                                 "target": batch["label"][0].to(self.device, non_blocking=True)})
