@@ -19,9 +19,9 @@ user wrote them) are split once by `plan()`:
 
 Anything else after the crops cannot be split and is refused before launch,
 with its name. `convit_ssl_task` does the wiring (`ConViTSSLTask`): the train
-dataset's transform, and the train data iterator wrapped in
-`DeviceAugmentedBatches`. Parameters are drawn from a generator seeded by
-(SEED_VALUE, rank, iteration): a resumed run draws what it would have.
+dataset's transform, and the train loader wrapped in `DeviceAugmentedLoader`.
+Parameters are drawn from a generator seeded by (SEED_VALUE, rank,
+iteration): a resumed run draws what it would have.
 """
 
 from __future__ import annotations
@@ -256,14 +256,16 @@ def crop_groups(batch: Dict[str, Any], collator: str, num_crops: int) -> List[Tu
     return [("data", 0, images, torch.arange(len(images)) // max(per_view, 1))]
 
 
-class DeviceAugmentedBatches:
-    """Wraps a train data iterator: each batch moves to `device` and is augmented there."""
+class DeviceAugmentedLoader:
+    """A train DataLoader whose batches come out on `device`, augmented: what
+    every consumer of the task's train loader sees (the train step's iterator,
+    DeepCluster-v2's memory initialisation). Other attributes are the loader's."""
 
-    def __init__(self, batches: Iterator[Dict[str, Any]], augment: P.PhotometricAugment, collator: str,
-                 num_crops: int, device: torch.device, seed: Callable[[], int],
+    def __init__(self, loader: Any, plan_: Plan, collator: str, device: torch.device,
+                 iteration: Callable[[], int], seed_value: int, rank: int,
                  mixup_params: Optional[Dict[str, Any]] = None) -> None:
-        self.batches, self.augment, self.collator = batches, augment, collator
-        self.num_crops, self.device, self.seed = num_crops, device, seed
+        self.loader, self.augment, self.collator, self.num_crops = loader, plan_.augment(), collator, plan_.num_crops
+        self.device, self.iteration, self.seed_value, self.rank = device, iteration, seed_value, rank
         self.mixup = None
         if collator == MIXUP:  # VISSL's own Mixup/CutMix (timm's), on the device's batch
             from vissl.data.collators.cutmixup_collator import Mixup
@@ -271,34 +273,65 @@ class DeviceAugmentedBatches:
             self.mixup = Mixup(**dict(mixup_params or {}))
 
     def __iter__(self) -> "DeviceAugmentedBatches":
+        return DeviceAugmentedBatches(self, iter(self.loader))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class DeviceAugmentedBatches:
+    """An iterator over a DeviceAugmentedLoader's batches.
+
+    A batch's parameters are drawn from a generator seeded by (SEED_VALUE,
+    rank, training iteration, batches already drawn at that iteration): a
+    training step draws one batch, so a resumed run draws what it would have;
+    a pass over the loader at one iteration (DeepCluster-v2's memory) still
+    gives each batch its own parameters."""
+
+    def __init__(self, owner: DeviceAugmentedLoader, batches: Iterator[Dict[str, Any]]) -> None:
+        self.owner, self.batches = owner, batches
+        self.last_iteration, self.drawn = None, 0
+
+    def __iter__(self) -> "DeviceAugmentedBatches":
         return self
 
     def __len__(self) -> int:  # ClassyVision's task counts batches per phase with len(data_iterator)
-        return len(self.batches)
+        return len(self.owner.loader)
+
+    def _generator(self) -> torch.Generator:
+        iteration = self.owner.iteration()
+        self.drawn = self.drawn + 1 if iteration == self.last_iteration else 0
+        self.last_iteration = iteration
+        return torch.Generator().manual_seed(step_seed(self.owner.seed_value, self.owner.rank, iteration, self.drawn))
 
     def __next__(self) -> Dict[str, Any]:
         batch = next(self.batches)
-        generator = torch.Generator().manual_seed(self.seed())
-        groups = crop_groups(batch, self.collator, self.num_crops)
+        owner, generator = self.owner, self._generator()
+        groups = crop_groups(batch, owner.collator, owner.num_crops)
         by_shape: Dict[Tuple[int, ...], List[int]] = {}
         for g, (_, _, images, _) in enumerate(groups):  # crops of one size are augmented as one batch
             by_shape.setdefault(tuple(images.shape[1:]), []).append(g)
         for members in by_shape.values():
-            images = torch.cat([groups[g][2].to(self.device, non_blocking=True) for g in members])
-            augmented = self.augment(images, torch.cat([groups[g][3] for g in members]), generator)
+            images = torch.cat([groups[g][2].to(owner.device, non_blocking=True) for g in members])
+            augmented = owner.augment(images, torch.cat([groups[g][3] for g in members]), generator)
             for g, part in zip(members, augmented.split([len(groups[g][2]) for g in members]), strict=True):
                 key, index = groups[g][:2]
-                if self.collator == "multicrop_collator":
+                if owner.collator == "multicrop_collator":
                     batch[key][0][index] = part
                 else:
                     batch[key][index] = part
-        if self.mixup is not None:
-            mixed = self.mixup({"input": batch["data"][0],
-                                "target": batch["label"][0].to(self.device, non_blocking=True)})
+        if owner.mixup is not None:
+            mixed = owner.mixup({"input": batch["data"][0],
+                                 "target": batch["label"][0].to(owner.device, non_blocking=True)})
             batch["data"][0], batch["label"][0] = mixed["input"], mixed["target"]
         return batch
 
 
-def step_seed(seed_value: int, rank: int, iteration: int) -> int:
-    """The augmentation generator's seed of one training step (ints hash the same in every process)."""
-    return hash((int(seed_value), int(rank), int(iteration))) & (2 ** 63 - 1)
+def step_seed(seed_value: int, rank: int, iteration: int, drawn: int = 0) -> int:
+    """The augmentation generator's seed of one batch (ints hash the same in every process)."""
+    return hash((int(seed_value), int(rank), int(iteration), int(drawn))) & (2 ** 63 - 1)

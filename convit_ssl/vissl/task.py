@@ -109,23 +109,12 @@ class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
             datasets["train"].transform = device_augment.LoaderTransform(self.device_augment_plan)
         return datasets, keys
 
-    def recreate_data_iterator(self, phase_type, epoch, compute_start_iter, train_phase_idx):
-        """VISSL's; with device-side augmentation the train batches are augmented on the task's device."""
-        super().recreate_data_iterator(phase_type, epoch, compute_start_iter, train_phase_idx)
-        plan = getattr(self, "device_augment_plan", None)
-        if phase_type == "train" and plan is not None:
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            seed_value = int(self.config.SEED_VALUE)
-            self.data_iterator = device_augment.DeviceAugmentedBatches(
-                self.data_iterator, plan.augment(), self.config.DATA.TRAIN.COLLATE_FUNCTION, plan.num_crops,
-                self.device, lambda: device_augment.step_seed(seed_value, rank, self.iteration),
-                self.config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS)
-
     def build_dataloaders(self, pin_memory: bool, current_train_phase_idx=0):
         """VISSL's loaders (same arguments as SelfSupervisionTask.build_dataloaders),
-        the training one with `make_sampler`."""
+        the training one with `make_sampler`, and with device-side augmentation
+        wrapped so that its batches come out augmented on the task's device."""
         plan = getattr(self, "device_augment_plan", None)
-        return {
+        loaders = {
             split.lower(): build_dataloader(
                 dataset=self.datasets[split.lower()],
                 dataset_config=device_augment.loader_collator(self.config["DATA"][split])
@@ -137,6 +126,13 @@ class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
             )
             for split in self.available_splits
         }
+        if plan is not None and "train" in loaders:
+            train = self.config.DATA.TRAIN
+            loaders["train"] = device_augment.DeviceAugmentedLoader(
+                loaders["train"], plan, train.COLLATE_FUNCTION, self.device, lambda: self.iteration,
+                int(self.config.SEED_VALUE), torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+                train.COLLATE_FUNCTION_PARAMS)
+        return loaders
 
 
 def register() -> None:

@@ -120,6 +120,31 @@ def test_loader_crops_are_vissls_crops_for_the_same_seed(monkeypatch):
             assert (crop.float() - reference).abs().mean() < 2.0  # a wrong flip or box: tens of levels
 
 
+def loader(batches, augment, collator, num_crops, mixup=None):
+    plan = D.Plan([], [], num_crops=num_crops)
+    plan.augment = lambda: augment
+    return D.DeviceAugmentedLoader(batches, plan, collator, torch.device("cpu"), lambda: 0, 0, 0, mixup)
+
+
+def test_each_batch_of_one_iteration_gets_its_own_parameters():
+    """A training step draws one batch per iteration (seeded by the iteration:
+    a resumed run draws the same); several batches drawn at one iteration (a
+    pass over the loader) differ; the loader's other attributes pass through."""
+    augment = P.PhotometricAugment([P.Step(P.Solarize(), (1.0,))], (0,) * 3, (1,) * 3)
+    images = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(4, 3, 16, 16).contiguous()
+    batches = [{"data": [images.clone()]} for _ in range(3)]
+    iteration = [5]
+    plan = D.Plan([], [], num_crops=1)
+    plan.augment = lambda: augment
+    wrapped = D.DeviceAugmentedLoader(batches, plan, "default_collate", torch.device("cpu"), lambda: iteration[0], 0, 0)
+    assert len(wrapped) == 3 and wrapped.count([]) == 0  # list.count: an attribute of the wrapped loader
+    first, second, _ = [b["data"][0] for b in wrapped]
+    assert not torch.equal(first, second)
+    again = next(iter(D.DeviceAugmentedLoader([{"data": [images.clone()]}], plan, "default_collate",
+                                              torch.device("cpu"), lambda: iteration[0], 0, 0)))
+    assert torch.equal(again["data"][0], first)
+
+
 @pytest.mark.parametrize("collator", ["multicrop_collator", "simclr_collator", "moco_collator"])
 def test_batches_are_augmented_by_crop_position(collator):
     """Each collator's layout: the crops at position 1 get the op with
@@ -132,7 +157,7 @@ def test_batches_are_augmented_by_crop_position(collator):
         batch = {"data": [torch.cat(images)]}
     else:
         batch = {"data": [images[0]], "data_momentum": [images[1]]}
-    out = next(D.DeviceAugmentedBatches(iter([batch]), augment, collator, 2, torch.device("cpu"), lambda: 0))
+    out = next(iter(loader([batch], augment, collator, 2)))
     if collator == "multicrop_collator":
         views = out["data"][0]
     elif collator == "simclr_collator":
@@ -195,8 +220,6 @@ def test_mixup_on_the_device_equals_vissls_collator():
         np.random.seed(seed), torch.manual_seed(seed)
         theirs = cutmixup_collator(samples(lambda x: x.float() / 255), **params)
         np.random.seed(seed), torch.manual_seed(seed)
-        batches = D.DeviceAugmentedBatches(iter([default_collate(samples(lambda x: x))]), augment, "cutmixup_collator",
-                                           1, torch.device("cpu"), lambda: 0, params)
-        ours = next(batches)
+        ours = next(iter(loader([default_collate(samples(lambda x: x))], augment, "cutmixup_collator", 1, params)))
         assert torch.allclose(ours["data"][0], theirs["data"][0][0], atol=1e-6)
         assert torch.allclose(ours["label"][0], theirs["label"][0], atol=1e-6)
