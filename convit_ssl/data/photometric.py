@@ -134,9 +134,9 @@ class PhotometricAugment:
                 raise ValueError(f"probabilities of {step.op} must be in [0, 1], got {step.probs}")
 
     @property
-    def num_crops(self) -> int:
-        """The number of crop positions every step has a probability for."""
-        return min((len(step.probs) for step in self.steps + self.after), default=1)
+    def num_crops(self) -> int | None:
+        """The number of crop positions every step has a probability for (None: no steps, any number)."""
+        return min((len(step.probs) for step in self.steps + self.after), default=None)
 
     # ------------------------------------------------------------------ parameters (CPU)
     def draw(self, crop: Tensor, generator: torch.Generator, size: Tuple[int, int] = (0, 0)
@@ -145,7 +145,7 @@ class PhotometricAugment:
         (H, W; for RandomErasing's boxes): per step, ``apply`` (N,) bool and
         the op's own parameters, all on the CPU."""
         crop = crop.cpu().long()
-        if len(crop) and int(crop.max()) >= self.num_crops:
+        if len(crop) and self.num_crops is not None and int(crop.max()) >= self.num_crops:
             raise ValueError(f"crop position {int(crop.max())} but the recipe gives probabilities for "
                              f"{self.num_crops} crops")
         n = len(crop)

@@ -197,3 +197,9 @@ def test_bad_input_is_refused():
         augment.draw(torch.tensor([0, 2]), torch.Generator())
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         P.PhotometricAugment([P.Step(P.Grayscale(), (1.5,))], (0,) * 3, (1,) * 3)
+
+
+def test_normalisation_alone_takes_any_number_of_crops():
+    augment = P.PhotometricAugment([], (0.5,) * 3, (0.5,) * 3)
+    out = augment(torch.full((3, 3, 4, 4), 255, dtype=torch.uint8), torch.tensor([0, 5, 11]), torch.Generator())
+    assert torch.allclose(out, torch.ones(3, 3, 4, 4))
