@@ -6,9 +6,10 @@ user wrote them) are split once by `plan()`:
 
 - the loader does what must happen per image on the CPU: decode, resizes,
   the random resized crops (ImgPilToMultiCrop, ImgReplicatePil,
-  RandomResizedCrop) and flips, on uint8 tensors (`convit_ssl.data.crops`); a recipe whose crops
-  include another per-image transform (RandAugment, ...) runs that part with
-  VISSL's own transforms on the PIL image. The collator gets uint8 crops.
+  RandomResizedCrop) and flips, on uint8 tensors (`convit_ssl.data.crops`);
+  another per-image transform among them (RandAugment, ...) runs from there
+  on with VISSL's own transforms, on PIL images of the crops. The collator
+  gets uint8 crops.
 - the training device does the rest, batched, right after the batch reaches
   it (`convit_ssl.data.photometric`): ImgPilColorDistortion,
   ImgPilGaussianBlur, ImgPilRandomSolarize, ImgPilMultiCropRandomApply (of
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from convit_ssl.data import crops as C
@@ -59,8 +61,8 @@ def enabled(config: Any) -> bool:
 class Plan:
     """A recipe's transforms split between the loader and the training device."""
 
-    loader_transforms: List[Dict[str, Any]]      # VISSL transform configs run on the PIL image first (may be [])
-    crop_ops: List[Any]                          # then these, on uint8 tensors
+    loader_transforms: List[Dict[str, Any]]      # after crop_ops: VISSL's transforms on PIL images (may be [])
+    crop_ops: List[Any]                          # first: crops, resizes and flips on uint8 tensors
     steps: List[P.Step] = field(default_factory=list)
     after: List[P.Step] = field(default_factory=list)  # on the normalised crops
     mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
@@ -154,12 +156,11 @@ def plan(train: Any) -> Plan:
         if t["name"] not in _DEVICE:
             raise ValueError(f"{_where(i, t)} follows the photometric transforms and cannot run on the training "
                              f"device ({KEY}); supported there: {', '.join(_DEVICE)}, RandomHorizontalFlip")
-    # the loader's part: on uint8 tensors when every op is a known crop or flip, else VISSL's on PIL
-    tensor_ops = all(t["name"] in _CROPS + ("RandomHorizontalFlip",) and isinstance(t.get("size", 0), int)
-                     for _, t in head)
-    loader_transforms = [] if tensor_ops else [t for _, t in head]
-    crop_ops = [_crop_op(t["name"], t, _where(i, t)) for i, t in head] if tensor_ops else []
-    result = Plan(loader_transforms, crop_ops, num_crops=_num_crops([t for _, t in head]))
+    # the loader's part: its leading crops and flips on uint8 tensors, from the first other
+    # transform on (RandAugment, say) VISSL's own transforms on PIL images of the crops
+    on_tensors = next((k for k, (_, t) in enumerate(head) if not _tensor_capable(t)), len(head))
+    crop_ops = [_crop_op(t["name"], t, _where(i, t)) for i, t in head[:on_tensors]]
+    result = Plan([t for _, t in head[on_tensors:]], crop_ops, num_crops=_num_crops([t for _, t in head]))
     for i, t in tail:
         name = t["name"]
         if name == "Normalize":
@@ -177,6 +178,10 @@ def plan(train: Any) -> Plan:
         raise ValueError(f"config.DATA.TRAIN.TRANSFORMS: with {KEY} the photometric part must end in ToTensor "
                          f"(then Normalize, RandomErasing), got {[t['name'] for _, t in tail]}")
     return result
+
+
+def _tensor_capable(transform: Dict[str, Any]) -> bool:
+    return transform["name"] in _CROPS + ("RandomHorizontalFlip",) and isinstance(transform.get("size", 0), int)
 
 
 def _num_crops(head: Sequence[Dict[str, Any]]) -> int:
@@ -213,22 +218,23 @@ class LoaderTransform:
     its uint8 crops (``sample["data"]`` becomes the list of crops)."""
 
     def __init__(self, plan_: Plan) -> None:
-        from vissl.data.ssl_transforms import get_transform  # VISSL's own transforms, for a head they run
+        from vissl.data.ssl_transforms import get_transform  # VISSL's own transforms, for a part they run
 
-        self.pil = get_transform(plan_.loader_transforms) if plan_.loader_transforms else None
         self.crops = C.CropPipeline(plan_.crop_ops)
+        self.pil = get_transform(plan_.loader_transforms) if plan_.loader_transforms else None
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
-        if self.pil is not None:
-            sample = self.pil(sample)
-            sample["data"] = [C.to_uint8_tensor(image) for image in sample["data"]]
-            return sample
         (image,) = sample["data"]
         crops = self.crops(image)
-        sample["data"] = crops
         for key in ("label", "data_valid", "data_idx"):  # one entry per crop, as VISSL's copies give
             if key in sample and len(sample[key]) == 1:
                 sample[key] = sample[key] * len(crops)
+        if self.pil is None:
+            sample["data"] = crops
+            return sample
+        sample["data"] = [Image.fromarray(crop.permute(1, 2, 0).numpy()) for crop in crops]
+        sample = self.pil(sample)
+        sample["data"] = [C.to_uint8_tensor(image) for image in sample["data"]]
         return sample
 
 

@@ -84,17 +84,24 @@ def test_key_needs_the_task_and_a_known_collator():
         validate(config)
 
 
-def test_loader_crops_are_vissls_crops_for_the_same_seed(monkeypatch):
-    """DINO's loader part (multi-crop + flip) on a photograph: the same crop
-    boxes as VISSL's PIL chain for the same seed, and the same pixels up to
-    the resize (PIL's antialiased bilinear against torchvision's on uint8)."""
+MULTICROP = [{"name": "ImgPilToMultiCrop", "total_num_crops": 6, "size_crops": [112, 48], "num_crops": [2, 4],
+              "crop_scales": [[0.4, 1], [0.05, 0.4]]}, {"name": "RandomHorizontalFlip", "p": 0.5}]
+DEIT = [{"name": "RandomResizedCrop", "size": 112, "interpolation": 3}, {"name": "RandomHorizontalFlip"},
+        {"name": "RandAugment", "magnitude": 9, "magnitude_std": 0.5, "increasing_severity": True}]
+
+
+@pytest.mark.parametrize("head, crops", [(MULTICROP, 6), (DEIT, 1)], ids=["dino", "deit"])
+def test_loader_crops_are_vissls_crops_for_the_same_seed(monkeypatch, head, crops):
+    """The loader's part (DINO's multi-crop + flip; the DeiT recipe's bicubic
+    crop + flip on tensors, then RandAugment on PIL) on a photograph: the same
+    crop boxes as VISSL's PIL chain for the same seed, and the same pixels up to
+    the rounding of the resize (PIL's antialiased resize against torchvision's on uint8)."""
+    import random
+
     from sklearn.datasets import load_sample_images
     from vissl.data.ssl_transforms import get_transform
 
-    head = [{"name": "ImgPilToMultiCrop", "total_num_crops": 6, "size_crops": [112, 48], "num_crops": [2, 4],
-             "crop_scales": [[0.4, 1], [0.05, 0.4]]}, {"name": "RandomHorizontalFlip", "p": 0.5}]
-    tail = [{"name": "ToTensor"}]
-    plan = D.plan(type("Train", (), {"TRANSFORMS": head + tail})())
+    plan = D.plan(type("Train", (), {"TRANSFORMS": head + [{"name": "ToTensor"}]})())
     boxes = []
     get_params = T.RandomResizedCrop.get_params
 
@@ -105,19 +112,25 @@ def test_loader_crops_are_vissls_crops_for_the_same_seed(monkeypatch):
     monkeypatch.setattr(T.RandomResizedCrop, "get_params", staticmethod(recording))
     image = Image.fromarray(load_sample_images().images[0])
     sample = lambda: {"data": [image], "label": [0], "data_valid": [1], "data_idx": [0]}  # noqa: E731
+
+    def seeded(seed):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+
     for seed in range(3):
-        torch.manual_seed(seed)
+        seeded(seed)
         theirs = get_transform(head)(sample())
         their_boxes, boxes[:] = list(boxes), []
-        torch.manual_seed(seed)
+        seeded(seed)
         ours = D.LoaderTransform(plan)(sample())
-        assert boxes == their_boxes and len(boxes) == 6
+        assert boxes == their_boxes and len(boxes) == crops
         boxes.clear()
-        assert ours["label"] == theirs["label"] == [0] * 6
+        assert ours["label"] == theirs["label"] == [0] * crops
         for crop, pil in zip(ours["data"], theirs["data"], strict=True):
             assert crop.dtype == torch.uint8
             reference = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float()
-            assert (crop.float() - reference).abs().mean() < 2.0  # a wrong flip or box: tens of levels
+            # measured 0.0005-0.01 levels (torchvision's uint8 resize rounds as PIL's does, nearly always);
+            # the same boxes with other RandAugment draws: 38-116 levels
+            assert (crop.float() - reference).abs().mean() < 0.05
 
 
 def loader(batches, augment, collator, num_crops, mixup=None):
@@ -171,8 +184,9 @@ def test_batches_are_augmented_by_crop_position(collator):
 def test_supervised_recipe_keeps_randaugment_in_the_loader():
     config = compose(["config=pretrain/supervised/supervised_convit_small_in1k_224_300ep"])[1]
     plan = D.plan(config.DATA.TRAIN)
-    assert [t["name"] for t in plan.loader_transforms] == \
-        ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"]
+    assert [t["name"] for t in plan.loader_transforms] == ["RandAugment"]
+    crop, flip = plan.crop_ops
+    assert crop.size == 224 and crop.interpolation.value == "bicubic" and flip.p == 0.5
     assert plan.steps == []
     (erasing,) = plan.after
     assert erasing.op == P.RandomErasing(value="random") and erasing.probs == (0.25,)
