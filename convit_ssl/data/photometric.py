@@ -220,12 +220,12 @@ def _erasing_boxes(op: RandomErasing, n: int, size: Tuple[int, int], generator: 
     height 0 where none fitted in 10 tries."""
     height, width = size
     area = height * width
-    log_ratio = torch.log(torch.tensor(op.ratio))
+    low, high = (math.log(r) for r in op.ratio)
     boxes = torch.zeros(n, 4, dtype=torch.long)
     for k in range(n):
         for _ in range(10):
             erase_area = area * torch.empty(1).uniform_(op.scale[0], op.scale[1], generator=generator).item()
-            aspect = torch.exp(torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)).item()
+            aspect = math.exp(torch.empty(1).uniform_(low, high, generator=generator).item())
             h, w = int(round(math.sqrt(erase_area * aspect))), int(round(math.sqrt(erase_area / aspect)))
             if h < height and w < width:
                 top = int(torch.randint(0, height - h + 1, (1,), generator=generator))

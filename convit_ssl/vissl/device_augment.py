@@ -117,7 +117,8 @@ def _steps(name: str, args: Dict[str, Any], num_crops: int, where: str) -> List[
     every = lambda p: (float(p),) * num_crops  # noqa: E731
     if name == "ImgPilColorDistortion":  # SimCLR's: jitter w.p. 0.8, then greyscale w.p. 0.2
         s = float(args.get("strength", 1.0))
-        return [P.Step(P.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), every(0.8)), P.Step(P.Grayscale(), every(0.2))]
+        return [P.Step(P.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), every(0.8)),
+                P.Step(P.Grayscale(), every(0.2))]
     if name == "ImgPilGaussianBlur":
         return [P.Step(P.GaussianBlur(float(args.get("radius_min", 0.1)), float(args.get("radius_max", 2.0))),
                        every(args.get("p", 0.5)))]
