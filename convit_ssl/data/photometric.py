@@ -33,16 +33,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-try:  # an optional dependency (the `vissl` extra): a clear error where it is used
-    import kornia
-except ImportError:  # pragma: no cover - exercised only without the extra
-    kornia = None
 
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 LUMA = (0.299, 0.587, 0.114)
@@ -104,9 +100,15 @@ class Step:
     probs: Tuple[float, ...]
 
 
-def _require_kornia() -> None:
-    if kornia is None:
-        raise ImportError("device-side augmentation needs kornia: pip install 'convit_ssl[vissl]' (or kornia)")
+def kornia() -> Any:
+    """kornia, imported on first use: it costs about 0.5 s, which every VISSL
+    command would pay for a key most CPU runs leave off; an optional
+    dependency (the `vissl` extra), so its absence is said in one line."""
+    try:
+        import kornia as module
+    except ImportError as e:
+        raise ImportError("device-side augmentation needs kornia: pip install 'convit_ssl[vissl]' (or kornia)") from e
+    return module
 
 
 class PhotometricAugment:
@@ -119,7 +121,7 @@ class PhotometricAugment:
 
     def __init__(self, steps: Sequence[Step], mean: Sequence[float], std: Sequence[float],
                  after: Sequence[Step] = ()) -> None:
-        _require_kornia()
+        kornia()
         self.steps = list(steps)
         self.after = list(after)
         self.mean = tuple(float(m) for m in mean)
@@ -187,16 +189,16 @@ class PhotometricAugment:
                 continue
             sub = x.index_select(0, idx)
             if isinstance(step.op, Grayscale):
-                sub = kornia.color.rgb_to_grayscale(sub, rgb_weights=sub.new_tensor(LUMA)).expand(-1, 3, -1, -1)
+                sub = kornia().color.rgb_to_grayscale(sub, rgb_weights=sub.new_tensor(LUMA)).expand(-1, 3, -1, -1)
             elif isinstance(step.op, GaussianBlur):
                 sigma = drawn["sigma"][drawn["apply"]].to(x.device, non_blocking=True)
                 k = step.op.kernel_size
-                sub = kornia.filters.gaussian_blur2d(sub, (k, k), torch.stack([sigma, sigma], dim=1),
+                sub = kornia().filters.gaussian_blur2d(sub, (k, k), torch.stack([sigma, sigma], dim=1),
                                                      border_type="replicate")
             elif isinstance(step.op, Solarize):
                 t = drawn["threshold"][drawn["apply"]].to(x.device, non_blocking=True).float()
                 # PIL compares the rounded 8-bit value with t: round(255 x) >= t <=> 255 x >= t - 0.5
-                sub = kornia.enhance.solarize(sub, thresholds=(t - 0.5) / 255)
+                sub = kornia().enhance.solarize(sub, thresholds=(t - 0.5) / 255)
             x.index_copy_(0, idx, sub.contiguous())
         mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
         std = x.new_tensor(self.std).view(1, 3, 1, 1)
@@ -253,7 +255,7 @@ def _erase(x: Tensor, op: RandomErasing, drawn: Dict[str, Tensor]) -> None:
 
 def _jitter_fns():
     """torchvision's four colour adjustments, as kornia implements them (hue in turns)."""
-    enhance = kornia.enhance
+    enhance = kornia().enhance
     return (enhance.adjust_brightness_accumulative, enhance.adjust_contrast_with_mean_subtraction,
             enhance.adjust_saturation_with_gray_subtraction,
             lambda img, f: enhance.adjust_hue(img, f * 2 * math.pi))

@@ -210,7 +210,7 @@ def validate(config: Any, task_name: str) -> None:
                          f"valid: {', '.join(COLLATORS)}")
     if train.COLLATE_FUNCTION == MIXUP and train.COLLATE_FUNCTION_PARAMS.get("ssl_method"):
         raise ValueError(f"config.DATA.TRAIN.{KEY}: {MIXUP} with ssl_method is not supported")
-    P._require_kornia()
+    P.kornia()
     plan(train)
 
 
