@@ -194,7 +194,7 @@ class PhotometricAugment:
                 sigma = drawn["sigma"][drawn["apply"]].to(x.device, non_blocking=True)
                 k = step.op.kernel_size
                 sub = kornia().filters.gaussian_blur2d(sub, (k, k), torch.stack([sigma, sigma], dim=1),
-                                                     border_type="replicate")
+                                                       border_type="replicate")
             elif isinstance(step.op, Solarize):
                 t = drawn["threshold"][drawn["apply"]].to(x.device, non_blocking=True).float()
                 # PIL compares the rounded 8-bit value with t: round(255 x) >= t <=> 255 x >= t - 0.5
