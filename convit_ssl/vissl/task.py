@@ -28,7 +28,7 @@ from vissl.data.data_helper import StatefulDistributedSampler
 from vissl.trainer.train_task import SelfSupervisionTask
 
 from convit_ssl.data.subsets import subset_indices
-from convit_ssl.vissl import device_augment
+import convit_ssl.vissl.device_augment as device_augment
 from convit_ssl.vissl.llrd import LayerDecayTaskMixin
 
 TASK_NAME = "convit_ssl_task"

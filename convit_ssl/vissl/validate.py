@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from convit_ssl.data.subsets import MODES
 from convit_ssl.files import is_image
-from convit_ssl.vissl import device_augment
+import convit_ssl.vissl.device_augment as device_augment
 from convit_ssl.vissl.configs import used_splits
 from convit_ssl.vissl.hooks import validate_hook_configs
 from convit_ssl.vissl.llrd import validate_layer_decay
