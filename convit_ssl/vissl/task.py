@@ -105,8 +105,12 @@ class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
         transform is the loader's part of the split (uint8 crops)."""
         datasets, keys = super().build_datasets(current_train_phase_idx)
         if "train" in datasets and device_augment.enabled(self.config):
-            self.device_augment_plan = device_augment.plan(self.config.DATA.TRAIN)
-            datasets["train"].transform = device_augment.LoaderTransform(self.device_augment_plan)
+            plan = self.device_augment_plan = device_augment.plan(self.config.DATA.TRAIN)
+            datasets["train"].transform = device_augment.LoaderTransform(plan)
+            logging.info("DEVICE_AUGMENTATION: the loader makes %d uint8 crops an image%s; on the %s device: %s",
+                         plan.num_crops, f" (then {[t['name'] for t in plan.loader_transforms]} on PIL)"
+                         if plan.loader_transforms else "", self.device.type,
+                         ", ".join(type(step.op).__name__ for step in plan.steps + plan.after) or "normalisation")
         return datasets, keys
 
     def build_dataloaders(self, pin_memory: bool, current_train_phase_idx=0):

@@ -10,6 +10,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from helpers import run_engine
+
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.data import photometric as P
 from convit_ssl.vissl import device_augment as D
 from convit_ssl.vissl.configs import SSL_METHODS, compose
@@ -237,3 +240,31 @@ def test_mixup_on_the_device_equals_vissls_collator():
         ours = next(iter(loader([default_collate(samples(lambda x: x))], augment, "cutmixup_collator", 1, params)))
         assert torch.allclose(ours["data"][0], theirs["data"][0][0], atol=1e-6)
         assert torch.allclose(ours["label"][0], theirs["label"][0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_crops_and_normalisation_alone_train_the_same_weights_either_way(digits, tmp_path):
+    """DINO's small-scale digits recipe has crops and normalisation only. With
+    the key on, the loader crops on uint8 tensors and the device normalises;
+    with it off, VISSL's PIL chain does both. Three iterations of real
+    training end with the same trunk, bit for bit (the crops are the same
+    pixels, and the device path draws nothing from the global generator that
+    the crops and the model share)."""
+    base = ["config=pretrain/dino/dino_convit_demo_digits_32", f"config.DATA.TRAIN.DATA_PATHS=[{digits / 'train'}]",
+            f"config.DATA.TRAIN.LABEL_PATHS=[{digits / 'train'}]", "config.OPTIMIZER.num_epochs=1",
+            "config.DATA.TRAIN.DATA_LIMIT=192", "config.LOSS.dino_loss.teacher_temp_warmup_iters=1",
+            "config.LOG_FREQUENCY=1"]
+    trunks, losses = {}, {}
+    for key in ("true", "false"):
+        folder = tmp_path / key
+        run_engine([*base, f"config.DATA.TRAIN.DEVICE_AUGMENTATION={key}", f"config.CHECKPOINT.DIR={folder}"],
+                   cwd=tmp_path)
+        losses[key] = run_folder.losses(folder)
+        used = "DEVICE_AUGMENTATION: the loader makes 2 uint8 crops an image; on the cpu device: normalisation"
+        assert (used in (folder / "log.txt").read_text()) == (key == "true")
+        checkpoint = torch.load(run_folder.require_final_checkpoint(folder), weights_only=True)
+        trunks[key] = checkpoint["classy_state_dict"]["base_model"]["model"]["trunk"]
+    assert len(losses["true"]) == 3 and losses["true"] == losses["false"]
+    assert trunks["true"].keys() == trunks["false"].keys()
+    for name, weight in trunks["true"].items():
+        assert torch.equal(weight, trunks["false"][name]), name
