@@ -41,3 +41,17 @@ def test_vissl_overhead_benchmark_runs(tmp_path):
     result = json.loads(out.read_text())
     assert result["plain_s_per_iter"] > 0 and result["vissl_s_per_iter"] > 0
     assert "VISSL overhead" in proc.stdout
+
+
+def test_data_loader_benchmark_reports_every_row(tmp_path):
+    out = tmp_path / "loaders.json"
+    proc = _run("benchmark_data.py", "--rounds", "1", "--images", "1", "--recipes", "simclr",
+                "supervised (DeiT recipe)", "--json", str(out), cwd=tmp_path)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"photographs 427x640", "ImageNet-size 500x375"}
+    for rows in results.values():
+        assert [row["recipe"] for row in rows] == ["simclr", "supervised (DeiT recipe)"]
+        for row in rows:
+            assert row["ratio"] > 0 and row["decode_ms"] > 0 and row["device_ms_this_cpu"] > 0
+            assert row["vissl_bytes"] == 4 * row["ours_bytes"]  # float32 crops against uint8 crops
+    assert "cores for 1,000 img/s" in proc.stdout
