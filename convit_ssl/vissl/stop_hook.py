@@ -90,7 +90,14 @@ class StopHook(ClassyHook):
             detail = f"saved a resumable checkpoint of iteration {task.iteration} in {task.checkpoint_folder}"
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        self._stopping = True  # keep recording signals until this process has ended
+        self._stopping = True
+        if threading.current_thread() is threading.main_thread():
+            # Ignored, not recorded, from here to the process's end: Python's finalisation resets
+            # signals with Python handlers to the default, so a later SIGTERM (a second one, the
+            # launcher's forwarding) arriving while the rank exits would kill it (seen in the suite:
+            # "process 0 terminated with signal SIGTERM"); it leaves ignored signals ignored.
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
         raise Stopped(signum, detail)
 
 
