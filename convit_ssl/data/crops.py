@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as F
@@ -80,8 +79,7 @@ def to_uint8_tensor(image: Union[Image.Image, Tensor]) -> Tensor:
     """An RGB PIL image (or a uint8 tensor, unchanged) as a uint8 (3, H, W) tensor."""
     if isinstance(image, Tensor):
         return image
-    array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return F.pil_to_tensor(image.convert("RGB") if image.mode != "RGB" else image)
 
 
 def _flip(p: float, crop: Tensor) -> Tensor:
