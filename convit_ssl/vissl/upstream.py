@@ -7,6 +7,7 @@ the root logger as upstream does (VISSL's log handlers sit there).
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any, Tuple
 
@@ -273,3 +274,37 @@ def low_shot_test(self, features, targets, sample_num, low_shot_kvalue) -> None:
     save_data = sample_ap_matrix.reshape((1, -1))
     save_file(save_data, out_k_sample_file)
     logging.info(f"Saved sample test k_idx AP: {out_k_sample_file} {save_data.shape}")  # noqa: LOG015
+
+
+def recreate_data_iterator(self, phase_type: str, epoch: int, compute_start_iter: bool, train_phase_idx: int) -> None:
+    """Upstream `SelfSupervisionTask.recreate_data_iterator`, with the old iterator's
+    full garbage collection only where it can free something it is there for.
+
+    Upstream: vissl/trainer/train_task.py:515-564 (SelfSupervisionTask.recreate_data_iterator). Differs from upstream: the
+    `gc.collect()` after deleting the old iterator runs only when the loader has worker processes
+    (`DATA.NUM_DATALOADER_WORKERS` > 0), whose shutdown it hastens; with none, it only cost
+    about 0.15 s of every phase (a run of 330 one-iteration epochs on a 5 % subset spent half
+    its time there). The rebuilt-dataloader branch (never taken by VISSL's own datasets) is upstream's.
+    """
+    from vissl.data import build_dataloader
+
+    start_iter = 0
+    if compute_start_iter:
+        start_iter = self._compute_start_iter_from_checkpoint(phase_type)
+    self.set_epoch(phase_type, epoch, start_iter, train_phase_idx)
+    sampler_seed = self.config["SEED_VALUE"]
+    dataset = self.datasets[phase_type]
+    if dataset.rebuild_dataloader():
+        dataloader = build_dataloader(
+            dataset=dataset, dataset_config=self.config.DATA[phase_type.upper()],
+            num_dataloader_workers=self.config.DATA.NUM_DATALOADER_WORKERS, pin_memory=self.config.DATA.PIN_MEMORY,
+            multi_processing_method=self.config.MULTI_PROCESSING_METHOD, device=self.device,
+            sampler_seed=sampler_seed, split=phase_type,
+        )
+        del self.dataloaders[phase_type]
+        gc.collect()
+        self.dataloaders[phase_type] = dataloader
+    del self.data_iterator
+    if self.config.DATA.NUM_DATALOADER_WORKERS > 0:
+        gc.collect()
+    self.data_iterator = iter(self.dataloaders[phase_type])

@@ -23,7 +23,7 @@ VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",
                  "DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
                  "warm-up start kept on request", "MoCo queue shared by every rank", "disk images read once, as 8-bit RGB",
                  "feature extraction on the task's device", "ranks and data workers set up as their parent",
-                 "resume from a preemption checkpoint",
+                 "resume from a preemption checkpoint", "no full garbage collection per phase without loader workers",
                  "SVM average precision as a scalar"]
 
 
@@ -250,7 +250,7 @@ def test_upstream_copies_name_the_lines_they_copy():
     from convit_ssl.vissl import upstream
 
     copies = [f for _, f in inspect.getmembers(upstream, inspect.isfunction) if f.__module__ == upstream.__name__]
-    assert len(copies) == 7
+    assert len(copies) == 8
     for function in copies:
         doc = inspect.getdoc(function)
         match = re.search(r"Upstream: vissl/([\w/]+\.py):(\d+)-(\d+) \(\w+\.(\w+)\)\. Differs from upstream: \S", doc)
@@ -259,3 +259,32 @@ def test_upstream_copies_name_the_lines_they_copy():
         tree = ast.parse((Path(vissl.__file__).parent / path).read_text())
         found = [(n.lineno, n.end_lineno) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name]
         assert (int(first), int(last)) in found, (function.__name__, found)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_phase_change_collects_garbage_only_for_loader_workers(workers, monkeypatch):
+    """VISSL's phase change: the sampler gets its epoch and the new iterator reads
+    the loader; the full collection (0.15 s each) only where worker processes
+    are there to shut down."""
+    import gc
+    import types
+
+    from vissl.trainer.train_task import SelfSupervisionTask
+
+    collections_run = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collections_run.append(1) or 0)
+    task = SelfSupervisionTask.__new__(SelfSupervisionTask)
+    epochs = []
+    task.config = _Config(SEED_VALUE=0, DATA=_Config(NUM_DATALOADER_WORKERS=workers))
+    task.datasets = {"train": types.SimpleNamespace(rebuild_dataloader=lambda: False)}
+    task.dataloaders = {"train": [1, 2, 3]}
+    task.data_iterator = iter([])
+    task.set_epoch = lambda phase, epoch, start, train_phase: epochs.append((phase, epoch, start))
+    task.recreate_data_iterator("train", epoch=4, compute_start_iter=False, train_phase_idx=2)
+    assert epochs == [("train", 4, 0)] and list(task.data_iterator) == [1, 2, 3]
+    assert len(collections_run) == (1 if workers else 0)
+
+
+class _Config(dict):
+    """VISSL's AttrDict: keys as items and as attributes."""
+    __getattr__ = dict.__getitem__
