@@ -16,17 +16,15 @@ from typing import Dict, List, Optional
 import torch
 
 import warm
+from convit_ssl.experiments.overrides import data_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = REPO / "tools" / "run_distributed_engines.py"
 
 
 def folder_overrides(root: Path) -> List[str]:
-    train, val = root / "train", root / "val"
-    return [
-        f"config.DATA.TRAIN.DATA_PATHS=[{train}]", f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
-        f"config.DATA.TEST.DATA_PATHS=[{val}]", f"config.DATA.TEST.LABEL_PATHS=[{val}]",
-    ]
+    """An image folder's train/ and val/ as the training and the test split."""
+    return data_overrides(root / "train", root / "val")
 
 
 def run_engine(overrides: List[str], cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
 """Tests of the figures (convit_ssl.analysis.plots) and the analyze command
-(convit_ssl.cli.analyze, `convit-ssl analyze`, tools/analyze.py).
+(convit_ssl.analysis.pipeline, `convit-ssl analyze`, tools/analyze.py).
 
 A tiny ConViT (4 heads, 4 blocks of which 2 GPSA, 32x32 images, 8-pixel
 patches: a 4x4 grid) is saved in each checkpoint format; the command runs on
@@ -36,7 +36,7 @@ from convit_ssl.analysis.plots import (
     figure_pixels,
 )
 from convit_ssl.analysis.training_log import read_training_log
-from convit_ssl.cli.analyze import IMAGENET_MEAN, IMAGENET_STD, find_images, load_model, run_analysis
+from convit_ssl.analysis.pipeline import IMAGENET_MEAN, IMAGENET_STD, find_images, load_model, run_analysis
 from convit_ssl.checkpoints.formats import Weights, write
 from convit_ssl.checkpoints.io import save_checkpoint
 from convit_ssl.models import ConViT, create_model

@@ -1,8 +1,8 @@
 """`convit-ssl demo` end to end (what `make demo` runs), shortened to one
-supervised and one SimCLR epoch and two epochs of each probe and of the
-fine-tune: the VISSL stages on the exported digits, their summary (kNN and
-linear probes of the random, SimCLR and supervised trunks), and the analysis
-figures drawn from the supervised checkpoint and the hook's log."""
+supervised epoch's worth of images (for the data-efficiency pair too), one
+SimCLR epoch, and two epochs' worth of images for the probes and the
+fine-tune: the VISSL stages on the exported digits, their summary (read back
+from the run folders), the analysis figures and the demo's own figures."""
 
 from __future__ import annotations
 
@@ -13,31 +13,53 @@ import sys
 import pytest
 from PIL import Image
 
+from convit_ssl.checkpoints import run_folder
+
 
 @pytest.mark.slow
 def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
+    from convit_ssl.experiments.demo import STAGES
+
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", "demo", "--out", str(out), "--epochs", "1",
                            "--ssl-epochs", "1", "--probe-epochs", "2"],
                           cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"supervised", "ssl", "linear", "linear_ssl", "linear_random", "finetune", "knn"}
-    assert set(summary["supervised"]["test"]) == set(summary["finetune"]["test"]) == {"0"}  # one head
+    assert set(STAGES) | {"knn", "efficiency", "probes", "figures"} == set(summary)
+    # every accuracy in the summary is the last test record of its stage's metrics.json
+    for stage in STAGES:
+        if stage != "ssl":
+            assert summary[stage]["test"] == run_folder.final_accuracies(out / stage)["test"], stage
     for probe in ("linear", "linear_ssl", "linear_random"):
         assert set(summary[probe]["test"]) == {"lastCLS", "concatPOOL2"}, probe  # one probe per feature
+    # the data-efficiency pair: ConViT and its DeiT twin on 10% of each class (random_per_class, seed 0),
+    # trained for as many iterations as the supervised run (1 epoch of 22 batches = 11 epochs of 2)
+    eff = summary["efficiency"]
+    assert (eff["fraction"], eff["images"], eff["of"], eff["epochs"]) == (0.1, 139, 1438, 11)
+    for stage, gpsa in (("efficiency_convit", "NUM_GPSA_LAYERS: 4"), ("efficiency_deit", "NUM_GPSA_LAYERS: 0")):
+        log = (out / stage / "log.txt").read_text()
+        assert "training on a random_per_class subset of 139 / 1438 images" in log and gpsa in \
+            (out / stage / "train_config.yaml").read_text(), stage
+        assert run_folder.metrics(out / stage)[-1]["iteration"] == 22
+    # the probes: 10% of the labels, as many images seen as 2 epochs of all of them
+    assert summary["probes"] == {"fraction": 0.1, "images": 139, "epochs": 22}
     # kNN of the three trunks: the supervised run's first monitor record is the random init
     assert set(summary["knn"]) == {"random_init", "ssl", "supervised"}
-    # one supervised epoch is mostly warm-up; the 2-epoch probes and fine-tune must beat chance (10%) clearly
-    assert max(summary["linear"]["test"].values()) > 25.0 and summary["finetune"]["test"]["0"] > 25.0, summary
+    assert summary["ssl"]["knn_curve"][0] == [0, summary["knn"]["random_init"]]  # the same init, the same measure
+    # one supervised epoch is mostly warm-up; the fine-tune must beat chance (10%) clearly
+    assert summary["finetune"]["test"]["0"] > 25.0, summary
     records = [json.loads(line) for line in (out / "supervised" / "convit_analysis.jsonl").read_text().splitlines()]
     assert len(records) == 1 and len(records[0]["layers"]) == 6  # one epoch, 6 blocks
-    for name in ("gating", "nonlocality", "attention_combined", "attention_positional", "training_curves"):
+    for name in ("gating", "nonlocality", "attention_combined", "attention_positional", "training_curves",
+                 "data_efficiency", "ssl_knn"):
         with Image.open(out / "analysis" / f"{name}.png") as image:
             assert min(image.size) > 100, name
+    assert summary["figures"]["data_efficiency"] == str(out / "analysis" / "data_efficiency.png")
     analysis = json.loads((out / "analysis" / "analysis.json").read_text())
     assert len(analysis["images"]) == 32 and analysis["training_log"]["records"] == 1
-    assert "figures of the supervised model" in proc.stdout
+    assert "data efficiency: 10% of the training set (139 images)" in proc.stdout
+    assert "data_efficiency.png" in proc.stdout and "ssl_knn.png" in proc.stdout
 
 
 def test_stages_run_two_at_a_time_after_what_they_need(monkeypatch, tmp_path):
@@ -46,7 +68,7 @@ def test_stages_run_two_at_a_time_after_what_they_need(monkeypatch, tmp_path):
     import threading
     import time
 
-    from convit_ssl.cli import demo
+    from convit_ssl.experiments import stages as demo
 
     events, lock, running = [], threading.Lock(), set()
     durations = {"long": 0.3, "short": 0.05, "after_short": 0.05, "after_long": 0.05}

@@ -5,7 +5,7 @@
 
 CHECKPOINT is any format the converter reads (VISSL, timm or the official
 release, VISSL's built-in convit). Writes analysis.json and PNGs into DIR;
-see `python tools/analyze.py --help` and convit_ssl/cli/analyze.py. Same as
+see `python tools/analyze.py --help` and convit_ssl/analysis/pipeline.py. Same as
 `convit-ssl analyze ...`.
 """
 

@@ -279,6 +279,7 @@ def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
 
 def vissl_runs(device: str, out: Path) -> Dict[str, Any]:
     from convit_ssl.checkpoints import run_folder
+    from convit_ssl.experiments.overrides import data_overrides
 
     on = _device_overrides(device)
     runs: Dict[str, Any] = {}
@@ -290,8 +291,7 @@ def vissl_runs(device: str, out: Path) -> Dict[str, Any]:
     runs["linear_eval"] = _vissl("run", ["config=test/convit_ssl/linear_eval_micro_synthetic", *on, *init],
                                  out / "linear_eval")
     data = _image_folder(out / "images")
-    folders = [f"config.DATA.TRAIN.DATA_PATHS=[{data / 'train'}]", f"config.DATA.TRAIN.LABEL_PATHS=[{data / 'train'}]",
-               f"config.DATA.TEST.DATA_PATHS=[{data / 'val'}]", f"config.DATA.TEST.LABEL_PATHS=[{data / 'val'}]"]
+    folders = data_overrides(data / "train", data / "val")
     runs["extraction_knn"] = _vissl("knn", ["config=test/convit_ssl/benchmark/knn_micro_folder_in1k", *on,
                                             *folders, *init], out / "extraction_knn")
     for record in runs.values():

@@ -110,13 +110,15 @@ def _run(argv: List[str]) -> int:
                           ("low-shot", "low-shot SVMs (VOC07 / Places205)")):
         sub.add_parser(command, help=f"extract features of a VISSL config, then {what}: convit-ssl {command} config=NAME")
     sub.add_parser("convert", help="convert a checkpoint: convit-ssl convert config=NAME input=IN output=OUT [key=value]")
-    demo = sub.add_parser("demo", help="supervised training, linear probe and fine-tune on an image folder")
+    demo = sub.add_parser("demo", help="supervised, data-efficiency, SimCLR, linear-probe and fine-tune runs on "
+                                       "an image folder, then the analyses")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
-    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 12)")
+    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: the config's, 20)")
     demo.add_argument("--probe-epochs", type=int, default=None,
-                      help="epochs of the linear probes and the fine-tune (default: the configs', 5)")
+                      help="the linear probes' images seen, in epochs of the whole training set, and the fine-tune's "
+                           "epochs (default: the configs', 5 and 3)")
     from convit_ssl.cli.analyze import add_arguments as analyze_arguments
 
     analyze_arguments(sub.add_parser(
@@ -126,7 +128,7 @@ def _run(argv: List[str]) -> int:
     sub.add_parser("models", help="list the architectures create_model accepts")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from convit_ssl.cli.demo import run_demo
+        from convit_ssl.experiments.demo import run_demo
 
         checked("demo", lambda: run_demo(args.out, args.data, args.epochs, args.ssl_epochs, args.probe_epochs))
     elif args.command == "analyze":

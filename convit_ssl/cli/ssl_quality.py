@@ -42,15 +42,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from convit_ssl.checkpoints import run_folder
-from convit_ssl.cli.demo import data_overrides, run_stage
 from convit_ssl.data.digits import train_val_folders
+from convit_ssl.experiments.overrides import ARCHS, data_overrides, knn_overrides, train_overrides
+from convit_ssl.experiments.stages import run_stage
 from convit_ssl.files import atomic_write_text
 from convit_ssl.processes import Stopped
 from convit_ssl.vissl.configs import SSL_METHODS, num_epochs, small_scale_config
 from convit_ssl.vissl.knn_hook import read_records, record_frequency
 
 TEACHERS = {"dino", "moco"}
-ARCHS: Dict[str, List[str]] = {"convit": [], "deit": ["config.MODEL.TRUNK.CONVIT_SSL.NUM_GPSA_LAYERS=0"]}
 LINEAR = "config=demo/convit_ssl/digits_linear"
 
 
@@ -70,16 +70,13 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
     extra = list(overrides)
     run_dir = out / method / f"{arch}_seed{seed}"
     data = data_overrides(train, val)
-    overrides = [f"config={small_scale_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
-                 f"config.DATA.TRAIN.LABEL_PATHS=[{train}]", *ARCHS[arch], f"config.SEED_VALUE={seed}"]
+    overrides = [f"config={small_scale_config(method)}", *train_overrides(train), *ARCHS[arch],
+                 f"config.SEED_VALUE={seed}"]
     if epochs:
         overrides.append(f"config.OPTIMIZER.num_epochs={epochs}")
     overrides += extra
     run_epochs = num_epochs(overrides)
-    overrides += ["+config/convit_ssl/hooks=knn", f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{train}]",
-                  f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{val}]",
-                  f"config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS={record_frequency(run_epochs)}",
-                  f"config.HOOKS.CONVIT_KNN.TEACHER={'true' if method in TEACHERS else 'false'}"]
+    overrides += knn_overrides(train, val, record_frequency(run_epochs), teacher=method in TEACHERS)
     seconds = run_stage(f"{method} / {arch} / seed {seed}: pretraining", overrides, run_dir / "pretrain")
     records = read_records(run_dir / "pretrain")
     if records[0]["iteration"] != 0 or records[-1]["epoch"] != run_epochs - 1:

@@ -140,7 +140,7 @@ def test_sigint_to_the_group_stops_one_process_and_the_relaunch_resumes(tmp_path
 STAGES_SCRIPT = """
 import sys
 from pathlib import Path
-from convit_ssl.cli.demo import Stage, run_stages
+from convit_ssl.experiments.stages import Stage, run_stages
 from convit_ssl.processes import Stopped
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
