@@ -32,16 +32,16 @@ def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
         if stage != "ssl":
             assert summary[stage]["test"] == run_folder.final_accuracies(out / stage)["test"], stage
     for probe in ("linear", "linear_ssl", "linear_random"):
-        assert set(summary[probe]["test"]) == {"lastCLS", "concatPOOL2"}, probe  # one probe per feature
-    # the data-efficiency pair: ConViT and its DeiT twin on 10% of each class (random_per_class, seed 0),
-    # trained for as many iterations as the supervised run (1 epoch of 22 batches = 11 epochs of 2)
+        assert set(summary[probe]["test"]) == {"lastCLS", "concatCLS2"}, probe  # one probe per feature
+    # the data-efficiency pair: ConViT and its DeiT twin on 25% of each class (random_per_class, seed 0),
+    # trained for about as many iterations as the supervised run (1 epoch of 22 batches: 4 epochs of 5)
     eff = summary["efficiency"]
-    assert (eff["fraction"], eff["images"], eff["of"], eff["epochs"]) == (0.1, 139, 1438, 11)
+    assert (eff["fraction"], eff["images"], eff["of"], eff["epochs"]) == (0.25, 355, 1438, 4)
     for stage, gpsa in (("efficiency_convit", "NUM_GPSA_LAYERS: 4"), ("efficiency_deit", "NUM_GPSA_LAYERS: 0")):
         log = (out / stage / "log.txt").read_text()
-        assert "training on a random_per_class subset of 139 / 1438 images" in log and gpsa in \
+        assert "training on a random_per_class subset of 355 / 1438 images" in log and gpsa in \
             (out / stage / "train_config.yaml").read_text(), stage
-        assert run_folder.metrics(out / stage)[-1]["iteration"] == 22
+        assert [r for r in run_folder.metrics(out / stage) if "test_accuracy_list_meter" in r][-1]["iteration"] == 20
     # the probes: 10% of the labels, as many images seen as 2 epochs of all of them
     assert summary["probes"] == {"fraction": 0.1, "images": 139, "epochs": 22}
     # kNN of the three trunks: the supervised run's first monitor record is the random init
@@ -58,7 +58,7 @@ def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     assert summary["figures"]["data_efficiency"] == str(out / "analysis" / "data_efficiency.png")
     analysis = json.loads((out / "analysis" / "analysis.json").read_text())
     assert len(analysis["images"]) == 32 and analysis["training_log"]["records"] == 1
-    assert "data efficiency: 10% of the training set (139 images)" in proc.stdout
+    assert "data efficiency: 25% of the training set (355 images)" in proc.stdout
     assert "data_efficiency.png" in proc.stdout and "ssl_knn.png" in proc.stdout
 
 

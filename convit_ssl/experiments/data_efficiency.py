@@ -20,7 +20,6 @@ sweep resumes where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +131,8 @@ def verdict(convit: Sequence[float], deit: Sequence[float]) -> str:
 
 
 def summarize(runs: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per fraction: images, per architecture the top-1 over seeds, the gap of the means, the verdict."""
+    """One row per fraction: images, per architecture the top-1 over seeds, the gap of the means, the
+    verdict, and the per-seed differences (a seed is one subset and one init for both architectures)."""
     by: Dict[float, Dict[str, List[Mapping[str, Any]]]] = {}
     for run in runs:
         by.setdefault(run["fraction"], {}).setdefault(run["arch"], []).append(run)
@@ -143,17 +143,19 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         for arch, group in sorted(by[fraction].items()):
             row[arch] = {"seeds": sorted(r["seed"] for r in group), "top1": _spread([r["top1"] for r in group])}
         if "convit" in row and "deit" in row:
-            top1 = {arch: [r["top1"] for r in by[fraction][arch]] for arch in ("convit", "deit")}
+            top1 = {arch: {r["seed"]: r["top1"] for r in by[fraction][arch]} for arch in ("convit", "deit")}
             row["gap"] = round(row["convit"]["top1"]["mean"] - row["deit"]["top1"]["mean"], 2)
-            row["verdict"] = verdict(top1["convit"], top1["deit"])
+            row["verdict"] = verdict(list(top1["convit"].values()), list(top1["deit"].values()))
+            row["per_seed_gap"] = {seed: round(top1["convit"][seed] - top1["deit"][seed], 2)
+                                   for seed in sorted(set(top1["convit"]) & set(top1["deit"]))}
         rows.append(row)
     return rows
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
-    """The table of the README and docs/DATA_EFFICIENCY.md from a results.json."""
-    lines = ["| fraction | training images | ConViT top-1 (min .. max) | DeiT top-1 (min .. max) | gap | verdict |",
-             "|---|---|---|---|---|---|"]
+    """The table of the README and docs/DATA_EFFICIENCY.md from a results.json's runs."""
+    lines = ["| fraction | training images | ConViT top-1 (min .. max) | DeiT top-1 (min .. max) | gap of the means "
+             "| gap per seed | verdict |", "|---|---|---|---|---|---|---|"]
 
     def cell(row: Mapping[str, Any], arch: str) -> str:
         if arch not in row:
@@ -161,10 +163,11 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         t = row[arch]["top1"]
         return f"**{t['mean']:.1f}** ({t['min']:.1f} .. {t['max']:.1f})"
 
-    for row in results["summary"]:
+    for row in summarize(results["runs"]):
         gap = f"{row['gap']:+.1f}" if "gap" in row else ""
+        per_seed = ", ".join(f"{g:+.1f}" for g in row.get("per_seed_gap", {}).values())
         lines.append(f"| {row['fraction']:.0%} | {row['images']} | {cell(row, 'convit')} | {cell(row, 'deit')} | "
-                     f"{gap} | {row.get('verdict', '')} |")
+                     f"{gap} | {per_seed} | {row.get('verdict', '')} |")
     return "\n".join(lines)
 
 
@@ -175,8 +178,9 @@ def figure(results: Mapping[str, Any]):
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     runs = results["runs"]
+    summary = summarize(runs)
     for arch, color in (("convit", "tab:blue"), ("deit", "tab:orange")):
-        rows = [row for row in results["summary"] if arch in row]
+        rows = [row for row in summary if arch in row]
         if not rows:
             continue
         xs = [row["fraction"] * 100 for row in rows]
@@ -191,7 +195,10 @@ def figure(results: Mapping[str, Any]):
     ax.minorticks_off()
     ax.set_xlabel("fraction of the training set (same number of images seen)")
     ax.set_ylabel("val top-1 (%)")
-    ax.set_title(results.get("title", "supervised, ConViT against DeiT of identical dimensions"), fontsize=10)
+    seeds = len({r["seed"] for r in runs})
+    seen = sorted({r["images_seen"] for r in runs})
+    ax.set_title(f"ConViT against the DeiT of identical dimensions, supervised\n{seeds} seed{'s' * (seeds > 1)} "
+                 f"(band: min to max), {' / '.join(map(str, seen))} images seen by every run", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -210,14 +217,6 @@ def plan_runs(train: Path, fractions: Sequence[float], archs: Sequence[str], see
     sizes = class_sizes(train)
     plans = {f: schedule(sizes, f, batch, base_epochs) for f in fractions}
     return batch, [(arch, f, seed, plans[f]) for f in fractions for seed in seeds for arch in archs]
-
-
-def gap_widens(rows: Sequence[Mapping[str, Any]]) -> Optional[bool]:
-    """Whether the ConViT - DeiT gap of the means grows at every step to a smaller fraction (None: < 2 rows)."""
-    gaps = [row["gap"] for row in sorted(rows, key=lambda r: r["fraction"]) if "gap" in row]
-    if len(gaps) < 2:
-        return None
-    return all(a > b for a, b in zip(gaps, gaps[1:])) and not math.isclose(gaps[0], gaps[-1])
 
 
 def sweep(out: Path, train: Path, val: Path, fractions: Sequence[float] = FRACTIONS,
