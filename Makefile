@@ -41,7 +41,10 @@ demo: install
 # tests/conftest.py starts with the longest (xdist would sort by test count).
 TEST_WORKERS ?= 2
 
+# ruff first (a second; configured in pyproject.toml): lint, then the formatter's check.
 test: install
+	$(PY) -m ruff check convit_ssl tools tests
+	$(PY) -m ruff format --check convit_ssl tools tests
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean:

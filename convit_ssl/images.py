@@ -9,7 +9,7 @@ as PIL, torchvision and timm drop it. VISSL's image datasets read through this
 
 from __future__ import annotations
 
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -29,7 +29,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), "L")
 
 
-def open_image(fp: Union[PathLike, BinaryIO], mode: str = "RGB") -> Image.Image:
+def open_image(fp: PathLike | BinaryIO, mode: str = "RGB") -> Image.Image:
     """The image at `fp` in `mode` ("RGB" or "L"), read completely (the file is closed)."""
     with Image.open(fp) as image:
         return to_8bit(image).convert(mode)

@@ -19,7 +19,8 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, List, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # seconds a child has to stop after the first signal (CONVIT_SSL_STOP_GRACE_S)
@@ -58,7 +59,7 @@ def _kill(child: Any) -> None:
         pass
 
 
-def stop_children(children: Iterable[Any], signum: int, grace: Optional[float] = None) -> None:
+def stop_children(children: Iterable[Any], signum: int, grace: float | None = None) -> None:
     """Send `signum` to `children` and wait until they have ended, killing those
     alive after `grace` seconds (default: `grace_seconds()`)."""
     children = list(children)
@@ -83,10 +84,10 @@ def stop_children(children: Iterable[Any], signum: int, grace: Optional[float] =
 class StopForwarder:
     """What `forward_stop_signals` yields: `received`, the first signal (or None)."""
 
-    def __init__(self, children: Optional[Callable[[], Iterable[Any]]], grace: float) -> None:
+    def __init__(self, children: Callable[[], Iterable[Any]] | None, grace: float) -> None:
         self.children, self.grace = children, grace
-        self.received: Optional[int] = None
-        self._timer: Optional[threading.Timer] = None
+        self.received: int | None = None
+        self._timer: threading.Timer | None = None
 
     def kill_children(self) -> None:
         for child in list(self.children()):
@@ -113,8 +114,9 @@ class StopForwarder:
 
 
 @contextlib.contextmanager
-def forward_stop_signals(children: Optional[Callable[[], Iterable[Any]]],
-                         grace: Optional[float] = None) -> Iterator[StopForwarder]:
+def forward_stop_signals(
+    children: Callable[[], Iterable[Any]] | None, grace: float | None = None
+) -> Iterator[StopForwarder]:
     """Within the block, the stop signals go to `children()` (see the module
     docstring); with `children=None` (the work runs in this process) a stop
     signal raises `Stopped` where the block is. Only the main thread can
@@ -123,7 +125,7 @@ def forward_stop_signals(children: Optional[Callable[[], Iterable[Any]]],
     if threading.current_thread() is not threading.main_thread():
         yield forwarder
         return
-    previous: List[Any] = [signal.signal(s, forwarder.handle) for s in STOP_SIGNALS]
+    previous: list[Any] = [signal.signal(s, forwarder.handle) for s in STOP_SIGNALS]
     try:
         yield forwarder
     finally:

@@ -71,7 +71,8 @@ def feature_model():
     from helpers import perturb_
 
     torch.manual_seed(0)
-    model = create_model("convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2,
-                         num_classes=5).eval()
+    model = create_model(
+        "convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2, num_classes=5
+    ).eval()
     perturb_(model, 1)
     return model

@@ -11,7 +11,6 @@ import sys
 import tempfile
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 
@@ -22,12 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = REPO / "tools" / "run_distributed_engines.py"
 
 
-def folder_overrides(root: Path) -> List[str]:
+def folder_overrides(root: Path) -> list[str]:
     """An image folder's train/ and val/ as the training and the test split."""
     return data_overrides(root / "train", root / "val")
 
 
-def run_engine(overrides: List[str], cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run_engine(overrides: list[str], cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """`python tools/run_distributed_engines.py OVERRIDES` from `cwd` (not the repo)."""
     proc = run_warm([str(RUN_SCRIPT), *overrides], cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
@@ -35,7 +34,7 @@ def run_engine(overrides: List[str], cwd: Path, timeout: int = 300, check: bool 
     return proc
 
 
-def filelist_overrides(root: Path, labels: str) -> List[str]:
+def filelist_overrides(root: Path, labels: str) -> list[str]:
     """DATA_PATHS / LABEL_PATHS of `digits_filelists`; `labels` is "labels" or "voc_labels"."""
     return [
         f"config.DATA.TRAIN.DATA_PATHS=[{root / 'train_images.npy'}]",
@@ -45,7 +44,7 @@ def filelist_overrides(root: Path, labels: str) -> List[str]:
     ]
 
 
-def run_tool(tool: str, overrides: List[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_tool(tool: str, overrides: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python tools/<tool>.py OVERRIDES` from `cwd`; fails the test on a non-zero exit."""
     proc = run_warm([str(REPO / "tools" / f"{tool}.py"), *overrides], cwd=cwd, timeout=timeout)
     if proc.returncode != 0:
@@ -89,20 +88,20 @@ class WarmProcess:
     the part of subprocess.Popen the tests use: pid, poll(), wait(timeout),
     kill() (of its process group: the ranks it started too), returncode."""
 
-    def __init__(self, process: BaseProcess, argv: List[str]) -> None:
+    def __init__(self, process: BaseProcess, argv: list[str]) -> None:
         self.process, self.args, self.pid = process, argv, process.pid
 
     @property
-    def returncode(self) -> Optional[int]:
+    def returncode(self) -> int | None:
         return self.process.exitcode
 
-    def wait(self, timeout: Optional[float] = None) -> int:
+    def wait(self, timeout: float | None = None) -> int:
         self.process.join(timeout)
         if self.process.exitcode is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.process.exitcode
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         return self.process.exitcode
 
     def kill(self) -> None:
@@ -112,19 +111,22 @@ class WarmProcess:
             pass
 
 
-def start_warm(argv: List[str], cwd: Path, output: Path, forked_ranks: bool = True) -> WarmProcess:
+def start_warm(argv: list[str], cwd: Path, output: Path, forked_ranks: bool = True) -> WarmProcess:
     """Start `python ARGV` from `cwd` in a fork of a Python that has already
     imported VISSL (tests/warm.py): the same script, arguments and environment
     (PYTHONWARNINGS=ignore), without 6-8 s of imports per run, in a process group
     of its own; stdout and stderr go to `output`. With `forked_ranks` the ranks
     VISSL starts are forks of it too (`fork_ranks`), else fresh interpreters."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    process = warm.start(argv, output=output, cwd=cwd, env=env, new_session=True,
-                         prepare=fork_ranks if forked_ranks else None)
+    process = warm.start(
+        argv, output=output, cwd=cwd, env=env, new_session=True, prepare=fork_ranks if forked_ranks else None
+    )
     return WarmProcess(process, argv)
 
 
-def run_warm(argv: List[str], cwd: Path, timeout: float = 300, forked_ranks: bool = True) -> subprocess.CompletedProcess:
+def run_warm(
+    argv: list[str], cwd: Path, timeout: float = 300, forked_ranks: bool = True
+) -> subprocess.CompletedProcess:
     """`start_warm`, waited for; its output as text, as subprocess.run(..., text=True) gives it."""
     with tempfile.NamedTemporaryFile(prefix="warm_run_", suffix=".log", delete=False) as f:
         output = Path(f.name)
@@ -152,9 +154,9 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen))
 
 
-def block_outputs(model: torch.nn.Module, x: torch.Tensor) -> Dict[int, torch.Tensor]:
+def block_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
     """Raw output of every block of a ConViT on `x`, captured by forward hooks."""
-    outs: Dict[int, torch.Tensor] = {}
+    outs: dict[int, torch.Tensor] = {}
     handles = [b.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o)) for i, b in enumerate(model.blocks)]
     try:
         with torch.no_grad():
@@ -176,15 +178,24 @@ def vissl_builtin_trunk(width: int, heads: int, qkv_bias: bool, mlp_dim: int, se
     from convit_ssl.vissl.configs import compose
 
     vt = "config.MODEL.TRUNK.VISION_TRANSFORMERS."
-    _, cfg = compose([
-        "config=test/convit_ssl/supervised_micro_synthetic",
-        "config.MODEL.TRUNK.NAME=convit",
-        f"{vt}IMAGE_SIZE=32", f"{vt}PATCH_SIZE=8", f"{vt}HIDDEN_DIM={width}", f"{vt}NUM_HEADS={heads}",
-        f"{vt}NUM_LAYERS=3", f"{vt}MLP_DIM={mlp_dim}", f"{vt}QKV_BIAS={qkv_bias}",
-        f"{vt}DROP_PATH_RATE=0", f"{vt}DROPOUT_RATE=0", f"{vt}ATTENTION_DROPOUT_RATE=0",
-        "config.MODEL.TRUNK.CONVIT.N_GPSA_LAYERS=2",
-        f"config.MODEL.TRUNK.CONVIT.LOCALITY_DIM={LOCALITY_DIM}",
-    ])
+    _, cfg = compose(
+        [
+            "config=test/convit_ssl/supervised_micro_synthetic",
+            "config.MODEL.TRUNK.NAME=convit",
+            f"{vt}IMAGE_SIZE=32",
+            f"{vt}PATCH_SIZE=8",
+            f"{vt}HIDDEN_DIM={width}",
+            f"{vt}NUM_HEADS={heads}",
+            f"{vt}NUM_LAYERS=3",
+            f"{vt}MLP_DIM={mlp_dim}",
+            f"{vt}QKV_BIAS={qkv_bias}",
+            f"{vt}DROP_PATH_RATE=0",
+            f"{vt}DROPOUT_RATE=0",
+            f"{vt}ATTENTION_DROPOUT_RATE=0",
+            "config.MODEL.TRUNK.CONVIT.N_GPSA_LAYERS=2",
+            f"config.MODEL.TRUNK.CONVIT.LOCALITY_DIM={LOCALITY_DIM}",
+        ]
+    )
     torch.manual_seed(seed)
     trunk = VisslConViT(cfg.MODEL, "convit")
     gen = torch.Generator().manual_seed(seed + 1)
@@ -207,7 +218,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def kmeans_on_ranks(memory: torch.Tensor, clusters: int, world: int, out: Path) -> Dict[str, torch.Tensor]:
+def kmeans_on_ranks(memory: torch.Tensor, clusters: int, world: int, out: Path) -> dict[str, torch.Tensor]:
     """DeepCluster-v2's distributed k-means (upstream.cluster_memory) on `world`
     gloo processes, each holding a consecutive share of `memory`; rank 0's result
     (tests/kmeans_ranks.py)."""
@@ -227,7 +238,14 @@ def assert_started_from_resampled(pos_embed, pretrained, old_grid=(4, 4), new_gr
 
     resampled = resample_state_dict({"pos_embed": pretrained}, new_grid, old_grid)["pos_embed"]
     width = pretrained.shape[-1]
-    fresh = create_model("convit_tiny", img_size=8 * new_grid[0], patch_size=8, width=width, depth=2,
-                         num_gpsa_layers=1, num_heads=width // 12).pos_embed.detach()
+    fresh = create_model(
+        "convit_tiny",
+        img_size=8 * new_grid[0],
+        patch_size=8,
+        width=width,
+        depth=2,
+        num_gpsa_layers=1,
+        num_heads=width // 12,
+    ).pos_embed.detach()
     moved = (pos_embed - resampled).abs().max().item()
     assert moved < 0.2 * (fresh - resampled).abs().max().item(), moved

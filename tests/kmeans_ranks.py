@@ -24,10 +24,14 @@ def _rank(rank: int, world: int, port: int, memory: torch.Tensor, clusters: int,
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     share = len(memory) // world
     loss = SimpleNamespace(
-        local_memory_embeddings=memory[rank * share:(rank + 1) * share].unsqueeze(0).clone(),
+        local_memory_embeddings=memory[rank * share : (rank + 1) * share].unsqueeze(0).clone(),
         local_memory_index=torch.arange(rank * share, (rank + 1) * share),
-        num_clusters=[clusters], embedding_dim=memory.shape[1], nmb_kmeans_iters=10, nmb_mbs=1,
-        assignments=-100 * torch.ones(1, len(memory), dtype=torch.long), centroids0=torch.zeros(clusters, memory.shape[1]),
+        num_clusters=[clusters],
+        embedding_dim=memory.shape[1],
+        nmb_kmeans_iters=10,
+        nmb_mbs=1,
+        assignments=-100 * torch.ones(1, len(memory), dtype=torch.long),
+        centroids0=torch.zeros(clusters, memory.shape[1]),
     )
     # rank 0 starts from its first `clusters` embeddings, whatever the world size
     torch.randperm = lambda n, *args, **kwargs: torch.arange(n)

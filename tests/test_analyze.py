@@ -17,16 +17,16 @@ import re
 import runpy
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO
 from convit_ssl import cli
 from convit_ssl.analysis import analyze, plots
+from convit_ssl.analysis.pipeline import IMAGENET_MEAN, IMAGENET_STD, find_images, load_model, run_analysis
 from convit_ssl.analysis.plots import (
     CURVES_PIXELS,
     GATING_PIXELS,
@@ -36,10 +36,10 @@ from convit_ssl.analysis.plots import (
     figure_pixels,
 )
 from convit_ssl.analysis.training_log import read_training_log
-from convit_ssl.analysis.pipeline import IMAGENET_MEAN, IMAGENET_STD, find_images, load_model, run_analysis
 from convit_ssl.checkpoints.formats import Weights, write
 from convit_ssl.checkpoints.io import save_checkpoint
 from convit_ssl.models import ConViT, create_model
+from helpers import REPO
 
 TOOL = REPO / "tools" / "analyze.py"
 TINY = dict(img_size=32, patch_size=8, width=32, num_heads=4, depth=4, num_gpsa_layers=2, num_classes=0)
@@ -52,7 +52,7 @@ ALL_FIGURES = ["analysis.json", "gating.png", "nonlocality.png", "attention_comb
 
 # --------------------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
-def state() -> Dict[str, torch.Tensor]:
+def state() -> dict[str, torch.Tensor]:
     """Weights of the tiny model, perturbed to look trained (gates spread, heads not all local)."""
     torch.manual_seed(0)
     model = create_model("convit_tiny", **TINY)
@@ -67,11 +67,13 @@ def state() -> Dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, state) -> Dict[str, Path]:
+def checkpoints(tmp_path_factory, state) -> dict[str, Path]:
     """The tiny model saved in every format, with the writers of convit_ssl.checkpoints."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    return {fmt: save_checkpoint(write(Weights(dict(state)), fmt), folder / f"tiny_{fmt}.pth")
-            for fmt in ("timm", "vissl", "vissl_convit")}
+    return {
+        fmt: save_checkpoint(write(Weights(dict(state)), fmt), folder / f"tiny_{fmt}.pth")
+        for fmt in ("timm", "vissl", "vissl_convit")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def image_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _expected_images(root: Path, names: List[str], size: int) -> torch.Tensor:
+def _expected_images(root: Path, names: list[str], size: int) -> torch.Tensor:
     """The model input computed without torchvision: RGB, shorter side to `size`
     (bicubic), centre crop, /255, ImageNet mean/std."""
     batch = []
@@ -113,7 +115,7 @@ def _expected_images(root: Path, names: List[str], size: int) -> torch.Tensor:
     return torch.stack(batch)
 
 
-def _expected_model(state: Dict[str, torch.Tensor], norm_eps: float) -> ConViT:
+def _expected_model(state: dict[str, torch.Tensor], norm_eps: float) -> ConViT:
     model = ConViT(**{**TINY, "norm_eps": norm_eps})
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -135,7 +137,7 @@ def _assert_same(actual: Any, expected: Any, where: str = "analysis", tol: float
         assert actual == expected, where
 
 
-def _strict_json(path: Path) -> Dict[str, Any]:
+def _strict_json(path: Path) -> dict[str, Any]:
     def refuse(constant: str) -> None:
         raise AssertionError(f"{path.name} holds {constant}: not strict JSON")
 
@@ -151,19 +153,22 @@ def _png(path: Path) -> Image.Image:
     return image
 
 
-def _cli(args: List[str]) -> int:
+def _cli(args: list[str]) -> int:
     try:
         return cli.main(["analyze", *args])
     except SystemExit as e:  # parser.exit on user errors
         return e.code
 
 
-def _record(iteration: int, gates: List[List[float]], nonloc: List[List[float]]) -> Dict[str, Any]:
+def _record(iteration: int, gates: list[list[float]], nonloc: list[list[float]]) -> dict[str, Any]:
     """A record of the analysis hook's JSON-lines log."""
     layers = []
     for index, combined in enumerate(nonloc):
-        layer: Dict[str, Any] = {"index": index, "kind": "gpsa" if index < len(gates) else "mhsa",
-                                 "nonlocality": {"combined": combined}}
+        layer: dict[str, Any] = {
+            "index": index,
+            "kind": "gpsa" if index < len(gates) else "mhsa",
+            "nonlocality": {"combined": combined},
+        }
         if index < len(gates):
             layer["gate"] = gates[index]
             layer["nonlocality"].update(positional=[1.0] * len(combined), content=[2.0] * len(combined))
@@ -171,7 +176,7 @@ def _record(iteration: int, gates: List[List[float]], nonloc: List[List[float]])
     return {"iteration": iteration, "epoch": iteration // 10, "num_images": 4, "grid": [4, 4], "layers": layers}
 
 
-def _write_log(path: Path, records: List[Dict[str, Any]], tail: str = "") -> Path:
+def _write_log(path: Path, records: list[dict[str, Any]], tail: str = "") -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
     return path
 
@@ -188,8 +193,7 @@ def test_cli_writes_figures_and_json_equal_to_analyze(fmt, checkpoints, state, i
     assert _png(out / "gating.png").size == GATING_PIXELS == (800, 480)
     assert _png(out / "nonlocality.png").size == NONLOCALITY_PIXELS == (960, 480)
     assert _png(out / "attention_combined.png").size == figure_pixels(attention_figsize(DEPTH, HEADS, (32, 32)))
-    assert _png(out / "attention_positional.png").size == figure_pixels(
-        attention_figsize(GPSA_LAYERS, HEADS, (32, 32)))
+    assert _png(out / "attention_positional.png").size == figure_pixels(attention_figsize(GPSA_LAYERS, HEADS, (32, 32)))
 
     data = _strict_json(out / "analysis.json")
     assert data["format"] == fmt and data["images"] == IMAGE_FILES
@@ -205,14 +209,16 @@ def test_cli_writes_figures_and_json_equal_to_analyze(fmt, checkpoints, state, i
     _assert_same(nonloc["combined"], [layer["nonlocality"]["combined"] for layer in expected["layers"]])
     assert nonloc["positional_mean"][GPSA_LAYERS:] == [None] * (DEPTH - GPSA_LAYERS)
     panel_max = data["figures"]["attention_combined.png"]["panel_max"]
-    _assert_same(panel_max, [[float(np.max(m)) for m in layer["attention_map"]["combined"][0]]
-                             for layer in expected["layers"]])
+    _assert_same(
+        panel_max, [[float(np.max(m)) for m in layer["attention_map"]["combined"][0]] for layer in expected["layers"]]
+    )
 
 
 def test_query_image_size_and_number_of_images(checkpoints, state, image_dir, tmp_path):
     out = tmp_path / "out"
-    written = run_analysis(checkpoints["timm"], image_dir, out, query=(0, 3), num_images=2, image_size=48,
-                           log=lambda _: None)
+    written = run_analysis(
+        checkpoints["timm"], image_dir, out, query=(0, 3), num_images=2, image_size=48, log=lambda _: None
+    )
     assert [p.name for p in written] == ALL_FIGURES
     data = _strict_json(out / "analysis.json")
     assert data["images"] == IMAGE_FILES[:2] and data["image_size"] == [48, 48]
@@ -229,8 +235,10 @@ def test_official_release_with_head_loads_trunk_only(state, tmp_path):
     torch.save({"model": {**state, **head}}, path)
     model, info = load_model(path)
     assert info["format"] == "timm" and model.num_classes == 0
-    assert info["notes"] == ["read timm weights from the 'model' entry",
-                             "classifier head(s) not loaded (the analysis uses the trunk only)"]
+    assert info["notes"] == [
+        "read timm weights from the 'model' entry",
+        "classifier head(s) not loaded (the analysis uses the trunk only)",
+    ]
     for key, value in state.items():
         assert torch.equal(model.state_dict()[key], value), key
 
@@ -250,11 +258,17 @@ def test_deit_checkpoint_needs_arch_and_has_no_gating(image_dir, tmp_path, capsy
 
 # --------------------------------------------------------------------------- training curves
 def test_curves_from_log_tolerate_truncated_last_line(checkpoints, image_dir, tmp_path, capsys):
-    gates = {0: [[0.7, 0.8, 0.6, 0.9], [0.7, 0.7, 0.7, 0.7]], 10: [[0.5, 0.6, 0.7, 0.8], [0.2, 0.3, 0.1, 0.2]],
-             20: [[0.4, 0.4, 0.4, 0.4], [0.1, 0.1, 0.1, 0.3]]}
+    gates = {
+        0: [[0.7, 0.8, 0.6, 0.9], [0.7, 0.7, 0.7, 0.7]],
+        10: [[0.5, 0.6, 0.7, 0.8], [0.2, 0.3, 0.1, 0.2]],
+        20: [[0.4, 0.4, 0.4, 0.4], [0.1, 0.1, 0.1, 0.3]],
+    }
     nonloc = {it: [[1.0 + it / 10 * k + h / 10 for h in range(HEADS)] for k in range(DEPTH)] for it in gates}
-    log = _write_log(tmp_path / "convit_analysis.jsonl", [_record(it, gates[it], nonloc[it]) for it in gates],
-                     tail='{"iteration": 30, "epoch": 3, "layers": [{"ind')  # killed while writing
+    log = _write_log(
+        tmp_path / "convit_analysis.jsonl",
+        [_record(it, gates[it], nonloc[it]) for it in gates],
+        tail='{"iteration": 30, "epoch": 3, "layers": [{"ind',
+    )  # killed while writing
     out = tmp_path / "out"
     assert _cli([str(checkpoints["vissl"]), "--images", str(image_dir), "--out", str(out), "--log", str(log)]) == 0
     assert "skipped the incomplete last line 4" in capsys.readouterr().out
@@ -270,8 +284,11 @@ def test_curves_from_log_tolerate_truncated_last_line(checkpoints, image_dir, tm
 
 
 def test_curves_data_last_record_wins_and_figure_is_labelled():
-    records = [_record(5, [[0.1] * 2], [[1.0] * 2, [3.0] * 2]), _record(0, [[0.9] * 2], [[1.0] * 2, [2.0] * 2]),
-               _record(5, [[0.3] * 2], [[1.0] * 2, [4.0] * 2])]  # iteration 5 again (a resumed run)
+    records = [
+        _record(5, [[0.1] * 2], [[1.0] * 2, [3.0] * 2]),
+        _record(0, [[0.9] * 2], [[1.0] * 2, [2.0] * 2]),
+        _record(5, [[0.3] * 2], [[1.0] * 2, [4.0] * 2]),
+    ]  # iteration 5 again (a resumed run)
     data = plots.curves_data(records)
     assert data["iterations"] == [0, 5] and data["gate_mean"]["0"] == pytest.approx([0.9, 0.3])
     assert data["nonlocality_mean"]["1"] == pytest.approx([2.0, 4.0])
@@ -285,21 +302,32 @@ def test_curves_data_last_record_wins_and_figure_is_labelled():
     assert "Training dynamics" in fig.get_suptitle()
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"iteration": 1, "layers": []}\n', r"line 1: 'layers' must be a non-empty list"),
-    ('{"epoch": 1}\n', r"line 1: 'iteration' must be an integer, got None"),
-    ('{"iteration": 0, "layers": [{"index": 0, "kind": "gpsa", "nonlocality": {"combined": [1.0]}}]}\n',
-     r"line 1: layers\[0\].gate: expected a non-empty list of numbers"),
-    ('{"iteration": 0, "layers": [{"index": 0, "kind": "conv", "nonlocality": {}}]}\n',
-     r"line 1: layers\[0\].kind must be 'gpsa' or 'mhsa', got 'conv'"),
-    ('{"iteration": 0, "layers": [{"index": 0, "kind": "mhsa", "nonlocality": {"combined": ["x"]}}]}\n',
-     r"line 1: layers\[0\].nonlocality.combined: expected a non-empty list of numbers"),
-    ('{"iteration": 0, "lay\n{"iteration": 1}\n', r"line 1: not valid JSON"),
-    ('{"iteration": 0, "layers": [{"index": 0, "kind": "mhsa", "nonlocality": {"combined": [1]}}]}\n{"iter\n',
-     r"line 2: not valid JSON"),  # a bad line that ends with a newline was not cut off: an error
-    ("\n\n", r"no records"),
-    ('{"iteration": 0, "la', r"no records \(line 1 is incomplete\)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"iteration": 1, "layers": []}\n', r"line 1: 'layers' must be a non-empty list"),
+        ('{"epoch": 1}\n', r"line 1: 'iteration' must be an integer, got None"),
+        (
+            '{"iteration": 0, "layers": [{"index": 0, "kind": "gpsa", "nonlocality": {"combined": [1.0]}}]}\n',
+            r"line 1: layers\[0\].gate: expected a non-empty list of numbers",
+        ),
+        (
+            '{"iteration": 0, "layers": [{"index": 0, "kind": "conv", "nonlocality": {}}]}\n',
+            r"line 1: layers\[0\].kind must be 'gpsa' or 'mhsa', got 'conv'",
+        ),
+        (
+            '{"iteration": 0, "layers": [{"index": 0, "kind": "mhsa", "nonlocality": {"combined": ["x"]}}]}\n',
+            r"line 1: layers\[0\].nonlocality.combined: expected a non-empty list of numbers",
+        ),
+        ('{"iteration": 0, "lay\n{"iteration": 1}\n', r"line 1: not valid JSON"),
+        (
+            '{"iteration": 0, "layers": [{"index": 0, "kind": "mhsa", "nonlocality": {"combined": [1]}}]}\n{"iter\n',
+            r"line 2: not valid JSON",
+        ),  # a bad line that ends with a newline was not cut off: an error
+        ("\n\n", r"no records"),
+        ('{"iteration": 0, "la', r"no records \(line 1 is incomplete\)"),
+    ],
+)
 def test_bad_training_logs_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "log.jsonl"
     path.write_text(content, encoding="utf-8")
@@ -308,17 +336,20 @@ def test_bad_training_logs_name_file_and_line(tmp_path, content, message):
 
 
 # --------------------------------------------------------------------------- errors leave nothing behind
-@pytest.mark.parametrize("case, message", [
-    ("missing_images", r"image folder '.*nowhere' does not exist"),
-    ("empty_images", r"no images under '.*empty' \(looked for .jpg"),
-    ("unreadable_image", r"cannot read image '.*broken.png'"),
-    ("query", r"query patch \(4, 0\) outside the 4x4 grid"),
-    ("format", r"was declared timm but holds a vissl checkpoint"),
-    ("missing_checkpoint", r"checkpoint '.*absent.pth' does not exist"),
-    ("log", r"log.jsonl, line 1: not valid JSON"),
-    ("mean", r"--mean needs 3 values \(one per channel\), got \[0.5\]"),
-    ("image_size", r"image size 30 is not a positive multiple of the patch size 8"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_images", r"image folder '.*nowhere' does not exist"),
+        ("empty_images", r"no images under '.*empty' \(looked for .jpg"),
+        ("unreadable_image", r"cannot read image '.*broken.png'"),
+        ("query", r"query patch \(4, 0\) outside the 4x4 grid"),
+        ("format", r"was declared timm but holds a vissl checkpoint"),
+        ("missing_checkpoint", r"checkpoint '.*absent.pth' does not exist"),
+        ("log", r"log.jsonl, line 1: not valid JSON"),
+        ("mean", r"--mean needs 3 values \(one per channel\), got \[0.5\]"),
+        ("image_size", r"image size 30 is not a positive multiple of the patch size 8"),
+    ],
+)
 def test_bad_inputs_exit_2_with_clear_error_and_no_files(case, message, checkpoints, image_dir, tmp_path, capsys):
     images, checkpoint, extra = image_dir, checkpoints["vissl"], []
     if case == "missing_images":
@@ -403,8 +434,11 @@ def test_figures_have_titles_labelled_axes_and_legends(state, image_dir):
     assert "Nonlocality" in ax.get_title() and ax.get_xlabel() == "layer"
     assert ax.get_ylabel() == "nonlocality (patches)" and list(ax.get_xticks()) == list(range(DEPTH))
     labels = [t.get_text() for t in nonloc.legends[0].get_texts()]
-    assert labels[:HEADS + 3] == [f"head {h}" for h in range(HEADS)] + [
-        "mean (combined)", "mean (positional term)", "mean (content term)"]
+    assert labels[: HEADS + 3] == [f"head {h}" for h in range(HEADS)] + [
+        "mean (combined)",
+        "mean (positional term)",
+        "mean (content term)",
+    ]
     assert labels[-1].startswith("uniform attention")
 
     image = np.random.default_rng(0).random((32, 32, 3))
@@ -413,7 +447,11 @@ def test_figures_have_titles_labelled_axes_and_legends(state, image_dir):
     assert len(panels) == DEPTH * HEADS
     assert [ax.get_title() for ax in panels[:HEADS]] == [f"head {h}" for h in range(HEADS)]
     assert [panels[r * HEADS].get_ylabel() for r in range(DEPTH)] == [
-        "layer 0\nGPSA", "layer 1\nGPSA", "layer 2\nMHSA", "layer 3\nMHSA"]
+        "layer 0\nGPSA",
+        "layer 1\nGPSA",
+        "layer 2\nMHSA",
+        "layer 3\nMHSA",
+    ]
     assert attention.axes[-1].get_ylabel() == "weight / panel max"
     assert any("Query patch (2, 2)" in t.get_text() for t in attention.texts)
     positional = plots.attention_figure(report, image, term="positional")
@@ -447,9 +485,15 @@ def test_save_png_is_atomic_and_sized(tmp_path, state, image_dir):
 
 
 def test_find_images_sorted_by_relative_path_and_limited(image_dir):
-    every = sorted((p for p in image_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg")
-                    and not any(part.startswith(".") for part in p.relative_to(image_dir).parts)),
-                   key=lambda p: p.relative_to(image_dir).as_posix())
+    every = sorted(
+        (
+            p
+            for p in image_dir.rglob("*")
+            if p.suffix.lower() in (".png", ".jpg")
+            and not any(part.startswith(".") for part in p.relative_to(image_dir).parts)
+        ),
+        key=lambda p: p.relative_to(image_dir).as_posix(),
+    )
     assert [p.relative_to(image_dir).as_posix() for p in every] == IMAGE_FILES
     assert find_images(image_dir) == every and find_images(image_dir, 2) == every[:2]
     with pytest.raises(ValueError, match="the number of images must be at least 1, got 0"):
@@ -461,14 +505,32 @@ def test_find_images_sorted_by_relative_path_and_limited(image_dir):
 # --------------------------------------------------------------------------- tools/analyze.py
 def test_tool_script(checkpoints, image_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", [str(TOOL), str(checkpoints["vissl_convit"]), "--images", str(image_dir),
-                                      "--out", str(out), "--num-images", "1", "--query", "0", "0"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(TOOL),
+            str(checkpoints["vissl_convit"]),
+            "--images",
+            str(image_dir),
+            "--out",
+            str(out),
+            "--num-images",
+            "1",
+            "--query",
+            "0",
+            "0",
+        ],
+    )
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(TOOL), run_name="__main__")
     assert exit_info.value.code == 0 and "wrote:" in capsys.readouterr().out
     assert _strict_json(out / "analysis.json")["analysis"]["query"] == [0, 0]
-    monkeypatch.setattr(sys, "argv", [str(TOOL), str(checkpoints["timm"]), "--images", str(tmp_path / "none"),
-                                      "--out", str(tmp_path / "out2")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(TOOL), str(checkpoints["timm"]), "--images", str(tmp_path / "none"), "--out", str(tmp_path / "out2")],
+    )
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(TOOL), run_name="__main__")
     assert exit_info.value.code == 2

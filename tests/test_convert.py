@@ -11,20 +11,20 @@ import pathlib
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO
 from convit_ssl import create_model
 from convit_ssl.checkpoints import io as ckpt_io
+from convit_ssl.checkpoints.convert import ConvertConfig
 from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS, vissl_convit_to_timm
-from convit_ssl.checkpoints.convert import ConvertConfig
 from convit_ssl.cli.convert import load_config, run
 from convit_ssl.vissl.trunk import named_features
+from helpers import REPO
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 TINY = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2)
@@ -36,11 +36,11 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _convert(inp: Path, out: Path, **fields: Any) -> Dict[str, Any]:
+def _convert(inp: Path, out: Path, **fields: Any) -> dict[str, Any]:
     return run(ConvertConfig(input=str(inp), output=str(out), **fields), log=_quiet)
 
 
-def _perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> Dict[str, torch.Tensor]:
+def _perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> dict[str, torch.Tensor]:
     """The model's state dict with every float tensor perturbed (looks trained:
     no zero biases, no unit norms, gates spread)."""
     gen = torch.Generator().manual_seed(seed)
@@ -54,26 +54,29 @@ def _perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> Di
     return out
 
 
-def _tiny_state(num_classes: int = CLASSES, seed: int = 0, **overrides) -> Dict[str, torch.Tensor]:
+def _tiny_state(num_classes: int = CLASSES, seed: int = 0, **overrides) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return _perturbed(create_model("convit_tiny", **{**TINY, **overrides}, num_classes=num_classes), seed)
 
 
-def _tiny_model(state: Dict[str, torch.Tensor], num_classes: int = 0, **overrides) -> torch.nn.Module:
+def _tiny_model(state: dict[str, torch.Tensor], num_classes: int = 0, **overrides) -> torch.nn.Module:
     model = create_model("convit_tiny", **{**TINY, **overrides}, num_classes=num_classes)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
 
 
-def _split(timm_sd: Dict[str, torch.Tensor]):
+def _split(timm_sd: dict[str, torch.Tensor]):
     trunk = {k: v for k, v in timm_sd.items() if not k.startswith("head.")}
     heads = {f"0.clf.0.{k[5:]}": v for k, v in timm_sd.items() if k.startswith("head.")}
     return trunk, heads
 
 
-def _vissl(trunk: Dict[str, torch.Tensor], heads: Optional[Dict[str, torch.Tensor]] = None, prefix: str = "") -> dict:
-    return {"classy_state_dict": {"base_model": {"model": {
-        "trunk": {prefix + k: v for k, v in trunk.items()}, "heads": dict(heads or {})}}}}
+def _vissl(trunk: dict[str, torch.Tensor], heads: dict[str, torch.Tensor] | None = None, prefix: str = "") -> dict:
+    return {
+        "classy_state_dict": {
+            "base_model": {"model": {"trunk": {prefix + k: v for k, v in trunk.items()}, "heads": dict(heads or {})}}
+        }
+    }
 
 
 def _parts(obj: dict):
@@ -85,7 +88,7 @@ def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_identical(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> None:
+def _assert_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == want[k].dtype, k
@@ -101,7 +104,7 @@ def _folder(path: Path) -> set:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> Dict[str, torch.Tensor]:
+def tiny() -> dict[str, torch.Tensor]:
     """A perturbed tiny ConViT (32 px, patch 8, width 48, 2 GPSA + 1 MHSA) with a 5-class head."""
     return _tiny_state()
 
@@ -170,7 +173,10 @@ def test_vissl_convit_converts_verified(tmp_path, vissl_convit_trunk, target, ke
     Observed max_abs_diff: 1.4e-6 (-> vissl), 1.4e-6 (-> timm; 9.5e-7 source vs target)."""
     sd = vissl_convit_trunk.state_dict()
     gen = torch.Generator().manual_seed(5)
-    heads = {"0.clf.0.weight": 0.1 * torch.randn(CLASSES, 48, generator=gen), "0.clf.0.bias": torch.randn(CLASSES, generator=gen)}
+    heads = {
+        "0.clf.0.weight": 0.1 * torch.randn(CLASSES, 48, generator=gen),
+        "0.clf.0.bias": torch.randn(CLASSES, generator=gen),
+    }
     torch.save(_vissl(sd, heads), tmp_path / "vc.torch")
     out = tmp_path / "out"
     report = _convert(tmp_path / "vc.torch", out, target_format=target, keep_head=keep_head)
@@ -208,7 +214,7 @@ def test_official_release_to_vissl(tmp_path, tiny, wrapper):
 
 # --------------------------------------------------------------------------- 2./3. real shapes
 @pytest.fixture(scope="module")
-def small_state() -> Dict[str, torch.Tensor]:
+def small_state() -> dict[str, torch.Tensor]:
     """convit_small at 224 with a 7-class head, random perturbed weights."""
     torch.manual_seed(1)
     return _perturbed(create_model("convit_small", num_classes=7), seed=1)
@@ -225,8 +231,12 @@ def test_real_shapes_round_trip(tmp_path, small_state, arch):
         del model
     torch.save(state, tmp_path / "a.pth")
     verify = arch == "convit_tiny"
-    r1 = _convert(tmp_path / "a.pth", tmp_path / "b.torch", target_format="vissl", arch=arch, verify=verify, verify_batch=1)
-    r2 = _convert(tmp_path / "b.torch", tmp_path / "c.pth", target_format="timm", arch=arch, verify=verify, verify_batch=1)
+    r1 = _convert(
+        tmp_path / "a.pth", tmp_path / "b.torch", target_format="vissl", arch=arch, verify=verify, verify_batch=1
+    )
+    r2 = _convert(
+        tmp_path / "b.torch", tmp_path / "c.pth", target_format="timm", arch=arch, verify=verify, verify_batch=1
+    )
     assert r1["model"]["img_size"] == 224 and r1["model"]["depth"] == 12 and r1["model"]["num_gpsa_layers"] == 10
     if verify:
         assert r1["max_abs_diff"] < 1e-4 and r2["max_abs_diff"] < 1e-4
@@ -272,7 +282,7 @@ def _eval_mlp(width: int = 48, seed: int = 7) -> torch.nn.Module:
     return head.eval()
 
 
-def _eval_mlp_heads(width: int = 48, seed: int = 7) -> Dict[str, torch.Tensor]:
+def _eval_mlp_heads(width: int = 48, seed: int = 7) -> dict[str, torch.Tensor]:
     return {f"0.{k}": v for k, v in _eval_mlp(width, seed).state_dict().items()}
 
 
@@ -320,8 +330,12 @@ def test_plain_head_reference_is_vissls_head(kind):
 def test_two_layer_head_needs_keep_head_false(tmp_path, tiny):
     trunk, _ = _split(tiny)
     gen = torch.Generator().manual_seed(0)
-    heads = {"0.clf.0.weight": torch.randn(10, 48, generator=gen), "0.clf.0.bias": torch.randn(10, generator=gen),
-             "0.clf.2.weight": torch.randn(CLASSES, 10, generator=gen), "0.clf.2.bias": torch.randn(CLASSES, generator=gen)}
+    heads = {
+        "0.clf.0.weight": torch.randn(10, 48, generator=gen),
+        "0.clf.0.bias": torch.randn(10, generator=gen),
+        "0.clf.2.weight": torch.randn(CLASSES, 10, generator=gen),
+        "0.clf.2.bias": torch.randn(CLASSES, generator=gen),
+    }
     torch.save(_vissl(trunk, heads), tmp_path / "mlp2.torch")
     with pytest.raises(CheckpointError, match="keep_head=false") as info:
         _convert(tmp_path / "mlp2.torch", tmp_path / "out.pth", target_format="timm")
@@ -397,7 +411,9 @@ def test_resample_non_square(tmp_path, tiny):
     assert new_trunk["pos_embed"].shape == (1, 24, 48)
     x = _images(32, 48)
     with torch.no_grad():
-        torch.testing.assert_close(_tiny_model(new_trunk, img_size=(32, 48))(x), _tiny_model(trunk)(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            _tiny_model(new_trunk, img_size=(32, 48))(x), _tiny_model(trunk)(x), rtol=0, atol=1e-6
+        )
     # Limitation: a non-square file cannot be read again (img_size is inferred from a square grid).
     with pytest.raises(CheckpointError, match="not a square grid"):
         _convert(tmp_path / "b.torch", tmp_path / "c.pth", target_format="timm")
@@ -423,8 +439,12 @@ def test_patch_size_change_keeps_grid(tmp_path, tiny):
     assert new_trunk["patch_embed.proj.weight"].shape == (48, 3, 4, 4)
     x = _images(16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(_tiny_model(new_trunk, img_size=16, patch_size=4)(x),
-                                   _tiny_model(trunk)(F.interpolate(x, scale_factor=2, mode="nearest")), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            _tiny_model(new_trunk, img_size=16, patch_size=4)(x),
+            _tiny_model(trunk)(F.interpolate(x, scale_factor=2, mode="nearest")),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_image_size_not_divisible(tmp_path, tiny):
@@ -477,8 +497,13 @@ def test_failed_conversion_leaves_nothing(tmp_path, tiny, failure, existing):
     if existing:
         (tmp_path / "out.pth").write_bytes(b"old")
     with pytest.raises(CheckpointError, match="verification failed" if failure == "tolerance" else "keep_head=false"):
-        _convert(tmp_path / "a.torch", tmp_path / "out.pth", target_format="timm", overwrite=existing,
-                 verify_tolerance=-1.0 if failure == "tolerance" else 1e-4)
+        _convert(
+            tmp_path / "a.torch",
+            tmp_path / "out.pth",
+            target_format="timm",
+            overwrite=existing,
+            verify_tolerance=-1.0 if failure == "tolerance" else 1e-4,
+        )
     assert _folder(tmp_path) == ({"a.torch", "out.pth"} if existing else {"a.torch"})
     if existing:
         assert (tmp_path / "out.pth").read_bytes() == b"old"
@@ -513,7 +538,7 @@ def test_unreadable_inputs_and_missing_folders(tmp_path, tiny):
     assert _folder(tmp_path) == {"a.pth", "half.pth"}
 
 
-def _corrupt(tiny: Dict[str, torch.Tensor], kind: str):
+def _corrupt(tiny: dict[str, torch.Tensor], kind: str):
     """A timm state dict with one bad key, and that key's name."""
     state = dict(tiny)
     if kind == "missing":
@@ -595,7 +620,12 @@ def test_config_errors():
     with pytest.raises(ValueError, match="not key=value"):
         load_config(["config=timm_to_vissl", "input"])
     cfg = load_config(["config=vissl_resize", "input=a", "output=b", "image_size=[32,48]"])
-    assert (cfg.source_format, cfg.target_format, cfg.keep_head, list(cfg.image_size)) == ("vissl", "vissl", False, [32, 48])
+    assert (cfg.source_format, cfg.target_format, cfg.keep_head, list(cfg.image_size)) == (
+        "vissl",
+        "vissl",
+        False,
+        [32, 48],
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -652,8 +682,18 @@ def test_tool_script(tmp_path, tiny):
 
 def test_cli_module(tmp_path, tiny):
     torch.save(tiny, tmp_path / "in.pth")
-    proc = _run(["-m", "convit_ssl.cli", "convert", "config=timm_to_vissl", "input=in.pth", "output=out.torch",
-                 "keep_head=false"], tmp_path)
+    proc = _run(
+        [
+            "-m",
+            "convit_ssl.cli",
+            "convert",
+            "config=timm_to_vissl",
+            "input=in.pth",
+            "output=out.torch",
+            "keep_head=false",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "head: none" in proc.stdout
     assert _parts(_load(tmp_path / "out.torch"))[1] == {}

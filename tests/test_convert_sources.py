@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import timm
@@ -20,15 +20,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from convit_ssl import create_model
-from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.checkpoints.convert import ConvertConfig
+from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.cli.convert import run
 
 TIMM_TINY = dict(img_size=32, patch_size=8, depth=3, local_up_to_layer=2, num_classes=10, embed_dim=16, num_heads=2)
 VIT_TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
 
 
-def _convert(inp: Path, out, **fields: Any) -> Dict[str, Any]:
+def _convert(inp: Path, out, **fields: Any) -> dict[str, Any]:
     return run(ConvertConfig(input=str(inp), output=str(out), **fields), log=lambda _: None)
 
 
@@ -44,7 +44,7 @@ def _images(size: int = 32) -> torch.Tensor:
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
 
 
-def _vissl_trunk(path: Path) -> Dict[str, torch.Tensor]:
+def _vissl_trunk(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["classy_state_dict"]["base_model"]["model"]["trunk"]
 
 
@@ -108,8 +108,14 @@ def test_hub_folder_of_the_real_convit_tiny_layout(tmp_path):
 
 def test_hub_folder_records_the_preprocessing_asked_for(tmp_path):
     torch.save(_timm_convit().state_dict(), tmp_path / "convit.pth")
-    _convert(tmp_path / "convit.pth", f"{tmp_path / 'out'}/", target_format="timm",
-             mean=[0.3, 0.3, 0.3], std=[0.4, 0.4, 0.4], interpolation="bilinear")
+    _convert(
+        tmp_path / "convit.pth",
+        f"{tmp_path / 'out'}/",
+        target_format="timm",
+        mean=[0.3, 0.3, 0.3],
+        std=[0.4, 0.4, 0.4],
+        interpolation="bilinear",
+    )
     rebuilt = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
     data = timm.data.resolve_data_config(model=rebuilt)
     assert tuple(data["mean"]) == (0.3, 0.3, 0.3) and tuple(data["std"]) == (0.4, 0.4, 0.4)
@@ -123,8 +129,14 @@ def test_hub_folder_output_replaces_only_with_overwrite_and_fails_cleanly(tmp_pa
     with pytest.raises(FileExistsError, match="overwrite=true"):
         _convert(tmp_path / "convit.pth", f"{out}/", target_format="timm")
     with pytest.raises(CheckpointError, match="verification failed"):
-        _convert(tmp_path / "convit.pth", f"{out}/", target_format="timm", overwrite=True, image_size=48,
-                 verify_tolerance=-1.0)
+        _convert(
+            tmp_path / "convit.pth",
+            f"{out}/",
+            target_format="timm",
+            overwrite=True,
+            image_size=48,
+            verify_tolerance=-1.0,
+        )
     assert sorted(os.listdir(tmp_path)) == ["convit.pth", "out"]  # no staging folder left
     assert timm.create_model(f"local-dir:{out}", pretrained=True).patch_embed.img_size == (32, 32)  # the old one
     with pytest.raises(ValueError, match="only timm and vit targets"):
@@ -138,12 +150,28 @@ def test_official_training_checkpoint_loads_with_its_namespace(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     model(_images()).sum().backward()
     optimizer.step()
-    args = argparse.Namespace(model="convit_tiny", lr=5e-4, epochs=300, data_path="/datasets/imagenet",
-                              nb_classes=10, local_up_to_layer=2, locality_strength=1.0, output_dir="out")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": {"t_initial": 300, "base_values": [5e-4], "noise_range_t": None},
-                "epoch": 12, "model_ema": None, "scaler": {"scale": 65536.0, "_growth_tracker": 0}, "args": args},
-               tmp_path / "checkpoint.pth")
+    args = argparse.Namespace(
+        model="convit_tiny",
+        lr=5e-4,
+        epochs=300,
+        data_path="/datasets/imagenet",
+        nb_classes=10,
+        local_up_to_layer=2,
+        locality_strength=1.0,
+        output_dir="out",
+    )
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": {"t_initial": 300, "base_values": [5e-4], "noise_range_t": None},
+            "epoch": 12,
+            "model_ema": None,
+            "scaler": {"scale": 65536.0, "_growth_tracker": 0},
+            "args": args,
+        },
+        tmp_path / "checkpoint.pth",
+    )
     report = _convert(tmp_path / "checkpoint.pth", tmp_path / "convit.torch", target_format="vissl")
     assert report["source_format"] == "timm" and "read timm weights from the 'model' entry" in report["notes"]
     trunk = _vissl_trunk(tmp_path / "convit.torch")
@@ -224,11 +252,14 @@ def test_deit3_layer_scale_and_no_class_slot_convert(tmp_path):
     assert report["max_abs_diff"] < 1e-5  # verified against timm's VisionTransformer holding the file
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("distilled", "distilled DeiT"),
-    ("registers", "registers"),
-    ("avg", "average pooling"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("distilled", "distilled DeiT"),
+        ("registers", "registers"),
+        ("avg", "average pooling"),
+    ],
+)
 def test_vits_without_a_deit_counterpart_are_named(tmp_path, kind, match):
     if kind == "distilled":
         model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2)
@@ -254,18 +285,21 @@ def test_a_vit_is_not_a_convit_and_a_convit_is_not_a_vit(tmp_path):
 
 
 # --------------------------------------------------------------------------- 5. what a file is
-def _resnet_keys() -> Dict[str, torch.Tensor]:
+def _resnet_keys() -> dict[str, torch.Tensor]:
     import torchvision
 
     return torchvision.models.resnet18().state_dict()
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("swin", "Swin Transformer"),
-    ("resnet", "ResNet"),
-    ("vissl_resnet", "VISSL checkpoint of another trunk: a VISSL ResNet"),
-    ("vissl_vit", "VISSL checkpoint of another trunk: VISSL's vision_transformer"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("swin", "Swin Transformer"),
+        ("resnet", "ResNet"),
+        ("vissl_resnet", "VISSL checkpoint of another trunk: a VISSL ResNet"),
+        ("vissl_vit", "VISSL checkpoint of another trunk: VISSL's vision_transformer"),
+    ],
+)
 def test_other_models_are_named(tmp_path, kind, match):
     if kind == "swin":
         obj = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, depths=(1, 1, 1, 1)).state_dict()
@@ -275,8 +309,11 @@ def test_other_models_are_named(tmp_path, kind, match):
         trunk = {f"_feature_blocks.{k}": v for k, v in _resnet_keys().items() if not k.startswith("fc.")}
         obj = {"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": {}}}}}
     else:
-        trunk = {"class_token": torch.zeros(1, 1, 8), "pos_embedding": torch.zeros(1, 17, 8),
-                 "patch_embed.proj.weight": torch.zeros(8, 3, 8, 8)}
+        trunk = {
+            "class_token": torch.zeros(1, 1, 8),
+            "pos_embedding": torch.zeros(1, 17, 8),
+            "patch_embed.proj.weight": torch.zeros(8, 3, 8, 8),
+        }
         obj = {"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": {}}}}}
     torch.save(obj, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=f"{match}.*converts ConViT checkpoints"):
@@ -300,7 +337,9 @@ def test_checkpoint_links_and_folders(tmp_path):
     copied = tmp_path / "copied"
     copied.mkdir()
     (copied / "checkpoint.torch").symlink_to("/elsewhere/run/model_phase3.torch")  # copied without its target
-    with pytest.raises(FileNotFoundError, match="is a link to '/elsewhere/run/model_phase3.torch', which does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match="is a link to '/elsewhere/run/model_phase3.torch', which does not exist"
+    ):
         _convert(copied / "checkpoint.torch", tmp_path / "c.torch", target_format="vissl")
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.subsets import subset_indices
 from convit_ssl.experiments import data_efficiency as de
+from helpers import REPO
 
 DIGITS_CLASSES = [142, 146, 142, 146, 145, 146, 145, 143, 139, 144]  # the digits' training split
 
@@ -57,21 +57,32 @@ def test_verdict_only_where_the_seeds_separate():
     assert de.verdict([80.0], [70.0]) == "one seed: no verdict"
     table = de.markdown_table({"runs": runs})
     assert rows[1]["per_seed_gap"] == {0: -0.2, 1: 2.0, 2: -0.6}
-    assert ("| 10% | 143 | **90.5** (89.9 .. 91.0) | **88.2** (87.5 .. 89.0) | +2.3 | +3.0, +3.0, +0.9 "
-            "| ConViT higher on every seed |") in table
+    assert (
+        "| 10% | 143 | **90.5** (89.9 .. 91.0) | **88.2** (87.5 .. 89.0) | +2.3 | +3.0, +3.0, +0.9 "
+        "| ConViT higher on every seed |"
+    ) in table
 
 
 @pytest.mark.slow
 def test_quick_mode_trains_both_architectures_on_two_fractions(digits, tmp_path):
     out = tmp_path / "efficiency"
-    command = [sys.executable, str(REPO / "tools" / "data_efficiency.py"), "--out", str(out), "--data", str(digits),
-               "--quick"]
-    proc = subprocess.run(command, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=600)
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "data_efficiency.py"),
+        "--out",
+        str(out),
+        "--data",
+        str(digits),
+        "--quick",
+    ]
+    proc = subprocess.run(
+        command, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     results = json.loads((out / "results.json").read_text())
-    assert {(r["arch"], r["fraction"], r["seed"]) for r in results["runs"]} == \
-        {(a, f, 0) for a in ("convit", "deit") for f in (0.25, 1.0)}
+    assert {(r["arch"], r["fraction"], r["seed"]) for r in results["runs"]} == {
+        (a, f, 0) for a in ("convit", "deit") for f in (0.25, 1.0)
+    }
     for run in results["runs"]:
         folder = out / de.run_name(run["arch"], run["fraction"], run["seed"])
         tests = [r for r in run_folder.metrics(folder) if "test_accuracy_list_meter" in r]
@@ -90,8 +101,9 @@ def test_quick_mode_trains_both_architectures_on_two_fractions(digits, tmp_path)
     with Image.open(out / "data_efficiency.png") as image:
         assert min(image.size) > 300
     # finished runs are skipped: a second call trains nothing and changes nothing
-    again = subprocess.run(command, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           timeout=120)
+    again = subprocess.run(
+        command, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120
+    )
     assert again.returncode == 0 and "convit-ssl run" not in again.stdout
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
     table = subprocess.run([*command[:4], "--table"], text=True, capture_output=True, check=True).stdout

@@ -21,9 +21,27 @@ def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     from convit_ssl.experiments.demo import STAGES
 
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", "demo", "--out", str(out), "--epochs", "1",
-                           "--ssl-epochs", "1", "--probe-epochs", "2"],
-                          cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convit_ssl.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--ssl-epochs",
+            "1",
+            "--probe-epochs",
+            "2",
+        ],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(STAGES) | {"knn", "efficiency", "probes", "figures"} == set(summary)
@@ -39,8 +57,10 @@ def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     assert (eff["fraction"], eff["images"], eff["of"], eff["epochs"]) == (0.25, 355, 1438, 4)
     for stage, gpsa in (("efficiency_convit", "NUM_GPSA_LAYERS: 4"), ("efficiency_deit", "NUM_GPSA_LAYERS: 0")):
         log = (out / stage / "log.txt").read_text()
-        assert "training on a random_per_class subset of 355 / 1438 images" in log and gpsa in \
-            (out / stage / "train_config.yaml").read_text(), stage
+        assert (
+            "training on a random_per_class subset of 355 / 1438 images" in log
+            and gpsa in (out / stage / "train_config.yaml").read_text()
+        ), stage
         assert [r for r in run_folder.metrics(out / stage) if "test_accuracy_list_meter" in r][-1]["iteration"] == 20
     # the probes: 10% of the labels, as many images seen as 2 epochs of all of them
     assert summary["probes"] == {"fraction": 0.1, "images": 139, "epochs": 22}
@@ -51,8 +71,15 @@ def test_demo_runs_all_stages_and_draws_the_analysis(tmp_path):
     assert summary["finetune"]["test"]["0"] > 25.0, summary
     records = [json.loads(line) for line in (out / "supervised" / "convit_analysis.jsonl").read_text().splitlines()]
     assert len(records) == 1 and len(records[0]["layers"]) == 6  # one epoch, 6 blocks
-    for name in ("gating", "nonlocality", "attention_combined", "attention_positional", "training_curves",
-                 "data_efficiency", "ssl_knn"):
+    for name in (
+        "gating",
+        "nonlocality",
+        "attention_combined",
+        "attention_positional",
+        "training_curves",
+        "data_efficiency",
+        "ssl_knn",
+    ):
         with Image.open(out / "analysis" / f"{name}.png") as image:
             assert min(image.size) > 100, name
     assert summary["figures"]["data_efficiency"] == str(out / "analysis" / "data_efficiency.png")
@@ -88,9 +115,12 @@ def test_stages_run_two_at_a_time_after_what_they_need(monkeypatch, tmp_path):
         return durations[name]
 
     monkeypatch.setattr(demo, "run_stage", fake_run)
-    stages = [demo.Stage("long", "", lambda: []), demo.Stage("short", "", lambda: []),
-              demo.Stage("after_long", "", lambda: [], needs=("long",)),
-              demo.Stage("after_short", "", lambda: [], needs=("short",))]
+    stages = [
+        demo.Stage("long", "", lambda: []),
+        demo.Stage("short", "", lambda: []),
+        demo.Stage("after_long", "", lambda: [], needs=("long",)),
+        demo.Stage("after_short", "", lambda: [], needs=("short",)),
+    ]
     times = demo.run_stages(stages, tmp_path)
     assert times == durations
     starts = [e for e in events if e[0] == "start"]

@@ -15,8 +15,22 @@ from helpers import REPO
 
 TOOL = REPO / "tools" / "gpu_check.py"
 # What the lent machine has: torch and torchvision with their own dependencies.
-ON_THE_GPU_MACHINE = {"torch", "torchvision", "triton", "numpy", "pillow", "filelock", "typing-extensions", "sympy",
-                      "mpmath", "networkx", "jinja2", "markupsafe", "fsspec", "setuptools"}
+ON_THE_GPU_MACHINE = {
+    "torch",
+    "torchvision",
+    "triton",
+    "numpy",
+    "pillow",
+    "filelock",
+    "typing-extensions",
+    "sympy",
+    "mpmath",
+    "networkx",
+    "jinja2",
+    "markupsafe",
+    "fsspec",
+    "setuptools",
+}
 IMPORTS = """
 import importlib.metadata, json, sys
 allowed = set(json.loads(sys.argv[2]))
@@ -51,23 +65,35 @@ def test_wheel_list_covers_every_import_of_the_check():
         sys.path.pop(0)
     listed = {_name(r.removesuffix(" build")) for r in gpu_check.requirements()}
     allowed = sorted(listed | ON_THE_GPU_MACHINE | {"convit-ssl"})
-    proc = subprocess.run([sys.executable, "-c", IMPORTS, str(REPO / "tools"), json.dumps(allowed)],
-                          capture_output=True, text=True, cwd=REPO.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS, str(REPO / "tools"), json.dumps(allowed)],
+        capture_output=True,
+        text=True,
+        cwd=REPO.parent,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("imports ok"), proc.stderr[-3000:]
     assert "scikit-learn" not in listed and "tensorboard" not in listed  # not needed: 20 MB less to carry
 
 
 @pytest.mark.slow
 def test_quick_cpu_rehearsal_runs_every_step(tmp_path):
-    proc = subprocess.run([sys.executable, str(TOOL), "--device", "cpu", "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(result["numbers"]) == {f"{d}_fused_vs_{p}" for d in ("fp32", "bf16") for p in ("explicit", "timm")}
     assert all(row["ok"] for row in result["numbers"].values()), result["numbers"]
     assert result["numbers"]["fp32_fused_vs_timm"]["output"] < 1e-5  # fp32 on the CPU: summation order only
     record = result["speed"]["convit_tiny"]
-    assert set(record["speed"]) == {"fp32", "bf16"} and set(record["speed"]["bf16"]) == {"ours", "timm_convit", "timm_vit"}
+    assert set(record["speed"]) == {"fp32", "bf16"} and set(record["speed"]["bf16"]) == {
+        "ours",
+        "timm_convit",
+        "timm_vit",
+    }
     assert set(record["targets"]) == {"train_vs_timm_vit", "train_vs_timm_convit", "memory_vs_timm_convit"}
     augment = result["augment"]
     assert set(augment) == {"images", "dino", "moco", "swav", "simclr", "barlow_twins", "deepclusterv2"}

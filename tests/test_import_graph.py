@@ -5,18 +5,17 @@ does not remove it)."""
 from __future__ import annotations
 
 import ast
-from typing import Dict, List, Set
 
 from helpers import REPO
 
 
-def _import_graph() -> Dict[str, Set[str]]:
+def _import_graph() -> dict[str, set[str]]:
     """module -> the package modules it imports (`import a.b`, `from a.b import c`, at any depth)."""
     files = {}
     for path in (REPO / "convit_ssl").rglob("*.py"):
         parts = path.relative_to(REPO).with_suffix("").parts
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph: Dict[str, Set[str]] = {name: set() for name in files}
+    graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -29,12 +28,12 @@ def _import_graph() -> Dict[str, Set[str]]:
     return graph
 
 
-def _cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan)."""
-    index: Dict[str, int] = {}
-    low: Dict[str, int] = {}
-    stack: List[str] = []
-    found: List[List[str]] = []
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)

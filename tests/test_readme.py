@@ -11,7 +11,7 @@ def _python_blocks(section: str):
     text = (REPO / "README.md").read_text()
     start = text.index(f"## {section}")
     end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
 
 
 def test_the_pytorch_section_runs(tmp_path, monkeypatch):

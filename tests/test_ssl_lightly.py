@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from helpers import REPO
 from convit_ssl.vissl.configs import compose, small_scale_config
+from helpers import REPO
 
 spec = importlib.util.spec_from_file_location("ssl_lightly", REPO / "tools" / "ssl_lightly.py")
 ssl_lightly = importlib.util.module_from_spec(spec)
@@ -52,8 +52,13 @@ def test_lightly_heads_have_the_configs_parameters(method):
     model = ssl_lightly.build_method(method, config, ssl_lightly.ClassToken(trunk))
     ours = sorted(tuple(p.shape) for name, p in model.named_parameters() if not name.startswith("teacher."))
     vissl_heads = build_model(config.MODEL, config.OPTIMIZER).heads
-    cancelled = {id(a.bias) for m in vissl_heads.modules() if isinstance(m, torch.nn.Sequential)
-                 for a, b in zip(m, list(m)[1:]) if isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.BatchNorm1d)}
+    cancelled = {
+        id(a.bias)
+        for m in vissl_heads.modules()
+        if isinstance(m, torch.nn.Sequential)
+        for a, b in zip(m, list(m)[1:])
+        if isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.BatchNorm1d)
+    }
     theirs = sorted(tuple(p.shape) for p in vissl_heads.parameters() if id(p) not in cancelled)
     assert ours == theirs
 
@@ -68,8 +73,23 @@ def test_a_short_moco_run_trains_and_measures(tmp_path, digits):
             for image in sorted(folder.iterdir())[:keep]:
                 shutil.copy(image, data / split / folder.name / image.name)
     out = tmp_path / "out"
-    assert ssl_lightly.main(["--method", "moco", "--seeds", "0", "--data", str(data), "--out", str(out),
-                             "--override", "config.OPTIMIZER.num_epochs=1"]) == 0
+    assert (
+        ssl_lightly.main(
+            [
+                "--method",
+                "moco",
+                "--seeds",
+                "0",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--override",
+                "config.OPTIMIZER.num_epochs=1",
+            ]
+        )
+        == 0
+    )
     (run,) = json.loads((out / "results.json").read_text())["runs"]
     assert run["iterations"] == 400 // 128 and run["knn_curve"][0] == [0, run["knn_top1"]["random_init"]]
     assert 20.0 < run["knn_top1"]["random_init"] < 95.0 and "teacher" in run["knn_top1"]

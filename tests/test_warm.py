@@ -75,11 +75,16 @@ def test_child_reads_its_own_catalog_and_threads(tmp_path):
     script = tmp_path / "environment.py"
     script.write_text(ENVIRONMENT_SCRIPT)
     catalog = tmp_path / "catalog.json"
-    catalog.write_text('{"warm_catalog_test": {"train": ["/data/train", "/data/train"], "val": ["/data/val", "/data/val"]}}')
+    catalog.write_text(
+        '{"warm_catalog_test": {"train": ["/data/train", "/data/train"], "val": ["/data/val", "/data/val"]}}'
+    )
     base = {k: v for k, v in os.environ.items() if k not in ("VISSL_DATASET_CATALOG_PATH", "OMP_NUM_THREADS")}
     results = []
-    for env in (dict(base, VISSL_DATASET_CATALOG_PATH=str(catalog), OMP_NUM_THREADS="1"),
-                dict(base, OMP_NUM_THREADS="2"), dict(base, MKL_NUM_THREADS="1")):
+    for env in (
+        dict(base, VISSL_DATASET_CATALOG_PATH=str(catalog), OMP_NUM_THREADS="1"),
+        dict(base, OMP_NUM_THREADS="2"),
+        dict(base, MKL_NUM_THREADS="1"),
+    ):
         output = tmp_path / "output.txt"
         process = warm.start([str(script)], output=output, env=env)
         process.join(60)

@@ -32,17 +32,22 @@ import os
 import runpy
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
 
 # What every command imports: the CLI, the patched VISSL, its engines and launcher.
 # (names importable from site-packages: the server's sys.path is a fresh interpreter's, not pytest's)
-PRELOAD = ["convit_ssl.vissl", "convit_ssl.cli", "vissl.engines.extract_features", "vissl.engines.train",
-           "vissl.utils.distributed_launcher"]
+PRELOAD = [
+    "convit_ssl.vissl",
+    "convit_ssl.cli",
+    "vissl.engines.extract_features",
+    "vissl.engines.train",
+    "vissl.utils.distributed_launcher",
+]
 
 _context = multiprocessing.get_context("forkserver")
-_server_env: Optional[Dict[str, str]] = None  # the environment the server imported VISSL with
+_server_env: dict[str, str] | None = None  # the environment the server imported VISSL with
 
 
 def _apply_warning_options(value: str) -> None:
@@ -58,8 +63,15 @@ def _apply_warning_options(value: str) -> None:
             warnings.simplefilter(option)
 
 
-def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, Connection],
-         new_session: bool, prepare: Optional[Callable[[], None]], server_catalog: Optional[str]) -> None:
+def _run(
+    argv: Sequence[str],
+    cwd: str,
+    env: dict[str, str],
+    output: str | Connection,
+    new_session: bool,
+    prepare: Callable[[], None] | None,
+    server_catalog: str | None,
+) -> None:
     """In the fork: become `python ARGV`, exit as it would."""
     if new_session:
         os.setsid()
@@ -79,7 +91,9 @@ def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, 
         _apply_warning_options(env["PYTHONWARNINGS"])
     os.chdir(cwd)
     # runpy's warning when the child runs a module the server has loaded (`-m convit_ssl.cli`)
-    warnings.filterwarnings("ignore", message=".* found in sys.modules after import of package", category=RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", message=".* found in sys.modules after import of package", category=RuntimeWarning
+    )
     _read_environment(env, server_catalog)
     if prepare is not None:
         prepare()
@@ -94,7 +108,7 @@ def _run(argv: Sequence[str], cwd: str, env: Dict[str, str], output: Union[str, 
         exit_as_an_interpreter()
 
 
-def _read_environment(env: Dict[str, str], server_catalog: Optional[str]) -> None:
+def _read_environment(env: dict[str, str], server_catalog: str | None) -> None:
     """What the server read from its own environment at import, read again from
     the child's: the thread counts and VISSL's dataset catalog."""
     import torch
@@ -118,9 +132,14 @@ def exit_as_an_interpreter() -> None:
     sys.stderr.flush()
 
 
-def start(argv: Sequence[str], output: Union[os.PathLike, Connection], cwd: Optional[os.PathLike] = None,
-          env: Optional[Dict[str, str]] = None, new_session: bool = False,
-          prepare: Optional[Callable[[], None]] = None) -> multiprocessing.Process:
+def start(
+    argv: Sequence[str],
+    output: os.PathLike | Connection,
+    cwd: os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+    prepare: Callable[[], None] | None = None,
+) -> multiprocessing.Process:
     """Start `python ARGV` in a fork of the warm Python; its stdout and stderr go
     to `output` (a file, truncated, or the writing end of a `pipe()`). `cwd` and
     `env` default to this process's. With `new_session` the child leads a process
@@ -132,14 +151,23 @@ def start(argv: Sequence[str], output: Union[os.PathLike, Connection], cwd: Opti
         _context.set_forkserver_preload(PRELOAD)
         _server_env = dict(os.environ)
     target = str(Path(output).resolve()) if not isinstance(output, Connection) else output
-    process = _context.Process(target=_run, args=(list(map(str, argv)), str(Path(cwd or os.getcwd()).resolve()),
-                                                  dict(os.environ if env is None else env), target, new_session,
-                                                  prepare, _server_env.get("VISSL_DATASET_CATALOG_PATH")))
+    process = _context.Process(
+        target=_run,
+        args=(
+            list(map(str, argv)),
+            str(Path(cwd or os.getcwd()).resolve()),
+            dict(os.environ if env is None else env),
+            target,
+            new_session,
+            prepare,
+            _server_env.get("VISSL_DATASET_CATALOG_PATH"),
+        ),
+    )
     process.start()
     return process
 
 
-def pipe() -> "tuple[Connection, Connection]":
+def pipe() -> tuple[Connection, Connection]:
     """(reader, writer) for a child's output: pass `writer` to `start`, close it
     here once the child has started, read lines from `reader.fileno()`."""
     return _context.Pipe(duplex=False)

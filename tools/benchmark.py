@@ -27,8 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -60,10 +60,15 @@ def build(kind: str, arch: str, size: int) -> torch.nn.Module:
     if kind == "timm_convit":
         if arch in timm.list_models("convit_*"):
             return timm.create_model(arch, img_size=size)
-        return timm.models.convit.ConVit(img_size=size, embed_dim=spec["width"] // spec["num_heads"],
-                                         num_heads=spec["num_heads"], local_up_to_layer=spec["num_gpsa_layers"])
-    return VisionTransformer(img_size=size, embed_dim=spec["width"], depth=spec["depth"], num_heads=spec["num_heads"],
-                             qkv_bias=False)
+        return timm.models.convit.ConVit(
+            img_size=size,
+            embed_dim=spec["width"] // spec["num_heads"],
+            num_heads=spec["num_heads"],
+            local_up_to_layer=spec["num_gpsa_layers"],
+        )
+    return VisionTransformer(
+        img_size=size, embed_dim=spec["width"], depth=spec["depth"], num_heads=spec["num_heads"], qkv_bias=False
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -80,7 +85,7 @@ def _time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Median forward and training-step images/s of the three peers in `mode`."""
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -105,6 +110,7 @@ def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, D
                 models[k].eval()
             with torch.inference_mode(), precision():
                 runners[k](x)
+
         return run
 
     def train(k):
@@ -115,10 +121,11 @@ def measure_speed(arch: str, mode: str, args: argparse.Namespace) -> Dict[str, D
             optims[k].zero_grad(set_to_none=True)
             loss.backward()
             optims[k].step()
+
         return run
 
     step_fns = {"forward": forward, "train": train}
-    results: Dict[str, Dict[str, List[float]]] = {k: {step: [] for step in steps} for k in PEERS}
+    results: dict[str, dict[str, list[float]]] = {k: {step: [] for step in steps} for k in PEERS}
     for k in PEERS:  # warm-up (and compilation)
         for _ in range(2):
             for step in steps:
@@ -165,7 +172,7 @@ def peak_rss() -> int:
     return _proc_status_kb("VmHWM")
 
 
-def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> Optional[float]:
+def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> float | None:
     """MB that one fp32 training step at --mem-size adds to the peak (see the module doc); None if it failed."""
     size, batch = args.mem_size, args.mem_batch
     if args.device.startswith("cuda"):
@@ -180,8 +187,9 @@ def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> Optional[f
         del model, x
         torch.cuda.empty_cache()
         return (peak - base) / 2**20
-    code = MEM_CHILD.format(tools=str(Path(__file__).parent), threads=args.threads, kind=kind, arch=arch,
-                            size=size, batch=batch)
+    code = MEM_CHILD.format(
+        tools=str(Path(__file__).parent), threads=args.threads, kind=kind, arch=arch, size=size, batch=batch
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:  # e.g. killed for memory: report it, keep the other rows
         print(f"memory of {kind} {arch} failed (exit {out.returncode}): {out.stderr.strip()[-300:]}", file=sys.stderr)
@@ -190,10 +198,12 @@ def measure_memory(kind: str, arch: str, args: argparse.Namespace) -> Optional[f
     return (peak - base) / 1024
 
 
-def ratios_of(speed: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+def ratios_of(speed: dict[str, dict[str, float]]) -> dict[str, float]:
     return {
         f"{step}_vs_{peer}": speed["ours"][step] / speed[peer][step]
-        for step in ("forward", "train") if step in speed["ours"] for peer in ("timm_vit", "timm_convit")
+        for step in ("forward", "train")
+        if step in speed["ours"]
+        for peer in ("timm_vit", "timm_convit")
     }
 
 
@@ -213,8 +223,8 @@ def machine() -> str:
     return cpu
 
 
-def bench_arch(arch: str, args: argparse.Namespace) -> Dict:
-    record: Dict = {"speed": {}, "ratios": {}}
+def bench_arch(arch: str, args: argparse.Namespace) -> dict:
+    record: dict = {"speed": {}, "ratios": {}}
     for mode in args.modes:
         record["speed"][mode] = measure_speed(arch, mode, args)
         record["ratios"][mode] = ratios_of(record["speed"][mode])
@@ -227,7 +237,7 @@ def bench_arch(arch: str, args: argparse.Namespace) -> Dict:
     return record
 
 
-def report(arch: str, record: Dict, args: argparse.Namespace) -> None:
+def report(arch: str, record: dict, args: argparse.Namespace) -> None:
     check_targets = arch == "convit_tiny" and args.device == "cpu"
     print(f"\n{arch}: batch {args.batch}, {args.size} px, {args.threads} threads, {args.device}")
     print(f"{'mode':<9}{'model':<13}{'forward img/s':>15}{'train img/s':>14}")
@@ -236,8 +246,10 @@ def report(arch: str, record: Dict, args: argparse.Namespace) -> None:
             train = f"{speed[k]['train']:>14.1f}" if "train" in speed[k] else f"{'-':>14}"
             print(f"{mode:<9}{k:<13}{speed[k]['forward']:>15.1f}{train}")
     mem = {k: "failed" if v is None else f"{v:.0f} MB" for k, v in record["memory_mb"].items()}
-    print(f"train-step peak memory, batch {args.mem_batch} @{args.mem_size} px: ours {mem['ours']}, "
-          f"ours + activation checkpointing {mem['ours_ckpt']}, timm_convit {mem['timm_convit']}")
+    print(
+        f"train-step peak memory, batch {args.mem_batch} @{args.mem_size} px: ours {mem['ours']}, "
+        f"ours + activation checkpointing {mem['ours_ckpt']}, timm_convit {mem['timm_convit']}"
+    )
     for mode, ratios in record["ratios"].items():
         for name, value in ratios.items():
             target = verdict(name, value) if check_targets and mode == "fp32" else ""
@@ -262,8 +274,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write every number to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    header = {"machine": machine() if args.device == "cpu" else torch.cuda.get_device_name(args.device),
-              "torch": torch.__version__, "python": platform.python_version(), "args": vars(args)}
+    header = {
+        "machine": machine() if args.device == "cpu" else torch.cuda.get_device_name(args.device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "args": vars(args),
+    }
     print(f"{header['machine']}; torch {header['torch']}, python {header['python']}")
     results = {}
     for arch in args.arch:

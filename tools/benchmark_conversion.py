@@ -46,8 +46,13 @@ def peak_rss_mb(code: str, *args: str) -> float:
     forked child's high-water mark over from its parent, so these run while this
     process is still small, and are compared with a child that only imports."""
     script = code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     return int(out.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KB on Linux
 
 
@@ -63,14 +68,22 @@ def main() -> None:
         peak_rss_mb(CHILD["make"], args.arch, str(src))
         size_mb = src.stat().st_size / 2**20
         base_rss = peak_rss_mb(CHILD["import"])
-        peaks = {name: peak_rss_mb(CHILD[name], str(src), str(Path(tmp) / f"{name}.out")) - base_rss
-                 for name in ("baseline", "convert")}
+        peaks = {
+            name: peak_rss_mb(CHILD[name], str(src), str(Path(tmp) / f"{name}.out")) - base_rss
+            for name in ("baseline", "convert")
+        }
         with torch.device("meta"):
             params = sum(p.numel() for p in convit_ssl.create_model(args.arch).parameters())
 
         times = {"baseline": [], "convert": []}
-        cfg = ConvertConfig(input=str(src), output=str(out_conv), source_format="timm", target_format="vissl",
-                            verify=False, overwrite=True)
+        cfg = ConvertConfig(
+            input=str(src),
+            output=str(out_conv),
+            source_format="timm",
+            target_format="vissl",
+            verify=False,
+            overwrite=True,
+        )
         for _ in range(args.repeats):
             start = time.perf_counter()
             torch.save(torch.load(src, map_location="cpu", weights_only=True), out_base)
@@ -81,7 +94,9 @@ def main() -> None:
 
     best = {k: min(v) for k, v in times.items()}
     result = {
-        "arch": args.arch, "params_millions": round(params / 1e6, 2), "file_mb": round(size_mb, 1),
+        "arch": args.arch,
+        "params_millions": round(params / 1e6, 2),
+        "file_mb": round(size_mb, 1),
         "seconds_best": {k: round(v, 3) for k, v in best.items()},
         "time_ratio_convert_vs_load_save": round(best["convert"] / best["baseline"], 3),
         "peak_mb_above_import": {k: round(v, 1) for k, v in peaks.items()},

@@ -32,8 +32,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,13 +51,15 @@ RECIPES = {
 }
 
 
-def jpeg_inputs(count: int) -> Dict[str, List[bytes]]:
+def jpeg_inputs(count: int) -> dict[str, list[bytes]]:
     """`count` JPEGs of each kind, cycling over scikit-learn's two photographs."""
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]
-    kinds = {"photographs 427x640": photos, "ImageNet-size 500x375": [p.resize((500, 375), Image.BICUBIC)
-                                                                       for p in photos]}
+    kinds = {
+        "photographs 427x640": photos,
+        "ImageNet-size 500x375": [p.resize((500, 375), Image.BICUBIC) for p in photos],
+    }
     out = {}
     for kind, images in kinds.items():
         encoded = []
@@ -72,11 +75,11 @@ def decode(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-def sample(image: Image.Image) -> Dict[str, Any]:
+def sample(image: Image.Image) -> dict[str, Any]:
     return {"data": [image], "label": [0], "data_valid": [1], "data_idx": [0]}
 
 
-def seconds_per_image(fn: Callable[[bytes], Any], inputs: List[bytes]) -> float:
+def seconds_per_image(fn: Callable[[bytes], Any], inputs: list[bytes]) -> float:
     start = time.perf_counter()
     for data in inputs:
         fn(data)
@@ -88,17 +91,17 @@ def tensor_bytes(output: Any) -> int:
     return sum(t.numel() * t.element_size() for t in output["data"] if isinstance(t, torch.Tensor))
 
 
-def device_cost(plan: device_augment.Plan, crops: List[torch.Tensor], images: int = 32) -> float:
+def device_cost(plan: device_augment.Plan, crops: list[torch.Tensor], images: int = 32) -> float:
     """Seconds per image of the device part on this CPU: a batch of `images` images' crops, by position."""
     augment = plan.augment()
-    by_size: Dict[tuple, List[int]] = {}
+    by_size: dict[tuple, list[int]] = {}
     for position, crop in enumerate(crops):
         by_size.setdefault(tuple(crop.shape), []).append(position)
     generator = torch.Generator().manual_seed(0)
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        for shape, positions in by_size.items():
+        for _shape, positions in by_size.items():
             batch = torch.stack([crops[p] for p in positions for _ in range(images)])
             position = torch.tensor(positions).repeat_interleave(images)
             augment(batch, position, generator)
@@ -106,7 +109,7 @@ def device_cost(plan: device_augment.Plan, crops: List[torch.Tensor], images: in
     return min(times)
 
 
-def measure(name: str, config_name: str, inputs: List[bytes], rounds: int) -> Dict[str, Any]:
+def measure(name: str, config_name: str, inputs: list[bytes], rounds: int) -> dict[str, Any]:
     from vissl.data.ssl_transforms import get_transform
 
     train = compose([f"config={config_name}"])[1].DATA.TRAIN
@@ -121,45 +124,59 @@ def measure(name: str, config_name: str, inputs: List[bytes], rounds: int) -> Di
         chains["ours"] = lambda d: ours(sample(decode(d)))
     for fn in chains.values():  # warm-up
         fn(inputs[0])
-    times: Dict[str, List[float]] = {key: [] for key in chains}
+    times: dict[str, list[float]] = {key: [] for key in chains}
     for _ in range(rounds):  # alternated: a slow spell of the machine hits every chain alike
         for key, fn in chains.items():
             times[key].append(seconds_per_image(fn, inputs))
     ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
-    row: Dict[str, Any] = {"recipe": name, "config": config_name, "decode_ms": round(ms["decode"], 3),
-                           "vissl_ms": round(ms["vissl"], 3), "vissl_img_per_s": round(1000 / ms["vissl"], 1),
-                           "vissl_bytes": tensor_bytes(chains["vissl"](inputs[0]))}
+    row: dict[str, Any] = {
+        "recipe": name,
+        "config": config_name,
+        "decode_ms": round(ms["decode"], 3),
+        "vissl_ms": round(ms["vissl"], 3),
+        "vissl_img_per_s": round(1000 / ms["vissl"], 1),
+        "vissl_bytes": tensor_bytes(chains["vissl"](inputs[0])),
+    }
     if ours:
         crops = ours(sample(decode(inputs[0])))["data"]
-        row.update(ours_ms=round(ms["ours"], 3), ours_img_per_s=round(1000 / ms["ours"], 1),
-                   ratio=round(ms["vissl"] / ms["ours"], 2), ours_bytes=tensor_bytes({"data": crops}),
-                   device_ms_this_cpu=round(1000 * device_cost(plan, crops), 3))
+        row.update(
+            ours_ms=round(ms["ours"], 3),
+            ours_img_per_s=round(1000 / ms["ours"], 1),
+            ratio=round(ms["vissl"] / ms["ours"], 2),
+            ours_bytes=tensor_bytes({"data": crops}),
+            device_ms_this_cpu=round(1000 * device_cost(plan, crops), 3),
+        )
     else:
         row["ours"] = f"not split: {refused}"
     return row
 
 
-def markdown(results: Dict[str, List[Dict[str, Any]]]) -> str:
+def markdown(results: dict[str, list[dict[str, Any]]]) -> str:
     lines = []
     for kind, rows in results.items():
-        lines += [f"\n{kind}, one core:\n",
-                  "| recipe | VISSL img/s | ours img/s | ratio | decode ms | cores for 1,000 img/s (VISSL / ours) "
-                  "| host-to-device bytes per image (VISSL / ours) | device part on this CPU, ms/img |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"\n{kind}, one core:\n",
+            "| recipe | VISSL img/s | ours img/s | ratio | decode ms | cores for 1,000 img/s (VISSL / ours) "
+            "| host-to-device bytes per image (VISSL / ours) | device part on this CPU, ms/img |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if "ours_ms" in r:
                 lines.append(
                     f"| {r['recipe']} | {r['vissl_img_per_s']:.0f} | {r['ours_img_per_s']:.0f} | {r['ratio']:.2f}x "
                     f"| {r['decode_ms']:.2f} | {1000 / r['vissl_img_per_s']:.1f} / {1000 / r['ours_img_per_s']:.1f} "
                     f"| {r['vissl_bytes']:,} / {r['ours_bytes']:,} ({r['vissl_bytes'] / r['ours_bytes']:.0f}x) "
-                    f"| {r['device_ms_this_cpu']:.1f} |")
+                    f"| {r['device_ms_this_cpu']:.1f} |"
+                )
             else:
-                lines.append(f"| {r['recipe']} | {r['vissl_img_per_s']:.0f} | - | - | {r['decode_ms']:.2f} "
-                             f"| {1000 / r['vissl_img_per_s']:.1f} / - | {r['vissl_bytes']:,} / - | - |")
+                lines.append(
+                    f"| {r['recipe']} | {r['vissl_img_per_s']:.0f} | - | - | {r['decode_ms']:.2f} "
+                    f"| {1000 / r['vissl_img_per_s']:.1f} / - | {r['vissl_bytes']:,} / - | - |"
+                )
     return "\n".join(lines)
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--images", type=int, default=24, help="images per round")
@@ -167,14 +184,21 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results: Dict[str, List[Dict[str, Any]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     for kind, inputs in jpeg_inputs(args.images).items():
         results[kind] = [measure(name, RECIPES[name], inputs, args.rounds) for name in args.recipes]
     print(markdown(results))
     if args.json:
-        report = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-                  "torch": torch.__version__, "threads": 1, "rounds": args.rounds, "images": args.images,
-                  "numpy": np.__version__, "results": results}
+        report = {
+            "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": 1,
+            "rounds": args.rounds,
+            "images": args.images,
+            "numpy": np.__version__,
+            "results": results,
+        }
         atomic_write_text(Path(args.json), json.dumps(report, indent=1) + "\n")
     return 0
 

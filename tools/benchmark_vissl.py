@@ -27,12 +27,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import torch
+from classy_vision.hooks.classy_hook import ClassyHook  # noqa: I001  (after the patches)
 
 import convit_ssl.vissl  # noqa: F401  (patches + registration, before VISSL is imported)
-from classy_vision.hooks.classy_hook import ClassyHook  # noqa: I001  (after the patches)
 from convit_ssl.models import model_kwargs
 from convit_ssl.vissl.configs import compose
 
@@ -47,7 +47,7 @@ class StepTimes(ClassyHook):
 
     def __init__(self) -> None:
         super().__init__()
-        self.times: List[float] = []
+        self.times: list[float] = []
 
     def on_step(self, task: Any) -> None:
         if task.train:
@@ -78,20 +78,21 @@ def make_config(args: argparse.Namespace, checkpoint_dir: str) -> Any:
     return config
 
 
-def time_vissl(config: Any, warmup: int) -> List[float]:
+def time_vissl(config: Any, warmup: int) -> list[float]:
     from vissl.hooks import default_hook_generator
     from vissl.utils.distributed_launcher import launch_distributed
 
     timer = StepTimes()
-    launch_distributed(config, node_id=0, engine_name="train",
-                       hook_generator=lambda cfg: default_hook_generator(cfg) + [timer])
+    launch_distributed(
+        config, node_id=0, engine_name="train", hook_generator=lambda cfg: default_hook_generator(cfg) + [timer]
+    )
     intervals = [b - a for a, b in zip(timer.times, timer.times[1:])]
     if len(intervals) <= warmup:
         raise RuntimeError(f"VISSL ran {len(timer.times)} iterations; need more than --warmup + 1 = {warmup + 1}")
     return intervals[warmup:]
 
 
-def time_plain(config: Any, iters: int, warmup: int, batch: int, size: int) -> List[float]:
+def time_plain(config: Any, iters: int, warmup: int, batch: int, size: int) -> list[float]:
     from vissl.models import build_model
 
     torch.manual_seed(0)

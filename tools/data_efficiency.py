@@ -29,17 +29,23 @@ from convit_ssl.processes import Stopped
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/data_efficiency.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tools/data_efficiency.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
     parser.add_argument("--fractions", nargs="+", type=float, default=None, help=f"default: {de.FRACTIONS}")
     parser.add_argument("--arch", nargs="+", default=list(de.NAMES), choices=list(de.NAMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help=f"default: {de.SEEDS}")
-    parser.add_argument("--quick", action="store_true",
-                        help="a CI-sized check: 2-block 32-wide trunk, batch 16, one epoch's worth of images, "
-                             "fractions 0.25 and 1, seed 0 (unless given)")
-    parser.add_argument("--table", action="store_true", help="print the markdown table of <out>/results.json; run nothing")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a CI-sized check: 2-block 32-wide trunk, batch 16, one epoch's worth of images, "
+        "fractions 0.25 and 1, seed 0 (unless given)",
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="print the markdown table of <out>/results.json; run nothing"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     path = out / "results.json"
@@ -58,12 +64,15 @@ def main(argv=None) -> int:
         train, val = train_val_folders(args.data, out)
     except ValueError as e:
         parser.error(str(e))
-    header = {"command": " ".join(["tools/data_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
-              "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    header = {
+        "command": " ".join(["tools/data_efficiency.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
     try:
-        results = de.sweep(out, train, val, fractions, args.arch, seeds,
-                           extra=de.QUICK_OVERRIDES if args.quick else (), header=header)
+        results = de.sweep(
+            out, train, val, fractions, args.arch, seeds, extra=de.QUICK_OVERRIDES if args.quick else (), header=header
+        )
     except Stopped as e:
         print(f"data_efficiency: {e}; the same command resumes it (finished runs are skipped)", file=sys.stderr)
         return e.exit_code

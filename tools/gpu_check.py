@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "tools" / "gpu_wheels.txt"
@@ -60,7 +60,7 @@ TARGETS = {"train_vs_timm_vit": (">=", 0.85), "train_vs_timm_convit": (">=", 1.6
 
 
 # ------------------------------------------------------------------ wheels
-def requirements() -> List[str]:
+def requirements() -> list[str]:
     """(requirement, build?) lines of tools/gpu_wheels.txt."""
     out = []
     for line in WHEELS.read_text().splitlines():
@@ -76,40 +76,87 @@ def download(folder: Path) -> None:
     binary = [r for r in requirements() if not r.endswith(" build")]
     build = [r.removesuffix(" build") for r in requirements() if r.endswith(" build")]
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-                    "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-                    "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(folder), *binary], check=True)
+    subprocess.run(
+        [
+            *pip,
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux2014_x86_64",
+            "-d",
+            str(folder),
+            *binary,
+        ],
+        check=True,
+    )
     subprocess.run([*pip, "wheel", "--no-deps", "-w", str(folder), *build], check=True)
 
 
 def install(folder: Path, dry_run: bool) -> None:
     """Install the wheels of `folder` only (no index, no dependency resolution beyond the list)."""
     specs = [r.removesuffix(" build") for r in requirements()]
-    command = [sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--no-index", "--no-deps",
-               "--find-links", str(folder), *specs]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--disable-pip-version-check",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--find-links",
+        str(folder),
+        *specs,
+    ]
     if dry_run:  # resolve as the GPU machine will (CPython 3.12), install nothing
-        command += ["--dry-run", "--ignore-installed", "--only-binary=:all:", "--python-version", "3.12",
-                    "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-                    "manylinux_2_17_x86_64", "--target", str(folder / ".dry-run")]
+        command += [
+            "--dry-run",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--target",
+            str(folder / ".dry-run"),
+        ]
     subprocess.run(command, check=True)
 
 
 # ------------------------------------------------------------------ 1. versions
-def versions(device: str) -> Dict[str, Any]:
+def versions(device: str) -> dict[str, Any]:
     import torch
 
-    info: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "device": device}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "device": device,
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
         info["driver"] = smi.stdout.strip() if smi.returncode == 0 else None
     return info
 
 
 # ------------------------------------------------------------------ 2. numbers
-def numbers(device: str, quick: bool) -> Dict[str, Any]:
+def numbers(device: str, quick: bool) -> dict[str, Any]:
     """Max relative differences of outputs and gradients: fused vs explicit, ours vs timm."""
     import torch
     from timm.models.convit import ConVit
@@ -125,8 +172,15 @@ def numbers(device: str, quick: bool) -> Dict[str, Any]:
     with torch.no_grad():
         for name, p in ours.named_parameters():  # look trained: the local init is too regular a test
             p.add_(0.02 * torch.randn_like(p) + (torch.randn_like(p) if name.endswith("gating_param") else 0))
-    timm_model = ConVit(img_size=size, patch_size=kwargs["patch_size"], embed_dim=48, num_heads=4, depth=4,
-                        local_up_to_layer=2, num_classes=10).to(device)
+    timm_model = ConVit(
+        img_size=size,
+        patch_size=kwargs["patch_size"],
+        embed_dim=48,
+        num_heads=4,
+        depth=4,
+        local_up_to_layer=2,
+        num_classes=10,
+    ).to(device)
     timm_model.load_state_dict(ours.state_dict(), strict=True)
     explicit = convit_ssl.create_model("convit_tiny", **kwargs, attn_drop_rate=1e-12).to(device)  # dropout > 0: A built
     explicit.load_state_dict(ours.state_dict(), strict=True)
@@ -143,29 +197,41 @@ def numbers(device: str, quick: bool) -> Dict[str, Any]:
     def rel(a, b):
         return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
 
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
     for dtype in ("fp32", "bf16"):
         reference = run(ours, dtype)
         for peer, model in (("explicit", explicit), ("timm", timm_model)):
             out, grads = run(model, dtype)
-            diffs = {"output": rel(out, reference[0]),
-                     "gradient": max(rel(grads[n], g) for n, g in reference[1].items())}
-            result[f"{dtype}_fused_vs_{peer}"] = {**diffs, "tolerance": TOLERANCES[dtype],
-                                                  "ok": all(v <= TOLERANCES[dtype] for v in diffs.values())}
+            diffs = {
+                "output": rel(out, reference[0]),
+                "gradient": max(rel(grads[n], g) for n, g in reference[1].items()),
+            }
+            result[f"{dtype}_fused_vs_{peer}"] = {
+                **diffs,
+                "tolerance": TOLERANCES[dtype],
+                "ok": all(v <= TOLERANCES[dtype] for v in diffs.values()),
+            }
     return result
 
 
 # ------------------------------------------------------------------ 3. speed and memory
-def speed(device: str, quick: bool) -> Dict[str, Any]:
+def speed(device: str, quick: bool) -> dict[str, Any]:
     import benchmark
 
-    args = SimpleNamespace(device=device, batch=2 if quick else 128, size=32 if quick else 224,
-                           mem_size=64 if quick else 384, mem_batch=2 if quick else 32, threads=2,
-                           rounds=1 if quick else 5, iters=1 if quick else 10,
-                           # torch.compile of three models on a CPU takes minutes: the rehearsal skips it
-                           modes=["fp32", "bf16"] if quick and device == "cpu" else ["fp32", "bf16", "compile"])
+    args = SimpleNamespace(
+        device=device,
+        batch=2 if quick else 128,
+        size=32 if quick else 224,
+        mem_size=64 if quick else 384,
+        mem_batch=2 if quick else 32,
+        threads=2,
+        rounds=1 if quick else 5,
+        iters=1 if quick else 10,
+        # torch.compile of three models on a CPU takes minutes: the rehearsal skips it
+        modes=["fp32", "bf16"] if quick and device == "cpu" else ["fp32", "bf16", "compile"],
+    )
     archs = ["convit_tiny"] if quick else ["convit_tiny", "convit_small"]
-    out: Dict[str, Any] = {"settings": vars(args)}
+    out: dict[str, Any] = {"settings": vars(args)}
     for arch in archs:
         record = benchmark.bench_arch(arch, args)
         bf16 = record["ratios"]["bf16"]
@@ -179,14 +245,14 @@ def speed(device: str, quick: bool) -> Dict[str, Any]:
     return out
 
 
-def _target(name: str, value: Any) -> Dict[str, Any]:
+def _target(name: str, value: Any) -> dict[str, Any]:
     op, bound = TARGETS[name]
     met = value is not None and (value >= bound if op == ">=" else value <= bound)
     return {"value": value, "target": f"{op} {bound}", "met": met}
 
 
 # ------------------------------------------------------------------ 4. augmentation on the device
-def augment_cost(device: str, quick: bool) -> Dict[str, Any]:
+def augment_cost(device: str, quick: bool) -> dict[str, Any]:
     """ms per image of each SSL recipe's device part (crops drawn at random, uint8, on the device)."""
     import torch
 
@@ -194,20 +260,26 @@ def augment_cost(device: str, quick: bool) -> Dict[str, Any]:
     from convit_ssl.vissl.configs import SSL_METHODS, compose
 
     images, reps = (4, 1) if quick else (64, 10)
-    out: Dict[str, Any] = {"images": images}
+    out: dict[str, Any] = {"images": images}
     for method, folder in SSL_METHODS.items():
-        plan = device_augment.plan(compose([f"config=pretrain/{folder}/{method}_convit_small_in1k_224_300ep"])[1]
-                                   .DATA.TRAIN)
+        plan = device_augment.plan(
+            compose([f"config=pretrain/{folder}/{method}_convit_small_in1k_224_300ep"])[1].DATA.TRAIN
+        )
         augment, generator = plan.augment(), torch.Generator().manual_seed(0)
         groups = {}
         for position, size in enumerate(plan.crop_sizes()):
             groups.setdefault(size // 7 if quick else size, []).append(position)
-        batches = [(torch.randint(0, 256, (images * len(pos), 3, size, size), dtype=torch.uint8, device=device),
-                    torch.tensor(pos).repeat_interleave(images)) for size, pos in groups.items()]
+        batches = [
+            (
+                torch.randint(0, 256, (images * len(pos), 3, size, size), dtype=torch.uint8, device=device),
+                torch.tensor(pos).repeat_interleave(images),
+            )
+            for size, pos in groups.items()
+        ]
 
-        def run() -> None:
-            for batch, position in batches:
-                augment(batch, position, generator)
+        def run() -> None:  # timed within this iteration
+            for batch, position in batches:  # noqa: B023
+                augment(batch, position, generator)  # noqa: B023
 
         run()  # warm-up (kernels, allocator)
         if device.startswith("cuda"):
@@ -217,8 +289,10 @@ def augment_cost(device: str, quick: bool) -> Dict[str, Any]:
             run()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        out[method] = {"ms_per_image": round(1000 * (time.perf_counter() - start) / reps / images, 4),
-                       "crops": plan.crop_sizes()}
+        out[method] = {
+            "ms_per_image": round(1000 * (time.perf_counter() - start) / reps / images, 4),
+            "crops": plan.crop_sizes(),
+        }
     return out
 
 
@@ -239,14 +313,18 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-def _device_overrides(device: str) -> List[str]:
+def _device_overrides(device: str) -> list[str]:
     if device.startswith("cuda"):
-        return ["config.MACHINE.DEVICE=gpu", "config.DISTRIBUTED.BACKEND=nccl",
-                "config.MODEL.AMP_PARAMS.USE_AMP=true", "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch"]
+        return [
+            "config.MACHINE.DEVICE=gpu",
+            "config.DISTRIBUTED.BACKEND=nccl",
+            "config.MODEL.AMP_PARAMS.USE_AMP=true",
+            "config.MODEL.AMP_PARAMS.AMP_TYPE=pytorch",
+        ]
     return ["config.MACHINE.DEVICE=cpu", "config.DISTRIBUTED.BACKEND=gloo"]
 
 
-def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
+def _vissl(command: str, overrides: list[str], folder: Path) -> dict[str, Any]:
     """`python -m convit_ssl.cli COMMAND OVERRIDES` (its seconds include the
     imports, 6-8 s), its output in FOLDER.log."""
     from convit_ssl.checkpoints import run_folder
@@ -255,11 +333,14 @@ def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
     log = folder.with_name(folder.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as output_file:
-        returncode = subprocess.call([sys.executable, "-m", "convit_ssl.cli", command, *overrides,
-                                      f"config.CHECKPOINT.DIR={folder}"], stdout=output_file, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        returncode = subprocess.call(
+            [sys.executable, "-m", "convit_ssl.cli", command, *overrides, f"config.CHECKPOINT.DIR={folder}"],
+            stdout=output_file,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
     output = log.read_text(errors="replace")
-    record: Dict[str, Any] = {"returncode": returncode, "seconds": round(time.time() - start, 1)}
+    record: dict[str, Any] = {"returncode": returncode, "seconds": round(time.time() - start, 1)}
     if returncode != 0:
         record["error"] = output[-2000:]
         return record
@@ -277,49 +358,62 @@ def _vissl(command: str, overrides: List[str], folder: Path) -> Dict[str, Any]:
     return record
 
 
-def vissl_runs(device: str, out: Path) -> Dict[str, Any]:
+def vissl_runs(device: str, out: Path) -> dict[str, Any]:
     from convit_ssl.checkpoints import run_folder
     from convit_ssl.experiments.overrides import data_overrides
 
     on = _device_overrides(device)
-    runs: Dict[str, Any] = {}
+    runs: dict[str, Any] = {}
     runs["supervised"] = _vissl("run", ["config=test/convit_ssl/supervised_micro_synthetic", *on], out / "supervised")
     runs["dino"] = _vissl("run", ["config=test/convit_ssl/ssl/dino_micro_synthetic", *on], out / "dino")
     supervised = out / "supervised"
     weights = run_folder.final_checkpoint(supervised)
     init = [f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}"] if weights is not None else []
-    runs["linear_eval"] = _vissl("run", ["config=test/convit_ssl/linear_eval_micro_synthetic", *on, *init],
-                                 out / "linear_eval")
+    runs["linear_eval"] = _vissl(
+        "run", ["config=test/convit_ssl/linear_eval_micro_synthetic", *on, *init], out / "linear_eval"
+    )
     data = _image_folder(out / "images")
     folders = data_overrides(data / "train", data / "val")
-    runs["extraction_knn"] = _vissl("knn", ["config=test/convit_ssl/benchmark/knn_micro_folder_in1k", *on,
-                                            *folders, *init], out / "extraction_knn")
+    runs["extraction_knn"] = _vissl(
+        "knn", ["config=test/convit_ssl/benchmark/knn_micro_folder_in1k", *on, *folders, *init], out / "extraction_knn"
+    )
     for record in runs.values():
         record["ok"] = record["returncode"] == 0 and record.get("finite", True) and record.get("loads_on_cpu", True)
     return runs
 
 
 # ------------------------------------------------------------------ report
-def table(result: Dict[str, Any]) -> str:
+def table(result: dict[str, Any]) -> str:
     v = result["versions"]
-    lines = [f"{v.get('gpu', v['device'])}; torch {v['torch']}, CUDA {v['cuda']}, driver {v.get('driver')}, "
-             f"Python {v['python']}", "", f"{'check':<46}{'value':>12}  verdict"]
-    lines += [f"{name + ' FAILED':<46}{'':>12}  {result[name]['error']}"
-              for name in ("numbers", "speed", "augment", "vissl")
-              if "error" in result[name]]
+    lines = [
+        f"{v.get('gpu', v['device'])}; torch {v['torch']}, CUDA {v['cuda']}, driver {v.get('driver')}, "
+        f"Python {v['python']}",
+        "",
+        f"{'check':<46}{'value':>12}  verdict",
+    ]
+    lines += [
+        f"{name + ' FAILED':<46}{'':>12}  {result[name]['error']}"
+        for name in ("numbers", "speed", "augment", "vissl")
+        if "error" in result[name]
+    ]
     for name, row in ({} if "error" in result["numbers"] else result["numbers"]).items():
-        lines.append(f"{'numbers ' + name:<46}{max(row['output'], row['gradient']):>12.2e}  "
-                     f"{'ok' if row['ok'] else 'FAILED'} (tolerance {row['tolerance']:g})")
+        lines.append(
+            f"{'numbers ' + name:<46}{max(row['output'], row['gradient']):>12.2e}  "
+            f"{'ok' if row['ok'] else 'FAILED'} (tolerance {row['tolerance']:g})"
+        )
     for arch, record in result["speed"].items():
         if arch in ("settings", "error", "traceback"):
             continue
         for mode, speeds in record["speed"].items():
             for peer, s in speeds.items():
-                lines.append(f"{f'{arch} {mode} {peer} img/s fwd / train':<46}{s['forward']:>6.0f} / {s['train']:<6.0f}")
+                lines.append(
+                    f"{f'{arch} {mode} {peer} img/s fwd / train':<46}{s['forward']:>6.0f} / {s['train']:<6.0f}"
+                )
         for name, target in record["targets"].items():
             value = "n/a" if target["value"] is None else f"{target['value']:.2f}x"
-            lines.append(f"{f'{arch} bf16 {name}':<46}{value:>12}  {target['target']} "
-                         f"{'met' if target['met'] else 'MISSED'}")
+            lines.append(
+                f"{f'{arch} bf16 {name}':<46}{value:>12}  {target['target']} {'met' if target['met'] else 'MISSED'}"
+            )
     for name, record in ({} if "error" in result["augment"] else result["augment"]).items():
         if name != "images":
             lines.append(f"{'augmentation on the device ' + name + ' ms/img':<46}{record['ms_per_image']:>12.3f}")
@@ -329,7 +423,7 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (the check) or cpu (quick mode's rehearsal)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a rehearsal of every step")
@@ -349,11 +443,18 @@ def main(argv: List[str] | None = None) -> int:
             return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    result: Dict[str, Any] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
-                              "quick": args.quick, "versions": versions(args.device)}
-    steps = (("numbers", lambda: numbers(args.device, args.quick)), ("speed", lambda: speed(args.device, args.quick)),
-             ("augment", lambda: augment_cost(args.device, args.quick)),
-             ("vissl", lambda: vissl_runs(args.device, out / "vissl")))
+    result: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "quick": args.quick,
+        "versions": versions(args.device),
+    }
+    steps = (
+        ("numbers", lambda: numbers(args.device, args.quick)),
+        ("speed", lambda: speed(args.device, args.quick)),
+        ("augment", lambda: augment_cost(args.device, args.quick)),
+        ("vissl", lambda: vissl_runs(args.device, out / "vissl")),
+    )
     for name, step in steps:  # each step's result is written as soon as it exists; a failure does not stop the rest
         start = time.time()
         try:
@@ -366,7 +467,11 @@ def main(argv: List[str] | None = None) -> int:
         (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(table(result))
     failed = [name for name, _ in steps if "error" in result[name]]
-    ok = not failed and all(r["ok"] for r in result["numbers"].values()) and all(r["ok"] for r in result["vissl"].values())
+    ok = (
+        not failed
+        and all(r["ok"] for r in result["numbers"].values())
+        and all(r["ok"] for r in result["vissl"].values())
+    )
     return 0 if ok else 1
 
 

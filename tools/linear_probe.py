@@ -46,7 +46,7 @@ def load_folder(folder: Path, size: int, mean, std):
 
 def features(model, images: torch.Tensor, names, batch: int = 256):
     with torch.no_grad():
-        chunks = [named_features(model, images[i:i + batch], names) for i in range(0, len(images), batch)]
+        chunks = [named_features(model, images[i : i + batch], names) for i in range(0, len(images), batch)]
     return {name: torch.cat([c[k] for c in chunks]).numpy() for k, name in enumerate(names)}
 
 
@@ -58,8 +58,9 @@ def probe(train_x, train_y, val_x, val_y, fraction: float, seed: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/linear_probe.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tools/linear_probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoints", nargs="+", help="VISSL run folders or checkpoint files (any format)")
     parser.add_argument("--data", required=True, help="folder with train/<class>/* and val/<class>/*")
     parser.add_argument("--features", nargs="+", default=["lastCLS", "concatPOOL2"])
@@ -76,15 +77,19 @@ def main(argv=None) -> int:
         model, _ = load_model(checkpoint)
         size = model.img_size[0]
         if size not in loaded:
-            loaded[size] = (load_folder(data / "train", size, args.mean, args.std),
-                            load_folder(data / "val", size, args.mean, args.std))
+            loaded[size] = (
+                load_folder(data / "train", size, args.mean, args.std),
+                load_folder(data / "val", size, args.mean, args.std),
+            )
         (train_images, train_y), (val_images, val_y) = loaded[size]
         train_f, val_f = features(model, train_images, args.features), features(model, val_images, args.features)
         for name in args.features:
             cells = []
             for fraction in args.fractions:
                 seeds = args.seeds if fraction < 1 else args.seeds[:1]
-                cells.append(f"{np.mean([probe(train_f[name], train_y, val_f[name], val_y, fraction, s) for s in seeds]):.1f}")
+                cells.append(
+                    f"{np.mean([probe(train_f[name], train_y, val_f[name], val_y, fraction, s) for s in seeds]):.1f}"
+                )
             print(f"| {checkpoint} | {name} | {' | '.join(cells)} |", flush=True)
     return 0
 

@@ -33,8 +33,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,17 +51,17 @@ METHODS = ("simclr", "moco", "swav", "dino", "barlow_twins")
 
 
 # ---------------------------------------------------------------- the config's pieces
-def _head_block(config: Any, index: int = 0) -> Dict[str, Any]:
+def _head_block(config: Any, index: int = 0) -> dict[str, Any]:
     return dict(config.MODEL.HEAD.PARAMS[index][1])
 
 
-def _mlp_head(head: Dict[str, Any]) -> nn.Module:
+def _mlp_head(head: dict[str, Any]) -> nn.Module:
     """lightly's ProjectionHead with the blocks of VISSL's `mlp` head (SimCLR's, MoCo's):
     Linear (+ BatchNorm) + ReLU between layers, a plain last layer."""
     from lightly.models.modules.heads import ProjectionHead
 
     dims, bn = head["dims"], bool(head.get("use_bn", False))
-    blocks: List[Any] = [(a, b, nn.BatchNorm1d(b) if bn else None, nn.ReLU()) for a, b in zip(dims[:-2], dims[1:-1])]
+    blocks: list[Any] = [(a, b, nn.BatchNorm1d(b) if bn else None, nn.ReLU()) for a, b in zip(dims[:-2], dims[1:-1])]
     return ProjectionHead([*blocks, (dims[-2], dims[-1], None, None)])
 
 
@@ -69,7 +70,7 @@ def _frozen_iterations(config: Any) -> int:
     return max((int(n) for _, n in config.MODEL.TEMP_FROZEN_PARAMS_ITER_MAP), default=0)
 
 
-def _param_groups(modules: Sequence[nn.Module], config: Any) -> List[Dict[str, Any]]:
+def _param_groups(modules: Sequence[nn.Module], config: Any) -> list[dict[str, Any]]:
     """AdamW groups as the recipe's: weight decay on weight matrices only."""
     skip = set(config.OPTIMIZER.get("non_regularized_parameters", []))
     decay, no_decay = [], []
@@ -78,8 +79,10 @@ def _param_groups(modules: Sequence[nn.Module], config: Any) -> List[Dict[str, A
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim <= 1 or name.split(".")[-1] in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": float(config.OPTIMIZER.weight_decay)},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": float(config.OPTIMIZER.weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class Method(nn.Module):
@@ -105,7 +108,7 @@ class SimCLR(Method):
         self.head = _mlp_head(_head_block(config))
         self.loss = NTXentLoss(temperature=config.LOSS.simclr_info_nce_loss.temperature)
 
-    def step(self, trunk: nn.Module, views: List[torch.Tensor], iteration: int) -> torch.Tensor:
+    def step(self, trunk: nn.Module, views: list[torch.Tensor], iteration: int) -> torch.Tensor:
         return self.loss(self.head(trunk(views[0])), self.head(trunk(views[1])))
 
 
@@ -124,7 +127,7 @@ class MoCo(Method):
         self.momentum = float(block.momentum)
         self.loss = NTXentLoss(temperature=block.temperature, memory_bank_size=(block.queue_size, head["dims"][-1]))
 
-    def step(self, trunk: nn.Module, views: List[torch.Tensor], iteration: int) -> torch.Tensor:
+    def step(self, trunk: nn.Module, views: list[torch.Tensor], iteration: int) -> torch.Tensor:
         query = self.head(trunk(views[0]))
         with torch.no_grad():
             key = self.teacher["head"](self.teacher["trunk"](views[1]))
@@ -152,15 +155,16 @@ class SwAV(Method):
 
         self.prototypes.heads = nn.ModuleList(nn.Linear(dims[2], k, bias=False) for k in head["num_clusters"])
         self.high = int(block.crops_for_assign[-1]) + 1  # the assignment crops are the first (global) ones
-        self.loss = SwaVLoss(temperature=block.temperature, sinkhorn_iterations=block.num_iters,
-                             sinkhorn_epsilon=block.epsilon)
+        self.loss = SwaVLoss(
+            temperature=block.temperature, sinkhorn_iterations=block.num_iters, sinkhorn_epsilon=block.epsilon
+        )
         self.prototypes.normalize()
 
-    def step(self, trunk: nn.Module, views: List[torch.Tensor], iteration: int) -> torch.Tensor:
+    def step(self, trunk: nn.Module, views: list[torch.Tensor], iteration: int) -> torch.Tensor:
         scores = [self.prototypes(F.normalize(self.head(trunk(v)), dim=1), step=iteration) for v in views]
         heads = len(self.prototypes.heads)
         per_head = [[s[h] for s in scores] for h in range(heads)]
-        return sum(self.loss(s[:self.high], s[self.high:]) for s in per_head) / heads
+        return sum(self.loss(s[: self.high], s[self.high :]) for s in per_head) / heads
 
     def after_step(self, trunk: nn.Module, iteration: int, total: int) -> None:
         self.prototypes.normalize()
@@ -176,9 +180,16 @@ class DINO(Method):
         dims = head["dims"]
         if len(dims) != 4 or not head.get("use_weight_norm_prototypes", False):
             raise ValueError(f"lightly's DINOProjectionHead is 3 layers and a weight-normed last layer; got {head}")
+
         def projection() -> nn.Module:
-            return DINOProjectionHead(dims[0], dims[1], dims[3], head["num_clusters"][0],
-                                      batch_norm=bool(head.get("use_bn", False)), norm_last_layer=False)
+            return DINOProjectionHead(
+                dims[0],
+                dims[1],
+                dims[3],
+                head["num_clusters"][0],
+                batch_norm=bool(head.get("use_bn", False)),
+                norm_last_layer=False,
+            )
 
         self.head = projection()
         self.teacher = nn.ModuleDict({"trunk": copy.deepcopy(trunk), "head": projection()})
@@ -187,15 +198,23 @@ class DINO(Method):
         self.frozen = _frozen_iterations(config)
         self.momentum = float(block.momentum)
         self.teacher_crops = len(block.crops_for_teacher)
-        self.temperatures = (float(block.teacher_temp_min), float(block.teacher_temp_max), int(block.teacher_temp_warmup_iters))
-        self.loss = DINOLoss(output_dim=head["num_clusters"][0], teacher_temp=self.temperatures[1],
-                             student_temp=block.student_temp, center_momentum=block.ema_center)
+        self.temperatures = (
+            float(block.teacher_temp_min),
+            float(block.teacher_temp_max),
+            int(block.teacher_temp_warmup_iters),
+        )
+        self.loss = DINOLoss(
+            output_dim=head["num_clusters"][0],
+            teacher_temp=self.temperatures[1],
+            student_temp=block.student_temp,
+            center_momentum=block.ema_center,
+        )
 
-    def step(self, trunk: nn.Module, views: List[torch.Tensor], iteration: int) -> torch.Tensor:
+    def step(self, trunk: nn.Module, views: list[torch.Tensor], iteration: int) -> torch.Tensor:
         low, high, warmup = self.temperatures
         teacher_temp = low + (high - low) * min(1.0, iteration / max(1, warmup))
         with torch.no_grad():
-            teacher = [self.teacher["head"](self.teacher["trunk"](v)) for v in views[:self.teacher_crops]]
+            teacher = [self.teacher["head"](self.teacher["trunk"](v)) for v in views[: self.teacher_crops]]
         student = [self.head(trunk(v)) for v in views]
         return self.loss(teacher, student, teacher_temp=teacher_temp)
 
@@ -226,14 +245,17 @@ class BarlowTwins(Method):
             self.head.layers[-1] = nn.Linear(last.in_features, last.out_features, bias=False)
         self.loss = BarlowTwinsLoss(lambda_param=config.LOSS.barlow_twins_loss.lambda_)
 
-    def step(self, trunk: nn.Module, views: List[torch.Tensor], iteration: int) -> torch.Tensor:
+    def step(self, trunk: nn.Module, views: list[torch.Tensor], iteration: int) -> torch.Tensor:
         return self.loss(self.head(trunk(views[0])), self.head(trunk(views[1])))
 
 
 def build_method(name: str, config: Any, trunk: nn.Module) -> Method:
-    builders: Dict[str, Callable[[], Method]] = {
-        "simclr": lambda: SimCLR(config), "moco": lambda: MoCo(config, trunk), "swav": lambda: SwAV(config),
-        "dino": lambda: DINO(config, trunk), "barlow_twins": lambda: BarlowTwins(config),
+    builders: dict[str, Callable[[], Method]] = {
+        "simclr": lambda: SimCLR(config),
+        "moco": lambda: MoCo(config, trunk),
+        "swav": lambda: SwAV(config),
+        "dino": lambda: DINO(config, trunk),
+        "barlow_twins": lambda: BarlowTwins(config),
     }
     if name not in builders:
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(builders)}")
@@ -262,12 +284,12 @@ class ClassToken(nn.Module):
         return self.trunk(x, ["lastCLS"])[0]
 
 
-def _views(items: List[Dict[str, Any]]) -> List[torch.Tensor]:
+def _views(items: list[dict[str, Any]]) -> list[torch.Tensor]:
     """VISSL dataset items -> one (B, C, H, W) batch per view."""
     return [torch.stack([item["data"][v] for item in items]) for v in range(len(items[0]["data"]))]
 
 
-def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[str]) -> Dict[str, Any]:
+def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[str]) -> dict[str, Any]:
     from classy_vision.generic.distributed_util import set_cpu_device
     from classy_vision.optim.param_scheduler import build_param_scheduler
     from vissl.data import build_dataset
@@ -276,8 +298,15 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
     from convit_ssl.vissl.knn_hook import LabelledImages, extract_features
 
     set_cpu_device()
-    config = compose([f"config={small_scale_config(method)}", f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
-                      f"config.DATA.TRAIN.LABEL_PATHS=[{train}]", f"config.SEED_VALUE={seed}", *overrides])[1]
+    config = compose(
+        [
+            f"config={small_scale_config(method)}",
+            f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
+            f"config.DATA.TRAIN.LABEL_PATHS=[{train}]",
+            f"config.SEED_VALUE={seed}",
+            *overrides,
+        ]
+    )[1]
     dataset = build_dataset(config, "TRAIN")
     trunk = build_trunk(config)
     features = ClassToken(trunk)
@@ -294,20 +323,21 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
     batch, epochs = int(config.DATA.TRAIN.BATCHSIZE_PER_REPLICA), int(config.OPTIMIZER.num_epochs)
     per_epoch = len(dataset) // batch
     total = per_epoch * epochs
-    optimizer = torch.optim.AdamW(_param_groups([trunk, model], config), lr=0.0,
-                                  betas=tuple(config.OPTIMIZER.betas))
+    optimizer = torch.optim.AdamW(_param_groups([trunk, model], config), lr=0.0, betas=tuple(config.OPTIMIZER.betas))
     schedule = build_param_scheduler(config.OPTIMIZER.param_schedulers.lr)
     frequency = record_frequency(epochs)
     curve = [(0, round(knn(trunk), 2))]
-    print(f"== {method} / seed {seed}: lightly, {epochs} epochs x {per_epoch} iterations; kNN at init {curve[0][1]}%",
-          flush=True)
+    print(
+        f"== {method} / seed {seed}: lightly, {epochs} epochs x {per_epoch} iterations; kNN at init {curve[0][1]}%",
+        flush=True,
+    )
     order = torch.Generator().manual_seed(seed)
     started, iteration, losses = time.perf_counter(), 0, []
     for epoch in range(epochs):
         trunk.train(), model.train()
         permutation = torch.randperm(len(dataset), generator=order).tolist()
         for start in range(0, per_epoch * batch, batch):
-            views = _views([dataset[i] for i in permutation[start:start + batch]])
+            views = _views([dataset[i] for i in permutation[start : start + batch]])
             for group in optimizer.param_groups:
                 group["lr"] = schedule(iteration / total)
             loss = model.step(features, views, iteration)
@@ -322,25 +352,42 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
                 raise RuntimeError(f"{method} / seed {seed}: loss {losses[-1]} at iteration {iteration}")
         if (epoch + 1) % frequency == 0:
             curve.append((epoch + 1, round(knn(trunk), 2)))
-            print(f"   epoch {epoch + 1}: loss {sum(losses[-per_epoch:]) / per_epoch:.4f}, kNN {curve[-1][1]}%",
-                  flush=True)
+            print(
+                f"   epoch {epoch + 1}: loss {sum(losses[-per_epoch:]) / per_epoch:.4f}, kNN {curve[-1][1]}%",
+                flush=True,
+            )
     seconds = time.perf_counter() - started
-    result = {"method": method, "implementation": "lightly", "seed": seed, "config": small_scale_config(method),
-              "overrides": list(overrides), "epochs": epochs, "iterations": total,
-              "seconds": round(seconds, 1), "final_loss": round(losses[-1], 4),
-              "knn_top1": {"random_init": curve[0][1], "pretrained": curve[-1][1]}, "knn_curve": curve}
+    result = {
+        "method": method,
+        "implementation": "lightly",
+        "seed": seed,
+        "config": small_scale_config(method),
+        "overrides": list(overrides),
+        "epochs": epochs,
+        "iterations": total,
+        "seconds": round(seconds, 1),
+        "final_loss": round(losses[-1], 4),
+        "knn_top1": {"random_init": curve[0][1], "pretrained": curve[-1][1]},
+        "knn_curve": curve,
+    }
     if model.teacher is not None:
         result["knn_top1"]["teacher"] = round(knn(model.teacher["trunk"].trunk), 2)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/ssl_lightly.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tools/ssl_lightly.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--method", nargs="+", required=True, choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="Hydra overrides of the config, as tools/ssl_quality.py --override")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides of the config, as tools/ssl_quality.py --override",
+    )
     parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
     parser.add_argument("--out", required=True, help="output folder (results.json)")
     args = parser.parse_args(argv)
@@ -359,8 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["runs"].append(run)
             atomic_write_text(path, json.dumps(results, indent=2) + "\n")
             knn = run["knn_top1"]
-            print(f"== {method} / seed {seed} (lightly): kNN top-1 {knn['random_init']:.1f}% -> "
-                  f"{knn['pretrained']:.1f}% ({run['seconds']:.0f} s)", flush=True)
+            print(
+                f"== {method} / seed {seed} (lightly): kNN top-1 {knn['random_init']:.1f}% -> "
+                f"{knn['pretrained']:.1f}% ({run['seconds']:.0f} s)",
+                flush=True,
+            )
     print(f"results: {path}")
     return 0
 

@@ -21,7 +21,19 @@ from convit_ssl.analysis.positional import gates, locality_strengths, positional
 from convit_ssl.analysis.report import analyze, to_plain
 
 __all__ = [
-    "LayerAttention", "analyze", "attention_kinds", "attention_maps", "centre_query", "collect_attention",
-    "evaluating", "gates", "locality_strengths", "mean_attention_distance", "nonlocality", "patch_attention",
-    "positional_centres", "positional_spans", "to_plain",
+    "LayerAttention",
+    "analyze",
+    "attention_kinds",
+    "attention_maps",
+    "centre_query",
+    "collect_attention",
+    "evaluating",
+    "gates",
+    "locality_strengths",
+    "mean_attention_distance",
+    "nonlocality",
+    "patch_attention",
+    "positional_centres",
+    "positional_spans",
+    "to_plain",
 ]

@@ -15,8 +15,8 @@ Memory: per recorded layer, B * heads * T^2 floats per matrix (T = N, or
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,12 +47,12 @@ class LayerAttention:
 
     index: int
     kind: str
-    grid: Tuple[int, int]
+    grid: tuple[int, int]
     inputs: torch.Tensor
     combined: torch.Tensor
-    positional: Optional[torch.Tensor] = None
-    content: Optional[torch.Tensor] = None
-    gate: Optional[torch.Tensor] = None
+    positional: torch.Tensor | None = None
+    content: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
 
     @property
     def has_class_token(self) -> bool:
@@ -67,7 +67,7 @@ def check_model(model: nn.Module) -> ConViT:
     return model
 
 
-def attention_kinds(model: ConViT) -> List[str]:
+def attention_kinds(model: ConViT) -> list[str]:
     """Kind ("gpsa" or "mhsa") of each block of `model`, in block order."""
     kinds = []
     for i, block in enumerate(check_model(model).blocks):
@@ -110,7 +110,7 @@ def _check_images(model: ConViT, images: torch.Tensor) -> torch.Tensor:
     return images.to(device=param.device, dtype=param.dtype)
 
 
-def _check_layers(layers: Optional[Sequence[int]], depth: int) -> List[int]:
+def _check_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
     if layers is None:
         return list(range(depth))
     chosen = sorted({int(i) for i in layers})
@@ -120,9 +120,7 @@ def _check_layers(layers: Optional[Sequence[int]], depth: int) -> List[int]:
     return chosen
 
 
-def collect_attention(
-    model: ConViT, images: torch.Tensor, layers: Optional[Sequence[int]] = None
-) -> List[LayerAttention]:
+def collect_attention(model: ConViT, images: torch.Tensor, layers: Sequence[int] | None = None) -> list[LayerAttention]:
     """Run `model` once on `images` (B, C, H_img, W_img) and return the attention of each block.
 
     The forward runs in eval mode under ``torch.no_grad`` and stops after the
@@ -144,7 +142,7 @@ def collect_attention(
     model = check_model(model)
     kinds = attention_kinds(model)
     chosen = _check_layers(layers, len(kinds))
-    seen: Dict[int, Tuple[torch.Tensor, Tuple[int, int]]] = {}
+    seen: dict[int, tuple[torch.Tensor, tuple[int, int]]] = {}
 
     def recorder(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -165,13 +163,14 @@ def collect_attention(
     return records
 
 
-def _layer_attention(
-    index: int, kind: str, attn: nn.Module, x: torch.Tensor, grid: Tuple[int, int]
-) -> LayerAttention:
+def _layer_attention(index: int, kind: str, attn: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> LayerAttention:
     if kind == MHSA_KIND:
         return LayerAttention(index, kind, grid, x, attn.attention_maps(x, grid))
     return LayerAttention(
-        index, kind, grid, x,
+        index,
+        kind,
+        grid,
+        x,
         combined=attn.attention_maps(x, grid),
         positional=attn.positional_attention(grid),
         content=attn.content_attention(x),

@@ -8,19 +8,19 @@ reshaped to (H, W) (row-major, as the patch embedding numbers patches).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
 from convit_ssl.analysis.collect import LayerAttention
 
 
-def centre_query(grid: Tuple[int, int]) -> Tuple[int, int]:
+def centre_query(grid: tuple[int, int]) -> tuple[int, int]:
     """The default query patch (H // 2, W // 2) of an (H, W) grid, as (row, col)."""
     return grid[0] // 2, grid[1] // 2
 
 
-def check_query(query: Optional[Sequence[int]], grid: Tuple[int, int]) -> Tuple[int, int]:
+def check_query(query: Sequence[int] | None, grid: tuple[int, int]) -> tuple[int, int]:
     """`query` as (row, col) checked against `grid`; the centre patch when None."""
     if query is None:
         return centre_query(grid)
@@ -36,15 +36,15 @@ def check_query(query: Optional[Sequence[int]], grid: Tuple[int, int]) -> Tuple[
     return row, col
 
 
-def _query_row(attn: torch.Tensor, query: int, grid: Tuple[int, int], class_token: bool) -> torch.Tensor:
+def _query_row(attn: torch.Tensor, query: int, grid: tuple[int, int], class_token: bool) -> torch.Tensor:
     """(..., T, T) attention -> (..., H, W) weights of query patch `query` on the patches."""
     offset = 1 if class_token else 0
     return attn[..., query + offset, offset:].reshape(*attn.shape[:-2], *grid)
 
 
 def attention_maps(
-    layers: Sequence[LayerAttention], query: Optional[Sequence[int]] = None
-) -> List[Dict[str, torch.Tensor]]:
+    layers: Sequence[LayerAttention], query: Sequence[int] | None = None
+) -> list[dict[str, torch.Tensor]]:
     """For each recorded layer, the attention of the query patch as maps on the grid.
 
     Args:
@@ -65,13 +65,17 @@ def attention_maps(
         row, col = check_query(query, layer.grid)
         q = row * layer.grid[1] + col
         if layer.has_class_token:
-            out.append({
-                "combined": _query_row(layer.combined, q, layer.grid, class_token=True),
-                "class_token": layer.combined[..., q + 1, 0],
-            })
+            out.append(
+                {
+                    "combined": _query_row(layer.combined, q, layer.grid, class_token=True),
+                    "class_token": layer.combined[..., q + 1, 0],
+                }
+            )
         else:
-            out.append({
-                name: _query_row(getattr(layer, name), q, layer.grid, class_token=False)
-                for name in ("positional", "content", "combined")
-            })
+            out.append(
+                {
+                    name: _query_row(getattr(layer, name), q, layer.grid, class_token=False)
+                    for name in ("positional", "content", "combined")
+                }
+            )
     return out

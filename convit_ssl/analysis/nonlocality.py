@@ -17,7 +17,7 @@ attention that goes to patches (comparable with GPSA layers).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ def patch_attention(attn: torch.Tensor) -> torch.Tensor:
     return patches / patches.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(patches.dtype).tiny)
 
 
-def mean_attention_distance(attn: torch.Tensor, grid: Tuple[int, int], class_token: bool = False) -> torch.Tensor:
+def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], class_token: bool = False) -> torch.Tensor:
     """(heads,) nonlocality of `attn`, (heads, T, T) or (B, heads, T, T) with
     T = H * W (or 1 + H * W with the class token first when `class_token`),
     averaged over query patches (and images)."""

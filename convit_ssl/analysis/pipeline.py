@@ -28,8 +28,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from PIL import Image
@@ -49,8 +50,9 @@ JSON_NAME = "analysis.json"
 
 
 # --------------------------------------------------------------------------- model
-def load_model(path: os.PathLike, fmt: str = "auto", arch: Optional[str] = None,
-               norm_eps: Optional[float] = None) -> Tuple[ConViT, Dict[str, Any]]:
+def load_model(
+    path: os.PathLike, fmt: str = "auto", arch: str | None = None, norm_eps: float | None = None
+) -> tuple[ConViT, dict[str, Any]]:
     """`convit_ssl.load_model` as the analyses use it: the trunk only (num_classes=0,
     float32, eval mode) of any source it reads (a checkpoint file of any format, a
     timm hub folder, a VISSL run folder).
@@ -67,7 +69,7 @@ def load_model(path: os.PathLike, fmt: str = "auto", arch: Optional[str] = None,
 
 
 # --------------------------------------------------------------------------- images
-def find_images(folder: os.PathLike, limit: Optional[int] = None) -> List[Path]:
+def find_images(folder: os.PathLike, limit: int | None = None) -> list[Path]:
     """Image files under `folder` (recursive, IMAGE_SUFFIXES in any case), sorted by
     their path relative to `folder`, at most `limit` of them; hidden files and folders are skipped."""
     folder = Path(folder)
@@ -100,9 +102,13 @@ def _walk_sorted(folder: Path, seen: set) -> Iterator[Path]:
             yield Path(entry.path)
 
 
-def load_images(paths: Sequence[Path], image_size: int, in_chans: int = 3,
-                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_images(
+    paths: Sequence[Path],
+    image_size: int,
+    in_chans: int = 3,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as a normalised batch (B, C, S, S) and the same pixels before
     normalisation (B, C, S, S) in [0, 1] (for display), S = `image_size`:
     shorter side resized to S (bicubic), centre crop S x S, C = `in_chans`
@@ -115,8 +121,9 @@ def load_images(paths: Sequence[Path], image_size: int, in_chans: int = 3,
             raise ValueError(f"--{name} needs {in_chans} values (one per channel), got {list(values)}")
     if any(s <= 0 for s in std):
         raise ValueError(f"--std values must be positive, got {list(std)}")
-    to_pixels = T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                           T.CenterCrop(image_size), T.ToTensor()])
+    to_pixels = T.Compose(
+        [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size), T.ToTensor()]
+    )
     normalise = T.Normalize(list(mean), list(std))
     pixels = []
     for path in paths:
@@ -129,7 +136,7 @@ def load_images(paths: Sequence[Path], image_size: int, in_chans: int = 3,
 
 
 # --------------------------------------------------------------------------- outputs
-def _planned(has_gpsa: bool, has_log: bool) -> List[str]:
+def _planned(has_gpsa: bool, has_log: bool) -> list[str]:
     names = [JSON_NAME, "nonlocality.png", "attention_combined.png"]
     if has_gpsa:
         names[1:1] = ["gating.png"]
@@ -139,12 +146,13 @@ def _planned(has_gpsa: bool, has_log: bool) -> List[str]:
     return names
 
 
-def _render(report: Dict[str, Any], display: torch.Tensor, training_log: Any, staging: Path
-            ) -> Dict[str, Dict[str, Any]]:
+def _render(
+    report: dict[str, Any], display: torch.Tensor, training_log: Any, staging: Path
+) -> dict[str, dict[str, Any]]:
     """Write every figure into `staging`; return {file name: the numbers it shows}."""
     image = display[0].permute(1, 2, 0).numpy()
     has_gpsa = "gpsa" in report["kinds"]
-    figures: Dict[str, Dict[str, Any]] = {}
+    figures: dict[str, dict[str, Any]] = {}
     if has_gpsa:
         plots.save_png(plots.gating_figure(report), staging / "gating.png")
         figures["gating.png"] = plots.gating_data(report)
@@ -153,8 +161,10 @@ def _render(report: Dict[str, Any], display: torch.Tensor, training_log: Any, st
     for term in ("combined", "positional") if has_gpsa else ("combined",):
         name = f"attention_{term}.png"
         plots.save_png(plots.attention_figure(report, image, term), staging / name)
-        figures[name] = {**plots.attention_data(report, term),
-                         "maps": f"analysis.layers[*].attention_map.{term}" + ("" if term == "positional" else "[0]")}
+        figures[name] = {
+            **plots.attention_data(report, term),
+            "maps": f"analysis.layers[*].attention_map.{term}" + ("" if term == "positional" else "[0]"),
+        }
     if training_log is not None:
         records = training_log.records
         plots.save_png(plots.curves_figure(records, source=training_log.path.name), staging / "training_curves.png")
@@ -162,16 +172,28 @@ def _render(report: Dict[str, Any], display: torch.Tensor, training_log: Any, st
     return figures
 
 
-def _write_json(data: Dict[str, Any], path: Path) -> None:
+def _write_json(data: dict[str, Any], path: Path) -> None:
     atomic_write_text(path, json.dumps(data, allow_nan=False) + "\n")
 
 
-def run_analysis(checkpoint: os.PathLike, images: os.PathLike, out: os.PathLike, *, fmt: str = "auto",
-                 arch: Optional[str] = None, norm_eps: Optional[float] = None,
-                 num_images: int = DEFAULT_NUM_IMAGES, image_size: Optional[int] = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 query: Optional[Sequence[int]] = None, log_path: Optional[os.PathLike] = None,
-                 device: str = "cpu", overwrite: bool = False, log: Callable[[str], None] = print) -> List[Path]:
+def run_analysis(
+    checkpoint: os.PathLike,
+    images: os.PathLike,
+    out: os.PathLike,
+    *,
+    fmt: str = "auto",
+    arch: str | None = None,
+    norm_eps: float | None = None,
+    num_images: int = DEFAULT_NUM_IMAGES,
+    image_size: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    query: Sequence[int] | None = None,
+    log_path: os.PathLike | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
     """Analyse `checkpoint` on the images of `images` and write analysis.json and
     the figures into `out`; return the written paths (see the module docstring)."""
     out = Path(out)
@@ -200,22 +222,29 @@ def run_analysis(checkpoint: os.PathLike, images: os.PathLike, out: os.PathLike,
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".analyze-", dir=out))
-    written: List[Path] = []
+    written: list[Path] = []
     try:
         figures = _render(report, display, training_log, staging)
         root = Path(images)
-        _write_json({
-            "checkpoint": str(checkpoint),
-            **info,
-            "images": [p.relative_to(root).as_posix() for p in paths],
-            "image_size": [size, size],
-            "normalisation": {"mean": list(mean), "std": list(std)},
-            "training_log": None if training_log is None else {
-                "path": str(training_log.path), "records": len(training_log.records),
-                "truncated_line": training_log.truncated_line},
-            "analysis": report,
-            "figures": figures,
-        }, staging / JSON_NAME)
+        _write_json(
+            {
+                "checkpoint": str(checkpoint),
+                **info,
+                "images": [p.relative_to(root).as_posix() for p in paths],
+                "image_size": [size, size],
+                "normalisation": {"mean": list(mean), "std": list(std)},
+                "training_log": None
+                if training_log is None
+                else {
+                    "path": str(training_log.path),
+                    "records": len(training_log.records),
+                    "truncated_line": training_log.truncated_line,
+                },
+                "analysis": report,
+                "figures": figures,
+            },
+            staging / JSON_NAME,
+        )
         assert sorted(p.name for p in staging.iterdir()) == sorted(names), "rendered files differ from the plan"
         for name in names:
             os.replace(staging / name, out / name)
@@ -229,8 +258,10 @@ def run_analysis(checkpoint: os.PathLike, images: os.PathLike, out: os.PathLike,
     log(f"analysed {checkpoint} ({info['format']}): " + ", ".join(f"{k}={v}" for k, v in info["model"].items()))
     for note in info["notes"]:
         log(f"  note: {note}")
-    log(f"  {len(paths)} images from {images} at {size}x{size}, query patch {tuple(report['query'])} "
-        f"of the {report['grid'][0]}x{report['grid'][1]} grid")
+    log(
+        f"  {len(paths)} images from {images} at {size}x{size}, query patch {tuple(report['query'])} "
+        f"of the {report['grid'][0]}x{report['grid'][1]} grid"
+    )
     if training_log is not None and training_log.truncated_line is not None:
         log(f"  note: skipped the incomplete last line {training_log.truncated_line} of {training_log.path}")
     log("wrote:")

@@ -24,8 +24,9 @@ The training log's schema and reader: `convit_ssl.analysis.training_log`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -41,13 +42,12 @@ from convit_ssl.analysis.training_log import check_record
 from convit_ssl.files import PathLike, atomic_path
 from convit_ssl.models.geometry import pairwise_distances
 
-
 DPI = 100
-GATING_FIGSIZE = (8.0, 4.8)        # 800 x 480 px
-NONLOCALITY_FIGSIZE = (9.6, 4.8)   # 960 x 480 px
-CURVES_FIGSIZE = (13.0, 4.8)       # 1300 x 480 px
-ATTENTION_CELL = 1.3               # inches per panel (its longer image side)
-ATTENTION_GAP = 0.08               # inches between panels
+GATING_FIGSIZE = (8.0, 4.8)  # 800 x 480 px
+NONLOCALITY_FIGSIZE = (9.6, 4.8)  # 960 x 480 px
+CURVES_FIGSIZE = (13.0, 4.8)  # 1300 x 480 px
+ATTENTION_CELL = 1.3  # inches per panel (its longer image side)
+ATTENTION_GAP = 0.08  # inches between panels
 ATTENTION_MARGINS = {"left": 1.05, "right": 1.05, "top": 1.0, "bottom": 0.15}  # inches
 
 TITLE_SIZE = 13
@@ -61,7 +61,7 @@ TERMS = ("combined", "positional")
 GPSA, MHSA = GPSA_KIND, MHSA_KIND
 
 
-def figure_pixels(figsize: Tuple[float, float], dpi: int = DPI) -> Tuple[int, int]:
+def figure_pixels(figsize: tuple[float, float], dpi: int = DPI) -> tuple[int, int]:
     """(width, height) in pixels of a PNG saved from a figure of `figsize` inches."""
     return round(figsize[0] * dpi), round(figsize[1] * dpi)
 
@@ -71,7 +71,7 @@ NONLOCALITY_PIXELS = figure_pixels(NONLOCALITY_FIGSIZE)
 CURVES_PIXELS = figure_pixels(CURVES_FIGSIZE)
 
 
-def attention_figsize(rows: int, cols: int, image_hw: Tuple[int, int]) -> Tuple[float, float]:
+def attention_figsize(rows: int, cols: int, image_hw: tuple[int, int]) -> tuple[float, float]:
     """Figure size (inches) of an attention grid of rows x cols panels of an
     image of `image_hw` = (height, width) pixels: panels are ATTENTION_CELL
     inches along the image's longer side."""
@@ -85,7 +85,7 @@ def attention_figsize(rows: int, cols: int, image_hw: Tuple[int, int]) -> Tuple[
 
 
 # --------------------------------------------------------------------------- helpers
-def _figure(figsize: Tuple[float, float], layout: Optional[str] = "constrained") -> Figure:
+def _figure(figsize: tuple[float, float], layout: str | None = "constrained") -> Figure:
     fig = Figure(figsize=figsize, dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
@@ -120,7 +120,7 @@ def _mean(rows: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _head_colours(heads: int) -> List[Any]:
+def _head_colours(heads: int) -> list[Any]:
     if heads <= 10:
         return [colormaps["tab10"](h) for h in range(heads)]
     if heads <= 20:
@@ -128,7 +128,7 @@ def _head_colours(heads: int) -> List[Any]:
     return [colormaps["viridis"](h / (heads - 1)) for h in range(heads)]
 
 
-def _layer_colours(layers: Sequence[int]) -> Dict[int, Any]:
+def _layer_colours(layers: Sequence[int]) -> dict[int, Any]:
     top = max(max(layers, default=0), 1)
     return {i: colormaps["viridis"](0.9 * i / top) for i in layers}
 
@@ -138,12 +138,21 @@ def _jitter(heads: int, spread: float = 0.5) -> np.ndarray:
     return (np.arange(heads) - (heads - 1) / 2) * (spread / max(heads, 1))
 
 
-def _head_points(ax, x: np.ndarray, values: np.ndarray, size: int) -> List[Any]:
+def _head_points(ax, x: np.ndarray, values: np.ndarray, size: int) -> list[Any]:
     """One scatter series per head (column of `values`, rows at `x`), jittered; their legend handles."""
     heads = values.shape[1]
     return [
-        ax.scatter(x + dx, values[:, h], s=size, color=colour, marker=MARKERS[h % len(MARKERS)],
-                   edgecolors="black", linewidths=0.4, zorder=3, label=f"head {h}")
+        ax.scatter(
+            x + dx,
+            values[:, h],
+            s=size,
+            color=colour,
+            marker=MARKERS[h % len(MARKERS)],
+            edgecolors="black",
+            linewidths=0.4,
+            zorder=3,
+            label=f"head {h}",
+        )
         for h, (colour, dx) in enumerate(zip(_head_colours(heads), _jitter(heads), strict=True))
     ]
 
@@ -162,28 +171,33 @@ def _legend(fig: Figure, handles: Sequence[Any], loc: str = "outside right upper
     fig.legend(handles=list(handles), loc=loc, fontsize=LEGEND_SIZE, ncols=ncols, frameon=False)
 
 
-def _check_report(report: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+def _check_report(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     try:
         layers = report["layers"]
         for layer in layers:
             layer["index"], layer["kind"], layer["nonlocality"]["combined"]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"not an analyze() report (missing {e}); "
-                         "pass the dict convit_ssl.analysis.analyze returns") from e
+        raise ValueError(
+            f"not an analyze() report (missing {e}); pass the dict convit_ssl.analysis.analyze returns"
+        ) from e
     if not layers:
         raise ValueError("the report has no layers")
     return layers
 
 
 # --------------------------------------------------------------------------- gating
-def gating_data(report: Mapping[str, Any]) -> Dict[str, Any]:
+def gating_data(report: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers of the gating figure: per GPSA layer, sigma(lambda) of each head and their mean."""
     layers = [layer for layer in _check_report(report) if layer["kind"] == GPSA]
     if not layers:
         raise ValueError("the model has no GPSA layers: there are no gates to plot")
     gates = _array([layer["gate"] for layer in layers])
-    return {"layers": [layer["index"] for layer in layers], "gate": _plain(gates),
-            "gate_mean": _plain(_mean(gates)), "initial_gate": INITIAL_GATE}
+    return {
+        "layers": [layer["index"] for layer in layers],
+        "gate": _plain(gates),
+        "gate_mean": _plain(_mean(gates)),
+        "initial_gate": INITIAL_GATE,
+    }
 
 
 def gating_figure(report: Mapping[str, Any]) -> Figure:
@@ -193,14 +207,20 @@ def gating_figure(report: Mapping[str, Any]) -> Figure:
     fig = _figure(GATING_FIGSIZE)
     ax = fig.add_subplot()
     handles = _head_points(ax, x, gates, size=36)
-    handles += ax.plot(x, _array(data["gate_mean"]), color="black", lw=2, marker="_", ms=14, zorder=4,
-                       label="mean over heads")
+    handles += ax.plot(
+        x, _array(data["gate_mean"]), color="black", lw=2, marker="_", ms=14, zorder=4, label="mean over heads"
+    )
     handles.append(ax.axhline(INITIAL_GATE, color="grey", ls="--", lw=1, label=f"at init: σ(1) = {INITIAL_GATE:.2f}"))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xticks(x)
     ax.set_xlim(x.min() - 0.6, x.max() + 0.6)
-    _style(ax, "Gating per GPSA layer: weight of the positional attention", "layer (GPSA blocks)",
-           "gate σ(λ)  (1 = positional, 0 = content)", TITLE_SIZE)
+    _style(
+        ax,
+        "Gating per GPSA layer: weight of the positional attention",
+        "layer (GPSA blocks)",
+        "gate σ(λ)  (1 = positional, 0 = content)",
+        TITLE_SIZE,
+    )
     _legend(fig, handles)
     return fig
 
@@ -211,14 +231,18 @@ def uniform_nonlocality(grid: Sequence[int]) -> float:
     return float(pairwise_distances((int(grid[0]), int(grid[1]))).double().mean())
 
 
-def nonlocality_data(report: Mapping[str, Any]) -> Dict[str, Any]:
+def nonlocality_data(report: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers of the nonlocality figure: per layer, the combined nonlocality
     of each head and the mean over heads of combined, positional and content
     (the last two None for MHSA layers), plus the uniform-attention reference."""
     layers = _check_report(report)
     combined = _array([layer["nonlocality"]["combined"] for layer in layers])
-    data = {"layers": [layer["index"] for layer in layers], "kinds": [layer["kind"] for layer in layers],
-            "combined": _plain(combined), "combined_mean": _plain(_mean(combined))}
+    data = {
+        "layers": [layer["index"] for layer in layers],
+        "kinds": [layer["kind"] for layer in layers],
+        "combined": _plain(combined),
+        "combined_mean": _plain(_mean(combined)),
+    }
     for term in ("positional", "content"):
         data[f"{term}_mean"] = [
             _plain(_mean(_array(layer["nonlocality"][term]))) if term in layer["nonlocality"] else None
@@ -238,35 +262,56 @@ def nonlocality_figure(report: Mapping[str, Any]) -> Figure:
     ax = fig.add_subplot()
     if gpsa:
         ax.axvspan(min(gpsa) - 0.5, max(gpsa) + 0.5, color="#e8eef7", zorder=0)
-        ax.text(min(gpsa) - 0.45, 0.98, "GPSA", transform=ax.get_xaxis_transform(), va="top", fontsize=TICK_SIZE,
-                color="#335")
+        ax.text(
+            min(gpsa) - 0.45,
+            0.98,
+            "GPSA",
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            fontsize=TICK_SIZE,
+            color="#335",
+        )
     mhsa = [i for i, kind in zip(data["layers"], data["kinds"], strict=True) if kind == MHSA]
     if mhsa:
-        ax.text(min(mhsa) - 0.45, 0.98, "MHSA (+ class token)", transform=ax.get_xaxis_transform(), va="top",
-                fontsize=TICK_SIZE, color="#533")
+        ax.text(
+            min(mhsa) - 0.45,
+            0.98,
+            "MHSA (+ class token)",
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            fontsize=TICK_SIZE,
+            color="#533",
+        )
     handles = _head_points(ax, x, combined, size=30)
-    handles += ax.plot(x, _array(data["combined_mean"]), color="black", lw=2, marker="o", ms=4, zorder=4,
-                       label="mean (combined)")
+    handles += ax.plot(
+        x, _array(data["combined_mean"]), color="black", lw=2, marker="o", ms=4, zorder=4, label="mean (combined)"
+    )
     for term, style in (("positional", "--"), ("content", ":")):
         means = _array(data[f"{term}_mean"])
         if np.isfinite(means).any():
             handles += ax.plot(x, means, color="#555", lw=1.5, ls=style, zorder=4, label=f"mean ({term} term)")
-    handles.append(ax.axhline(data["uniform"], color="#b44", lw=1, ls="-.",
-                              label=f"uniform attention ({data['uniform']:.2f})"))
+    handles.append(
+        ax.axhline(data["uniform"], color="#b44", lw=1, ls="-.", label=f"uniform attention ({data['uniform']:.2f})")
+    )
     top = np.nanmax(np.concatenate([combined.ravel(), [data["uniform"]]]))
     ax.set_ylim(0, 1.12 * top)
     ax.set_xticks(x)
     ax.set_xlim(x.min() - 0.6, x.max() + 0.6)
     grid = report["grid"]
-    _style(ax, f"Nonlocality per layer: attention-weighted distance to the query\n"
-               f"({grid[0]}x{grid[1]} patch grid, mean over query patches and {data['num_images']} images)",
-           "layer", "nonlocality (patches)", TITLE_SIZE)
+    _style(
+        ax,
+        f"Nonlocality per layer: attention-weighted distance to the query\n"
+        f"({grid[0]}x{grid[1]} patch grid, mean over query patches and {data['num_images']} images)",
+        "layer",
+        "nonlocality (patches)",
+        TITLE_SIZE,
+    )
     _legend(fig, handles)
     return fig
 
 
 # --------------------------------------------------------------------------- attention maps
-def attention_data(report: Mapping[str, Any], term: str = "combined", image_index: int = 0) -> Dict[str, Any]:
+def attention_data(report: Mapping[str, Any], term: str = "combined", image_index: int = 0) -> dict[str, Any]:
     """What an attention-grid figure shows: the layers (rows), the query, and
     per panel the maximum weight it is scaled by (the maps themselves are the
     report's ``layers[i].attention_map[term]``, image `image_index`)."""
@@ -276,9 +321,14 @@ def attention_data(report: Mapping[str, Any], term: str = "combined", image_inde
     if not layers:
         raise ValueError(f"the report has no {term} attention maps")
     maps = np.stack([_panel_maps(layer, term, image_index) for layer in layers])  # (rows, heads, H, W)
-    return {"term": term, "image": image_index, "query": list(report["query"]),
-            "layers": [layer["index"] for layer in layers], "kinds": [layer["kind"] for layer in layers],
-            "panel_max": _plain(np.nanmax(maps, axis=(2, 3)))}
+    return {
+        "term": term,
+        "image": image_index,
+        "query": list(report["query"]),
+        "layers": [layer["index"] for layer in layers],
+        "kinds": [layer["kind"] for layer in layers],
+        "panel_max": _plain(np.nanmax(maps, axis=(2, 3))),
+    }
 
 
 def _panel_maps(layer: Mapping[str, Any], term: str, image_index: int) -> np.ndarray:
@@ -301,8 +351,9 @@ def _display(image: np.ndarray) -> np.ndarray:
     return (image - low) / (high - low) if high > low else np.zeros_like(image)
 
 
-def attention_figure(report: Mapping[str, Any], image: np.ndarray, term: str = "combined",
-                     image_index: int = 0) -> Figure:
+def attention_figure(
+    report: Mapping[str, Any], image: np.ndarray, term: str = "combined", image_index: int = 0
+) -> Figure:
     """Grid of attention maps of the query patch, rows = layers, columns = heads,
     over the input image (its grey version); each map is upsampled to the image
     (nearest: one block per patch), scaled to its own maximum and overlaid with
@@ -338,35 +389,55 @@ def attention_figure(report: Mapping[str, Any], image: np.ndarray, term: str = "
             left = m["left"] + c * (cell_w + ATTENTION_GAP)
             bottom = figsize[1] - m["top"] - (r + 1) * cell_h - r * ATTENTION_GAP
             ax = fig.add_axes((left / figsize[0], bottom / figsize[1], cell_w / figsize[0], cell_h / figsize[1]))
-            ax.imshow(background, cmap="gray", vmin=0, vmax=1, extent=(0, img_w, img_h, 0),
-                      interpolation="antialiased")
+            ax.imshow(background, cmap="gray", vmin=0, vmax=1, extent=(0, img_w, img_h, 0), interpolation="antialiased")
             peak = data["panel_max"][r][c]
             shown = np.clip(maps[c] / peak if peak else maps[c], 0.0, 1.0)
             overlay = colormaps[cmap](norm(shown))
             overlay[..., 3] = 0.25 + 0.6 * shown  # weak attention lets the image show through
             ax.imshow(overlay, extent=(0, img_w, img_h, 0), interpolation="nearest")
-            ax.add_patch(Rectangle((query_col * patch, query_row * patch), patch, patch, fill=False,
-                                   edgecolor="cyan", lw=1.5))
+            ax.add_patch(
+                Rectangle((query_col * patch, query_row * patch), patch, patch, fill=False, edgecolor="cyan", lw=1.5)
+            )
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.text(0.03, 0.97, _panel_label(layer, c, term), transform=ax.transAxes, va="top", ha="left",
-                    fontsize=PANEL_SIZE, color="black",
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
+            ax.text(
+                0.03,
+                0.97,
+                _panel_label(layer, c, term),
+                transform=ax.transAxes,
+                va="top",
+                ha="left",
+                fontsize=PANEL_SIZE,
+                color="black",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+            )
             if r == 0:
                 ax.set_title(f"head {c}", fontsize=LABEL_SIZE)
             if c == 0:
                 ax.set_ylabel(f"layer {index}\n{layer['kind'].upper()}", fontsize=LABEL_SIZE)
-    cax = fig.add_axes(((figsize[0] - m["right"] + 0.2) / figsize[0], m["bottom"] / figsize[1] + 0.05,
-                        0.15 / figsize[0], 0.8 * (figsize[1] - m["top"] - m["bottom"]) / figsize[1]))
+    cax = fig.add_axes(
+        (
+            (figsize[0] - m["right"] + 0.2) / figsize[0],
+            m["bottom"] / figsize[1] + 0.05,
+            0.15 / figsize[0],
+            0.8 * (figsize[1] - m["top"] - m["bottom"]) / figsize[1],
+        )
+    )
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
     bar.set_label("weight / panel max", fontsize=TICK_SIZE)
     bar.ax.tick_params(labelsize=PANEL_SIZE)
     what = "combined (gated) attention" if term == "combined" else "positional attention (GPSA)"
     source = "" if term == "positional" else f", image {image_index}"
-    fig.text(0.5, 1 - 0.1 / figsize[1], f"Query patch ({query_row}, {query_col}) [cyan]: {what}{source}",
-             ha="center", va="top", fontsize=TITLE_SIZE if figsize[0] > 6 else LABEL_SIZE, wrap=True)
-    fig.text(0.5, 1 - 0.42 / figsize[1], _legend_line(term), ha="center", va="top", fontsize=PANEL_SIZE + 1,
-             wrap=True)
+    fig.text(
+        0.5,
+        1 - 0.1 / figsize[1],
+        f"Query patch ({query_row}, {query_col}) [cyan]: {what}{source}",
+        ha="center",
+        va="top",
+        fontsize=TITLE_SIZE if figsize[0] > 6 else LABEL_SIZE,
+        wrap=True,
+    )
+    fig.text(0.5, 1 - 0.42 / figsize[1], _legend_line(term), ha="center", va="top", fontsize=PANEL_SIZE + 1, wrap=True)
     return fig
 
 
@@ -388,7 +459,7 @@ def _legend_line(term: str) -> str:
     return key + ("    cls: weight on the class token" if term == "combined" else "")
 
 
-def curves_data(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+def curves_data(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The numbers of the training-curves figure: iterations (sorted; for a
     repeated iteration, e.g. after a resumed run, the last record wins) and per
     layer the mean over heads of the gate (GPSA) and the combined nonlocality."""
@@ -396,12 +467,12 @@ def curves_data(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         raise ValueError("no training-log records to plot")
     by_iteration = {int(check_record(dict(r))["iteration"]): r for r in records}
     iterations = sorted(by_iteration)
-    kinds: Dict[int, str] = {}
+    kinds: dict[int, str] = {}
     for record in by_iteration.values():
         for layer in record["layers"]:
             kinds.setdefault(layer["index"], layer["kind"])
-    gate: Dict[str, List[Any]] = {}
-    nonloc: Dict[str, List[Any]] = {}
+    gate: dict[str, list[Any]] = {}
+    nonloc: dict[str, list[Any]] = {}
     for index in sorted(kinds):
         nonloc[str(index)] = []
         if kinds[index] == GPSA:
@@ -412,9 +483,14 @@ def curves_data(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
             nonloc[str(index)].append(None if combined is None else _plain(combined))
             if kinds[index] == GPSA:
                 gate[str(index)].append(None if layer is None else _plain(_mean(_array(layer["gate"]))))
-    return {"iterations": iterations, "epochs": [by_iteration[it].get("epoch") for it in iterations],
-            "kinds": {str(i): kinds[i] for i in sorted(kinds)}, "gate_mean": gate, "nonlocality_mean": nonloc,
-            "num_images": by_iteration[iterations[-1]].get("num_images")}
+    return {
+        "iterations": iterations,
+        "epochs": [by_iteration[it].get("epoch") for it in iterations],
+        "kinds": {str(i): kinds[i] for i in sorted(kinds)},
+        "gate_mean": gate,
+        "nonlocality_mean": nonloc,
+        "num_images": by_iteration[iterations[-1]].get("num_images"),
+    }
 
 
 def curves_figure(records: Sequence[Mapping[str, Any]], source: str = "training log") -> Figure:
@@ -428,17 +504,20 @@ def curves_figure(records: Sequence[Mapping[str, Any]], source: str = "training 
     marker = "o" if len(steps) <= 30 else None
     handles = []
     for key, kind in data["kinds"].items():
-        style = {"color": colours[int(key)], "marker": marker, "ms": 4, "lw": 1.8,
-                 "ls": "-" if kind == GPSA else "--"}
-        handles += nonloc_ax.plot(steps, _array(data["nonlocality_mean"][key]), label=f"layer {key} ({kind.upper()})",
-                                  **style)
+        style = {"color": colours[int(key)], "marker": marker, "ms": 4, "lw": 1.8, "ls": "-" if kind == GPSA else "--"}
+        handles += nonloc_ax.plot(
+            steps, _array(data["nonlocality_mean"][key]), label=f"layer {key} ({kind.upper()})", **style
+        )
         if key in data["gate_mean"]:
             gate_ax.plot(steps, _array(data["gate_mean"][key]), **style)
-    extra = [Line2D([], [], color="black", ls="-", label="solid: GPSA"),
-             Line2D([], [], color="black", ls="--", label="dashed: MHSA")]
+    extra = [
+        Line2D([], [], color="black", ls="-", label="solid: GPSA"),
+        Line2D([], [], color="black", ls="--", label="dashed: MHSA"),
+    ]
     if data["gate_mean"]:
-        extra.append(gate_ax.axhline(INITIAL_GATE, color="grey", ls=":", lw=1.2,
-                                     label=f"gate at init σ(1) = {INITIAL_GATE:.2f}"))
+        extra.append(
+            gate_ax.axhline(INITIAL_GATE, color="grey", ls=":", lw=1.2, label=f"gate at init σ(1) = {INITIAL_GATE:.2f}")
+        )
         gate_ax.set_ylim(-0.02, 1.02)
     else:
         gate_ax.text(0.5, 0.5, "no GPSA layers", transform=gate_ax.transAxes, ha="center", fontsize=LABEL_SIZE)

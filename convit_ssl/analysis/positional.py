@@ -26,8 +26,6 @@ blocks are the first ``model.num_gpsa_layers`` blocks).
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from convit_ssl.analysis.collect import check_model
@@ -35,11 +33,11 @@ from convit_ssl.models.attention import GPSA
 from convit_ssl.models.convit import ConViT
 
 
-def _gpsa_modules(model: ConViT) -> List[GPSA]:
+def _gpsa_modules(model: ConViT) -> list[GPSA]:
     return [block.attn for block in check_model(model).blocks if isinstance(block.attn, GPSA)]
 
 
-def _stack(rows: List[torch.Tensor], empty_shape: tuple) -> torch.Tensor:
+def _stack(rows: list[torch.Tensor], empty_shape: tuple) -> torch.Tensor:
     if not rows:
         return torch.empty(empty_shape)
     return torch.stack(rows).detach().float().cpu()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -27,8 +28,9 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def analyze(model: ConViT, images: torch.Tensor, query: Optional[Sequence[int]] = None,
-            detail: bool = True) -> Dict[str, Any]:
+def analyze(
+    model: ConViT, images: torch.Tensor, query: Sequence[int] | None = None, detail: bool = True
+) -> dict[str, Any]:
     """Gates, positional centres and spans, nonlocality and query attention maps
     of `model` on `images` (B, C, H_img, W_img), from one forward in eval mode.
     With ``detail=False`` only gates and nonlocality (what the training hook logs).
@@ -59,13 +61,16 @@ def analyze(model: ConViT, images: torch.Tensor, query: Optional[Sequence[int]] 
     nonloc = {term: nonlocality(records, term) for term in ("combined", "positional", "content")}
     gpsa = {"gate": gates(model)}
     if detail:
-        gpsa.update(positional_centre=positional_centres(model), locality_strength=locality_strengths(model),
-                    span=positional_spans(model))
+        gpsa.update(
+            positional_centre=positional_centres(model),
+            locality_strength=locality_strengths(model),
+            span=positional_spans(model),
+        )
     gpsa_blocks = [i for i, kind in enumerate(attention_kinds(model)) if kind == GPSA_KIND]
     gpsa_row = {index: row for row, index in enumerate(gpsa_blocks)}  # block index -> row of gates() etc.
     layers = []
     for row, (record, layer_maps) in enumerate(zip(records, maps, strict=True)):
-        entry: Dict[str, Any] = {"index": record.index, "kind": record.kind}
+        entry: dict[str, Any] = {"index": record.index, "kind": record.kind}
         terms = ("combined", "positional", "content") if record.kind == GPSA_KIND else ("combined",)
         entry["nonlocality"] = {term: nonloc[term][row] for term in terms}
         if detail:
@@ -73,11 +78,13 @@ def analyze(model: ConViT, images: torch.Tensor, query: Optional[Sequence[int]] 
         if record.kind == GPSA_KIND:
             entry.update({name: values[gpsa_row[record.index]] for name, values in gpsa.items()})
         layers.append(entry)
-    return to_plain({
-        "grid": list(grid),
-        "query": list(row_col),
-        "num_images": int(images.shape[0]),
-        "num_heads": int(model.num_heads),
-        "kinds": [record.kind for record in records],
-        "layers": layers,
-    })
+    return to_plain(
+        {
+            "grid": list(grid),
+            "query": list(row_col),
+            "num_images": int(images.shape[0]),
+            "num_heads": int(model.num_heads),
+            "kinds": [record.kind for record in records],
+            "layers": layers,
+        }
+    )

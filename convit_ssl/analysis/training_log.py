@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from convit_ssl.analysis.collect import GPSA_KIND, MHSA_KIND
 from convit_ssl.files import PathLike
@@ -28,17 +28,20 @@ class TrainingLog:
     of an incomplete last line that was skipped (a run killed while writing)."""
 
     path: Path
-    records: List[Dict[str, Any]]
-    truncated_line: Optional[int] = None
+    records: list[dict[str, Any]]
+    truncated_line: int | None = None
 
 
 def _check_numbers(values: Any, where: str) -> None:
-    if not isinstance(values, list) or not values or not all(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+    ):
         raise ValueError(f"{where}: expected a non-empty list of numbers (per head), got {values!r}"[:300])
 
 
-def check_record(record: Any) -> Dict[str, Any]:
+def check_record(record: Any) -> dict[str, Any]:
     """A training-log record with the fields the curves need, or a ValueError naming the bad field."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
@@ -72,8 +75,11 @@ def read_training_log(path: PathLike) -> TrainingLog:
     line number. Blank lines are ignored."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training log {str(path)!r} does not exist" if not path.exists()
-                                else f"training log {str(path)!r} is not a file")
+        raise FileNotFoundError(
+            f"training log {str(path)!r} does not exist"
+            if not path.exists()
+            else f"training log {str(path)!r} is not a file"
+        )
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     records, truncated = [], None

@@ -28,8 +28,9 @@ are an error unless the head is dropped on purpose (``keep_head=False``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ FORMATS = ("vissl", "timm", "vissl_convit", "vit")
 NETWORKS = ("student", "teacher")
 # where VISSL keeps a momentum teacher in classy_state_dict.loss (DINO's, MoCo's)
 TEACHERS = {"momentum_teacher": "DINO", "moco_encoder": "MoCo"}
-StateDict = Dict[str, Tensor]
+StateDict = dict[str, Tensor]
 
 _TRUNK_MARKERS = {"cls_token", "patch_embed.proj.weight"}  # our trunk = timm's keys
 _VISSL_CONVIT_MARKERS = {"class_token", "patch_embed.proj.weight"}
@@ -54,13 +55,15 @@ class Weights:
     """A ConViT in canonical form."""
 
     trunk: StateDict
-    head: Optional[StateDict] = None
-    notes: List[str] = field(default_factory=list)
+    head: StateDict | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
     )
 
 
@@ -72,7 +75,7 @@ def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> StateDict:
     if len(having) != len(state_dict):
         others = sorted(k for k in state_dict if not k.startswith(prefix))[:5]
         raise CheckpointError(f"some trunk keys start with {prefix!r} and some do not (e.g. {others})")
-    return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return {k[len(prefix) :]: v for k, v in state_dict.items()}
 
 
 def vissl_model_parts(obj: Any) -> tuple:
@@ -110,8 +113,10 @@ def select_network(obj: Any, network: str) -> Any:
     loss = classy.get("loss") if isinstance(classy.get("loss"), Mapping) else {}
     for name in TEACHERS:
         for prefix in (f"{name}.module.", f"{name}."):
-            parts = {part: {k[len(prefix) + len(part) + 1:]: v for k, v in loss.items() if k.startswith(f"{prefix}{part}.")}
-                     for part in ("trunk", "heads")}
+            parts = {
+                part: {k[len(prefix) + len(part) + 1 :]: v for k, v in loss.items() if k.startswith(f"{prefix}{part}.")}
+                for part in ("trunk", "heads")
+            }
             if parts["trunk"]:
                 return {"classy_state_dict": {"base_model": {"model": parts}}}
     found = sorted({k.split(".", 1)[0] for k in loss}) or "nothing"
@@ -124,8 +129,11 @@ def select_network(obj: Any, network: str) -> Any:
 
 def _is_vit(keys, state_dict: Mapping[str, Tensor]) -> bool:
     pos = state_dict.get("pos_embed")
-    return bool(unmappable(keys)) or any(".ls1.gamma" in k for k in keys) or (
-        pos is not None and pos.ndim == 3 and class_slot(pos) and not any(k.endswith("gating_param") for k in keys))
+    return (
+        bool(unmappable(keys))
+        or any(".ls1.gamma" in k for k in keys)
+        or (pos is not None and pos.ndim == 3 and class_slot(pos) and not any(k.endswith("gating_param") for k in keys))
+    )
 
 
 # Checkpoints of other models, named by keys they alone have.
@@ -137,7 +145,7 @@ _FOREIGN = (
 )
 
 
-def _foreign(keys) -> Optional[str]:
+def _foreign(keys) -> str | None:
     """The model a state dict that is not a ConViT or a ViT holds, when its keys name one."""
     for marker, what in _FOREIGN:
         if any(marker in k for k in keys):
@@ -152,8 +160,10 @@ def describe(keys) -> str:
     return _foreign(keys) or f"an unknown model (keys such as {sorted(keys)[:6]})"
 
 
-_WHAT_WE_READ = ("convit_ssl converts ConViT checkpoints (timm, the official release, VISSL, VISSL's built-in convit) "
-                 "and DeiT / ViT ones (timm's VisionTransformer) only")
+_WHAT_WE_READ = (
+    "convit_ssl converts ConViT checkpoints (timm, the official release, VISSL, VISSL's built-in convit) "
+    "and DeiT / ViT ones (timm's VisionTransformer) only"
+)
 
 
 def detect_format(obj: Any) -> str:
@@ -178,11 +188,13 @@ def detect_format(obj: Any) -> str:
         if _VISSL_CONVIT_MARKERS <= set(trunk) and _is_vissl_convit(trunk):
             return "vissl_convit"
         raise CheckpointError(f"a VISSL checkpoint of another trunk: {describe(trunk)}. {_WHAT_WE_READ}")
-    raise CheckpointError(f"not a checkpoint this tool reads: {type(obj).__name__} with keys "
-                          f"{sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else '-'}")
+    raise CheckpointError(
+        f"not a checkpoint this tool reads: {type(obj).__name__} with keys "
+        f"{sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else '-'}"
+    )
 
 
-def unwrap_state_dict(obj: Any) -> Tuple[Optional[StateDict], Optional[str]]:
+def unwrap_state_dict(obj: Any) -> tuple[StateDict | None, str | None]:
     """(state dict, the entry it was in or None) of a timm-style checkpoint: a
     state dict, or one under "model" (the official release, its training
     script) or "state_dict"; (None, None) for anything else (VISSL checkpoints)."""
@@ -205,7 +217,7 @@ def _is_vissl_convit(trunk: Mapping[str, Tensor]) -> bool:
 def vissl_head_to_linear(heads: Mapping[str, Tensor], index: int = 0, bn_eps: float = 1e-5) -> tuple:
     """timm-style {"weight", "bias"} of VISSL head `index`, and a note on what was done."""
     prefix = f"{index}."
-    entries = {k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)}
+    entries = {k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)}
     if not entries:
         present = sorted({k.split(".", 1)[0] for k in heads})
         raise CheckpointError(f"the checkpoint has no head {index}; heads present: {present or 'none'}")
@@ -236,20 +248,22 @@ def vissl_head_to_linear(heads: Mapping[str, Tensor], index: int = 0, bn_eps: fl
     )
 
 
-def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps: float = 1e-5,
-         network: str = "student") -> Weights:
+def read(
+    obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps: float = 1e-5, network: str = "student"
+) -> Weights:
     """Read a loaded checkpoint of format `fmt` into canonical Weights (`network`:
     the student, or a DINO / MoCo run's momentum teacher, for VISSL formats)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
     if network not in NETWORKS:
         raise CheckpointError(f"network {network!r} is not one of {', '.join(NETWORKS)}")
-    notes: List[str] = []
-    head: Optional[StateDict] = None
+    notes: list[str] = []
+    head: StateDict | None = None
     if fmt in ("timm", "vit"):
         if network != "student":
-            raise CheckpointError(f"network={network} applies to VISSL checkpoints of DINO and MoCo runs, "
-                                  f"not to a {fmt} file")
+            raise CheckpointError(
+                f"network={network} applies to VISSL checkpoints of DINO and MoCo runs, not to a {fmt} file"
+            )
         state, wrapper = unwrap_state_dict(obj)
         if state is None:
             raise CheckpointError(f"not a {fmt} checkpoint: expected a state dict or {{'model': state dict}}")
@@ -282,7 +296,7 @@ def read(obj: Any, fmt: str, keep_head: bool = True, head_index: int = 0, bn_eps
     return Weights(trunk=trunk, head=head, notes=notes)
 
 
-def write(weights: Weights, fmt: str) -> Dict[str, Any]:
+def write(weights: Weights, fmt: str) -> dict[str, Any]:
     """The object to save for format `fmt`."""
     if fmt in ("timm", "vit"):
         if fmt == "vit":
@@ -297,6 +311,9 @@ def write(weights: Weights, fmt: str) -> Dict[str, Any]:
         return {"classy_state_dict": {"base_model": {"model": {"trunk": dict(weights.trunk), "heads": heads}}}}
     if fmt == "vissl_convit":
         heads = {} if weights.head is None else {f"0.clf.0.{k}": v for k, v in weights.head.items()}
-        return {"classy_state_dict": {"base_model": {"model": {"trunk": timm_to_vissl_convit(weights.trunk),
-                                                               "heads": heads}}}}
+        return {
+            "classy_state_dict": {
+                "base_model": {"model": {"trunk": timm_to_vissl_convit(weights.trunk), "heads": heads}}
+            }
+        }
     raise CheckpointError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +26,8 @@ def _mlp_ratio(width: int, hidden: int) -> float:
 
 
 def infer_model_kwargs(
-    trunk: Mapping[str, Tensor], arch: Optional[str] = None, num_heads: Optional[int] = None
-) -> Dict[str, Any]:
+    trunk: Mapping[str, Tensor], arch: str | None = None, num_heads: int | None = None
+) -> dict[str, Any]:
     """`ConViT` keyword arguments (num_classes=0) of a model whose state dict is `trunk`.
 
     From shapes: width (C of patch_embed.proj.weight (C, in, p, p)), in_chans,
@@ -43,7 +44,9 @@ def infer_model_kwargs(
     except KeyError as e:
         raise CheckpointError(f"not a ConViT trunk: missing {e.args[0]!r}") from e
     if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(proj.shape)}; expected (width, in_chans, p, p)")
+        raise CheckpointError(
+            f"patch_embed.proj.weight has shape {tuple(proj.shape)}; expected (width, in_chans, p, p)"
+        )
     width, in_chans, patch_size = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
     depth = len({int(m.group(1)) for k in trunk if (m := re.match(r"blocks\.(\d+)\.", k))})
     if depth == 0 or any(f"blocks.{i}.norm1.weight" not in trunk for i in range(depth)):
@@ -86,10 +89,17 @@ def infer_model_kwargs(
     biases = {(f"blocks.{i}.attn.qk.bias" if kinds[i] else f"blocks.{i}.attn.qkv.bias") in trunk for i in range(depth)}
     if len(biases) > 1:
         raise CheckpointError("blocks disagree on qkv biases (some have qk.bias/qkv.bias, some not)")
-    kwargs: Dict[str, Any] = {
-        "patch_size": patch_size, "in_chans": in_chans, "num_classes": 0, "width": width, "depth": depth,
-        "num_heads": num_heads, "num_gpsa_layers": num_gpsa, "mlp_ratio": _mlp_ratio(width, common),
-        "qkv_bias": biases.pop(), "use_pos_embed": "pos_embed" in trunk,
+    kwargs: dict[str, Any] = {
+        "patch_size": patch_size,
+        "in_chans": in_chans,
+        "num_classes": 0,
+        "width": width,
+        "depth": depth,
+        "num_heads": num_heads,
+        "num_gpsa_layers": num_gpsa,
+        "mlp_ratio": _mlp_ratio(width, common),
+        "qkv_bias": biases.pop(),
+        "use_pos_embed": "pos_embed" in trunk,
     }
     if "pos_embed" in trunk:
         try:
@@ -109,11 +119,16 @@ def check_trunk(trunk: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> None:
         expected = {k: tuple(v.shape) for k, v in ConViT(**{**kwargs, "num_classes": 0}).state_dict().items()}
     missing = sorted(set(expected) - set(trunk))
     unexpected = sorted(set(trunk) - set(expected))
-    shapes = sorted(f"{k} {tuple(trunk[k].shape)} (expected {expected[k]})"
-                    for k in set(expected) & set(trunk) if tuple(trunk[k].shape) != expected[k])
-    problems = [f"{label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("shape mismatches", shapes)) if items]
+    shapes = sorted(
+        f"{k} {tuple(trunk[k].shape)} (expected {expected[k]})"
+        for k in set(expected) & set(trunk)
+        if tuple(trunk[k].shape) != expected[k]
+    )
+    problems = [
+        f"{label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
     if problems:
         raise CheckpointError("the trunk does not match the ConViT its shapes describe: " + "; ".join(problems))
 
@@ -127,8 +142,9 @@ def strict_load(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         raise CheckpointError(f"strict load into {type(model).__name__} failed: {e}") from e
 
 
-def build_convit(trunk: Mapping[str, Tensor], kwargs: Mapping[str, Any],
-                 head: Optional[Mapping[str, Tensor]] = None) -> ConViT:
+def build_convit(
+    trunk: Mapping[str, Tensor], kwargs: Mapping[str, Any], head: Mapping[str, Tensor] | None = None
+) -> ConViT:
     """Our ConViT in eval mode holding `trunk` (and the linear `head`, else no
     classifier), built from `kwargs` (as `infer_model_kwargs` returns) and loaded strictly."""
     num_classes = 0 if head is None else head["weight"].shape[0]

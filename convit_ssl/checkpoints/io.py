@@ -22,7 +22,6 @@ import torch
 
 from convit_ssl.files import PathLike, atomic_path
 
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -50,10 +49,14 @@ def load_checkpoint(path: PathLike) -> Any:
         raise FileNotFoundError(
             f"{str(path)!r} is a link to {os.readlink(path)!r}, which does not exist. VISSL's checkpoint.torch "
             "points at the run's latest checkpoint: give that file (model_phase*.torch or "
-            "model_final_checkpoint_phase*.torch), or copy the folder with the files the link points at (cp -L)")
+            "model_final_checkpoint_phase*.torch), or copy the folder with the files the link points at (cp -L)"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
-                                else f"checkpoint {str(path)!r} is not a file")
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist"
+            if not path.exists()
+            else f"checkpoint {str(path)!r} is not a file"
+        )
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     try:
@@ -71,8 +74,7 @@ def load_checkpoint(path: PathLike) -> Any:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         size = path.stat().st_size
         raise CheckpointError(
-            f"{str(path)!r} ({size} bytes) is not a readable torch checkpoint (truncated or corrupt?): "
-            f"{_first_line(e)}"
+            f"{str(path)!r} ({size} bytes) is not a readable torch checkpoint (truncated or corrupt?): {_first_line(e)}"
         ) from e
 
 

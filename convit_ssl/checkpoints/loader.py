@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -35,8 +35,8 @@ class Source:
     """A checkpoint as read: the loaded object, a hub folder's config.json, what was read from where."""
 
     obj: Any
-    hub_config: Optional[Dict[str, Any]] = None
-    notes: List[str] = field(default_factory=list)
+    hub_config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def read_source(path: PathLike) -> Source:
@@ -47,7 +47,9 @@ def read_source(path: PathLike) -> Source:
         return Source(load_checkpoint(folder))
     if hub.is_hub_folder(folder):
         state_dict, config, name = hub.read_hub_folder(folder)
-        return Source(state_dict, config, [f"hub folder: {name} with config.json (architecture {config['architecture']})"])
+        return Source(
+            state_dict, config, [f"hub folder: {name} with config.json (architecture {config['architecture']})"]
+        )
     final = run_folder.final_checkpoint(folder)
     if final is not None:
         return Source(load_checkpoint(final), None, [f"VISSL run folder: its final checkpoint {final.name}"])
@@ -58,7 +60,8 @@ def read_source(path: PathLike) -> Source:
     raise FileNotFoundError(
         f"folder {str(path)!r} {'is empty' if not present else f'holds no checkpoint (found {present})'}: expected a "
         "timm hub folder (config.json with model.safetensors or pytorch_model.bin), a VISSL run folder "
-        "(model_final_checkpoint_phase*.torch or checkpoint.torch), or give a checkpoint file")
+        "(model_final_checkpoint_phase*.torch or checkpoint.torch), or give a checkpoint file"
+    )
 
 
 def default_norm_eps(fmt: str) -> float:
@@ -66,28 +69,35 @@ def default_norm_eps(fmt: str) -> float:
     return VISSL_CONVIT_NORM_EPS if fmt == "vissl_convit" else 1e-6
 
 
-def architecture_hint(fmt: str, hub_config: Optional[Dict[str, Any]], arch: Optional[str],
-                      num_heads: Optional[int], where: str) -> Tuple[Optional[str], Optional[int]]:
+def architecture_hint(
+    fmt: str, hub_config: dict[str, Any] | None, arch: str | None, num_heads: int | None, where: str
+) -> tuple[str | None, int | None]:
     """(arch, num_heads) for shape inference: those given, else a hub folder's config.json;
     a ViT / DeiT, whose head count its shapes do not show, needs one of them."""
     if fmt == "vit" and arch is not None and arch not in DEIT_ARCHS:
-        raise CheckpointError(f"{where!r} is a ViT / DeiT (timm's VisionTransformer, no GPSA block): it converts to "
-                              f"the DeiT baselines, not {arch}; give arch={' or '.join(DEIT_ARCHS)}, "
-                              "or arch=null with num_heads")
+        raise CheckpointError(
+            f"{where!r} is a ViT / DeiT (timm's VisionTransformer, no GPSA block): it converts to "
+            f"the DeiT baselines, not {arch}; give arch={' or '.join(DEIT_ARCHS)}, "
+            "or arch=null with num_heads"
+        )
     if hub_config is not None:
         name = str(hub_config["architecture"])
         model_args = hub_config.get("model_args") or {}
         if "distilled" in name:
-            raise CheckpointError(f"{where!r} is a distilled DeiT ({name}: distillation token and head): convert "
-                                  "the non-distilled deit_*_patch16_224 weights")
+            raise CheckpointError(
+                f"{where!r} is a distilled DeiT ({name}: distillation token and head): convert "
+                "the non-distilled deit_*_patch16_224 weights"
+            )
         if fmt == "vit":
             num_heads = num_heads or model_args.get("num_heads") or heads_from_timm_name(name)
         elif arch is None and name.split(".")[0] in hub.TIMM_CONVITS:
             arch = name.split(".")[0] if "num_heads" not in model_args else None
             num_heads = num_heads or model_args.get("num_heads")
     if fmt == "vit" and arch is None and num_heads is None:
-        raise CheckpointError(f"{where!r} is a ViT / DeiT: its number of heads is not visible in tensor shapes; "
-                              f"give arch={' or '.join(DEIT_ARCHS)} or num_heads=N")
+        raise CheckpointError(
+            f"{where!r} is a ViT / DeiT: its number of heads is not visible in tensor shapes; "
+            f"give arch={' or '.join(DEIT_ARCHS)} or num_heads=N"
+        )
     return arch, num_heads
 
 
@@ -106,14 +116,24 @@ class Loaded:
     they need, the detected format, the source as read."""
 
     weights: Weights
-    kwargs: Dict[str, Any]
+    kwargs: dict[str, Any]
     fmt: str
     source: Source
 
 
-def read_weights(path: PathLike, *, fmt: str = "auto", arch: Optional[str] = None, num_heads: Optional[int] = None,
-                 network: str = "student", norm_eps: Optional[float] = None, keep_head: bool = False,
-                 head_index: int = 0, bn_eps: float = 1e-5, dtype: Optional[torch.dtype] = None) -> Loaded:
+def read_weights(
+    path: PathLike,
+    *,
+    fmt: str = "auto",
+    arch: str | None = None,
+    num_heads: int | None = None,
+    network: str = "student",
+    norm_eps: float | None = None,
+    keep_head: bool = False,
+    head_index: int = 0,
+    bn_eps: float = 1e-5,
+    dtype: torch.dtype | None = None,
+) -> Loaded:
     """Read any source as canonical weights (`Weights`: our trunk's state dict, a timm-style
     head) and the ConViT keyword arguments that hold them, checked against each other.
     `dtype` casts the checkpoint's floating-point tensors first (None keeps them)."""
@@ -125,8 +145,9 @@ def read_weights(path: PathLike, *, fmt: str = "auto", arch: Optional[str] = Non
         source.obj = _cast(source.obj, dtype)
     detected = detect_format(source.obj)
     if fmt not in ("auto", detected):
-        raise CheckpointError(f"{str(path)!r} was declared {fmt} but holds a {detected} checkpoint "
-                              f"(give {detected} or auto)")
+        raise CheckpointError(
+            f"{str(path)!r} was declared {fmt} but holds a {detected} checkpoint (give {detected} or auto)"
+        )
     arch, num_heads = architecture_hint(detected, source.hub_config, arch, num_heads, str(path))
     weights = read(source.obj, detected, keep_head=keep_head, head_index=head_index, bn_eps=bn_eps)
     weights.notes[:0] = source.notes + (["the momentum teacher (network=teacher)"] if network == "teacher" else [])
@@ -136,9 +157,16 @@ def read_weights(path: PathLike, *, fmt: str = "auto", arch: Optional[str] = Non
     return Loaded(weights, kwargs, detected, source)
 
 
-def load_model(path: PathLike, *, fmt: str = "auto", arch: Optional[str] = None, num_heads: Optional[int] = None,
-               network: str = "student", norm_eps: Optional[float] = None,
-               keep_head: bool = False) -> Tuple[ConViT, Dict[str, Any]]:
+def load_model(
+    path: PathLike,
+    *,
+    fmt: str = "auto",
+    arch: str | None = None,
+    num_heads: int | None = None,
+    network: str = "student",
+    norm_eps: float | None = None,
+    keep_head: bool = False,
+) -> tuple[ConViT, dict[str, Any]]:
     """A convit_ssl `ConViT` (float32, eval mode) from any source `read_source` reads.
 
     Args:
@@ -153,14 +181,22 @@ def load_model(path: PathLike, *, fmt: str = "auto", arch: Optional[str] = None,
     Returns:
         (model, info) with info = {"format", "model" (the ConViT kwargs), "head_classes", "notes"}.
     """
-    loaded = read_weights(path, fmt=fmt, arch=arch, num_heads=num_heads, network=network, norm_eps=norm_eps,
-                          keep_head=keep_head)
+    loaded = read_weights(
+        path, fmt=fmt, arch=arch, num_heads=num_heads, network=network, norm_eps=norm_eps, keep_head=keep_head
+    )
     weights = loaded.weights
     model = build_convit(weights.trunk, loaded.kwargs, weights.head if keep_head else None)
     if loaded.source.hub_config is not None:  # the preprocessing the weights were published with
-        model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v  # as timm holds them
-                                     for k, v in hub.preprocessing_of(loaded.source.hub_config).items()})
-    info = {"format": loaded.fmt, "model": {k: v for k, v in loaded.kwargs.items() if k != "num_classes"},
-            "head_classes": None if weights.head is None else int(weights.head["weight"].shape[0]),
-            "notes": weights.notes}
+        model.pretrained_cfg.update(
+            {
+                k: tuple(v) if isinstance(v, list) else v  # as timm holds them
+                for k, v in hub.preprocessing_of(loaded.source.hub_config).items()
+            }
+        )
+    info = {
+        "format": loaded.fmt,
+        "model": {k: v for k, v in loaded.kwargs.items() if k != "num_classes"},
+        "head_classes": None if weights.head is None else int(weights.head["weight"].shape[0]),
+        "notes": weights.notes,
+    }
     return model.float().eval(), info

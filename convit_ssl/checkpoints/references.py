@@ -11,8 +11,9 @@ it needs VISSL (`convit_ssl.vissl.builtin_convit`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
-from typing import Any, Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -37,10 +38,18 @@ def timm_convit(state: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> nn.Mo
     ConVit = _timm("timm weights").convit.ConVit
     heads = kwargs["num_heads"]
     model = ConVit(
-        img_size=kwargs["img_size"], patch_size=kwargs["patch_size"], in_chans=kwargs["in_chans"],
-        num_classes=_classes(state), embed_dim=kwargs["width"] // heads, depth=kwargs["depth"], num_heads=heads,
-        mlp_ratio=kwargs["mlp_ratio"], qkv_bias=kwargs["qkv_bias"], local_up_to_layer=kwargs["num_gpsa_layers"],
-        use_pos_embed=kwargs["use_pos_embed"], norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
+        img_size=kwargs["img_size"],
+        patch_size=kwargs["patch_size"],
+        in_chans=kwargs["in_chans"],
+        num_classes=_classes(state),
+        embed_dim=kwargs["width"] // heads,
+        depth=kwargs["depth"],
+        num_heads=heads,
+        mlp_ratio=kwargs["mlp_ratio"],
+        qkv_bias=kwargs["qkv_bias"],
+        local_up_to_layer=kwargs["num_gpsa_layers"],
+        use_pos_embed=kwargs["use_pos_embed"],
+        norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
     )
     strict_load(model, state)
     return model.eval()
@@ -50,10 +59,18 @@ def timm_vit(state: Mapping[str, Tensor], kwargs: Mapping[str, Any]) -> nn.Modul
     """timm's VisionTransformer (DeiT, DeiT III, ViT) holding `state` strictly, in eval mode."""
     VisionTransformer = _timm("vit weights").vision_transformer.VisionTransformer
     model = VisionTransformer(
-        img_size=kwargs["img_size"], patch_size=kwargs["patch_size"], in_chans=kwargs["in_chans"],
-        num_classes=_classes(state), global_pool="token", embed_dim=kwargs["width"], depth=kwargs["depth"],
-        num_heads=kwargs["num_heads"], mlp_ratio=kwargs["mlp_ratio"], qkv_bias=kwargs["qkv_bias"],
-        class_token=True, norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
+        img_size=kwargs["img_size"],
+        patch_size=kwargs["patch_size"],
+        in_chans=kwargs["in_chans"],
+        num_classes=_classes(state),
+        global_pool="token",
+        embed_dim=kwargs["width"],
+        depth=kwargs["depth"],
+        num_heads=kwargs["num_heads"],
+        mlp_ratio=kwargs["mlp_ratio"],
+        qkv_bias=kwargs["qkv_bias"],
+        class_token=True,
+        norm_layer=partial(nn.LayerNorm, eps=kwargs["norm_eps"]),
         no_embed_class=not class_slot(state["pos_embed"]),  # DeiT III: no class slot
         init_values=1.0 if "blocks.0.ls1.gamma" in state else None,  # DeiT III: layer scale
     )
@@ -65,7 +82,7 @@ def vissl_head(heads: Mapping[str, Tensor], index: int, bn_eps: float = 1e-5) ->
     """VISSL head `index` as stored: `mlp` (clf.0: one linear layer) or `eval_mlp`
     (channel_bn with eps `bn_eps` on the features, then clf.clf.0), in eval mode."""
     prefix = f"{index}."
-    state = {k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)}
     if "channel_bn.weight" not in state:
         out_dim, in_dim = state["clf.0.weight"].shape
         head = nn.Sequential()

@@ -21,7 +21,7 @@ no change; otherwise apply both functions.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,9 @@ POS_EMBED_KEY = "pos_embed"
 PATCH_EMBED_KEY = "patch_embed.proj.weight"
 
 
-def _copy(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def _copy(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Shallow copy that keeps torch's `_metadata` (as `Module.load_state_dict` does)."""
-    out: Dict[str, Tensor] = OrderedDict(state_dict)
+    out: dict[str, Tensor] = OrderedDict(state_dict)
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         out._metadata = metadata  # type: ignore[attr-defined]
@@ -53,10 +53,10 @@ def _copy(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 # --------------------------------------------------------------- pos_embed
 def resample_state_dict(
     state_dict: Mapping[str, Tensor],
-    new_grid: Tuple[int, int],
-    old_grid: Optional[Tuple[int, int]] = None,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
     prefix: str = "",
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     """Return a new state dict whose ``prefix + "pos_embed"`` is resampled to `new_grid`.
 
     Args:
@@ -101,12 +101,12 @@ def resample_state_dict(
 
 # ------------------------------------------------------------- patch_embed
 def resize_matrix(
-    old_patch: Tuple[int, int],
-    new_patch: Tuple[int, int],
+    old_patch: tuple[int, int],
+    new_patch: tuple[int, int],
     interpolation: str = "bilinear",
     antialias: bool = False,
     dtype: torch.dtype = torch.float64,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """The linear resize operator B of single-channel patches, shape (p'h * p'w, ph * pw).
 
@@ -126,7 +126,7 @@ def resize_matrix(
 
 def resize_patch_embed(
     weight: Tensor,
-    new_patch: Union[Tuple[int, int], int],
+    new_patch: tuple[int, int] | int,
     *,
     interpolation: str = "bilinear",
     antialias: bool = False,
@@ -175,12 +175,12 @@ def resize_patch_embed(
 
 def resize_patch_embed_state_dict(
     state_dict: Mapping[str, Tensor],
-    new_patch: Union[Tuple[int, int], int],
+    new_patch: tuple[int, int] | int,
     prefix: str = "",
     *,
     interpolation: str = "bilinear",
     antialias: bool = False,
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     """Return a new state dict whose ``prefix + "patch_embed.proj.weight"``
     (C, in_chans, p, p) is PI-resized to (C, in_chans, p', p') with
     `resize_patch_embed`; the bias and every other value are the same objects.

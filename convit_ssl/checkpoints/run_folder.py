@@ -19,7 +19,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
 
 FINAL_PATTERN = "model_final_checkpoint_phase*.torch"
 _PHASE = re.compile(r"phase(\d+)\.torch$")
@@ -29,12 +28,14 @@ def phase_of(checkpoint: os.PathLike) -> int:
     """The phase number of a ``model_[final_checkpoint_]phase{N}.torch`` file."""
     match = _PHASE.search(Path(checkpoint).name)
     if match is None:
-        raise ValueError(f"{checkpoint}: not a VISSL phase checkpoint (model_phase<N>.torch or "
-                         "model_final_checkpoint_phase<N>.torch)")
+        raise ValueError(
+            f"{checkpoint}: not a VISSL phase checkpoint (model_phase<N>.torch or "
+            "model_final_checkpoint_phase<N>.torch)"
+        )
     return int(match.group(1))
 
 
-def final_checkpoint(folder: os.PathLike) -> Optional[Path]:
+def final_checkpoint(folder: os.PathLike) -> Path | None:
     """The run's final checkpoint, the one of the highest phase (phase14 after phase9),
     or None if the run wrote none."""
     found = sorted(Path(folder).glob(FINAL_PATTERN), key=phase_of)
@@ -49,11 +50,11 @@ def require_final_checkpoint(folder: os.PathLike) -> Path:
     return final
 
 
-def _records(path: Path) -> List[dict]:
+def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def losses(folder: os.PathLike) -> List[float]:
+def losses(folder: os.PathLike) -> list[float]:
     """The training losses VISSL logged, in order (empty if it logged none)."""
     path = Path(folder) / "stdout.json"
     if not path.is_file():
@@ -61,16 +62,16 @@ def losses(folder: os.PathLike) -> List[float]:
     return [float(r["loss"]) for r in _records(path) if r.get("loss") is not None]
 
 
-def metrics(folder: os.PathLike) -> List[dict]:
+def metrics(folder: os.PathLike) -> list[dict]:
     """Every record of the run's metrics.json, in order (VISSL's meters, convit_ssl's kNN and
     unreadable-image records)."""
     return _records(Path(folder) / "metrics.json")
 
 
-def final_accuracies(folder: os.PathLike) -> Dict[str, Dict[str, float]]:
+def final_accuracies(folder: os.PathLike) -> dict[str, dict[str, float]]:
     """The last top-1 accuracy of each head in percent, per split: {"train": {head: %}, "test": {...}},
     from metrics.json (a split the run did not measure is absent)."""
-    result: Dict[str, Dict[str, float]] = {}
+    result: dict[str, dict[str, float]] = {}
     for record in metrics(folder):
         for split in ("train", "test"):
             meter = record.get(f"{split}_accuracy_list_meter")
@@ -79,8 +80,11 @@ def final_accuracies(folder: os.PathLike) -> Dict[str, Dict[str, float]]:
     return result
 
 
-def unreadable_images(folder: os.PathLike) -> List[Dict[str, object]]:
+def unreadable_images(folder: os.PathLike) -> list[dict[str, object]]:
     """The phases in which VISSL replaced unreadable images by grey ones (convit_ssl's count in
     metrics.json): [{"phase_idx", "train_phase_idx", "split", "unreadable", "images"}, ...]."""
-    return [{"phase_idx": r["phase_idx"], "train_phase_idx": r["train_phase_idx"], **r["unreadable_images"]}
-            for r in metrics(folder) if "unreadable_images" in r]
+    return [
+        {"phase_idx": r["phase_idx"], "train_phase_idx": r["train_phase_idx"], **r["unreadable_images"]}
+        for r in metrics(folder)
+        if "unreadable_images" in r
+    ]

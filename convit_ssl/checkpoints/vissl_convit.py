@@ -45,7 +45,7 @@ Facts about VISSL's trunk (checked against its source):
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,7 +66,7 @@ VISSL_CONVIT_NORM_EPS = 1e-5
 _BLOCKS = "blocks."
 
 # Keys outside the blocks: VISSL name -> timm name (identical shapes).
-_TOP_VISSL_TO_TIMM: Tuple[Tuple[str, str], ...] = (
+_TOP_VISSL_TO_TIMM: tuple[tuple[str, str], ...] = (
     ("class_token", "cls_token"),
     ("pos_embedding", "pos_embed"),
     ("patch_embed.proj.weight", "patch_embed.proj.weight"),
@@ -76,7 +76,7 @@ _TOP_VISSL_TO_TIMM: Tuple[Tuple[str, str], ...] = (
 )
 
 # Keys of every block (relative to "blocks.{i}."): VISSL name -> timm name.
-_COMMON_VISSL_TO_TIMM: Tuple[Tuple[str, str], ...] = (
+_COMMON_VISSL_TO_TIMM: tuple[tuple[str, str], ...] = (
     ("norm1.weight", "norm1.weight"),
     ("norm1.bias", "norm1.bias"),
     ("attn.proj.weight", "attn.proj.weight"),
@@ -97,24 +97,30 @@ _MHSA_BIASES = ("attn.qkv.bias",)
 
 # Keys whose presence marks a block as GPSA, in VISSL's and timm's names.
 _VISSL_GPSA_MARKERS = ("attn.pos_proj.weight", "attn.pos_proj.bias", "attn.alpha", "attn.qk.weight", "attn.v.weight")
-_TIMM_GPSA_MARKERS = ("attn.pos_proj.weight", "attn.pos_proj.bias", "attn.gating_param", "attn.qk.weight", "attn.v.weight")
+_TIMM_GPSA_MARKERS = (
+    "attn.pos_proj.weight",
+    "attn.pos_proj.bias",
+    "attn.gating_param",
+    "attn.qk.weight",
+    "attn.v.weight",
+)
 _MHSA_MARKERS = ("attn.qkv.weight", "attn.qkv.bias")
 
 
 # --------------------------------------------------------------------------- helpers
-def _pop(sd: Dict[str, Tensor], key: str, what: str) -> Tensor:
+def _pop(sd: dict[str, Tensor], key: str, what: str) -> Tensor:
     """Remove and return sd[key]; a missing key is a ValueError naming it."""
     if key not in sd:
         raise ValueError(f"{what} state dict lacks the expected key {key!r}")
     return sd.pop(key)
 
 
-def _block_indices(sd: Dict[str, Tensor]) -> List[int]:
+def _block_indices(sd: dict[str, Tensor]) -> list[int]:
     """Sorted indices i of the keys 'blocks.{i}.*'; they must be 0..depth-1."""
     indices = set()
     for key in sd:
         if key.startswith(_BLOCKS):
-            head, sep, _ = key[len(_BLOCKS):].partition(".")
+            head, sep, _ = key[len(_BLOCKS) :].partition(".")
             if sep and head.isdigit():
                 indices.add(int(head))
     found = sorted(indices)
@@ -124,7 +130,7 @@ def _block_indices(sd: Dict[str, Tensor]) -> List[int]:
     return found
 
 
-def _is_gpsa(sd: Dict[str, Tensor], prefix: str, gpsa_markers: Tuple[str, ...]) -> bool:
+def _is_gpsa(sd: dict[str, Tensor], prefix: str, gpsa_markers: tuple[str, ...]) -> bool:
     """Whether block `prefix` is GPSA (True) or MHSA (False), from its keys."""
     gpsa = [m for m in gpsa_markers if prefix + m in sd]
     mhsa = [m for m in _MHSA_MARKERS if prefix + m in sd]
@@ -141,7 +147,7 @@ def _is_gpsa(sd: Dict[str, Tensor], prefix: str, gpsa_markers: Tuple[str, ...]) 
     return bool(gpsa)
 
 
-def _optional_biases(sd: Dict[str, Tensor], prefix: str, names: Tuple[str, ...]) -> bool:
+def _optional_biases(sd: dict[str, Tensor], prefix: str, names: tuple[str, ...]) -> bool:
     """True when all of `names` are present under `prefix`, False when none is;
     a partial set is a ValueError naming the missing ones."""
     present = [n for n in names if prefix + n in sd]
@@ -151,13 +157,13 @@ def _optional_biases(sd: Dict[str, Tensor], prefix: str, names: Tuple[str, ...])
     return bool(present)
 
 
-def _check_leftovers(sd: Dict[str, Tensor], what: str, hint: str = "") -> None:
+def _check_leftovers(sd: dict[str, Tensor], what: str, hint: str = "") -> None:
     if sd:
         raise ValueError(f"unexpected key(s) in the {what} state dict, not converted: {sorted(sd)}{hint}")
 
 
 # --------------------------------------------------------------------------- VISSL -> timm
-def vissl_convit_to_timm(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def vissl_convit_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Convert a state dict of VISSL's built-in ``convit`` trunk to timm's ConViT keys.
 
     Args:
@@ -191,10 +197,10 @@ def vissl_convit_to_timm(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """
     sd = dict(state_dict)  # shallow copy: every converted key is popped from it
     what = "VISSL convit"
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for old, new in _TOP_VISSL_TO_TIMM:
         out[new] = _pop(sd, old, what)
-    locality_dim: Optional[int] = None
+    locality_dim: int | None = None
     for i in _block_indices(sd):
         p = f"{_BLOCKS}{i}."
         gpsa = _is_gpsa(sd, p, _VISSL_GPSA_MARKERS)
@@ -209,9 +215,7 @@ def vissl_convit_to_timm(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
             alpha = _pop(sd, p + "attn.alpha", what)
             dim = _locality_dim(weight, p + "attn.pos_proj.weight")
             if locality_dim is not None and dim != locality_dim:
-                raise ValueError(
-                    f"{p}attn.pos_proj.weight implies LOCALITY_DIM {dim}, earlier blocks {locality_dim}"
-                )
+                raise ValueError(f"{p}attn.pos_proj.weight implies LOCALITY_DIM {dim}, earlier blocks {locality_dim}")
             locality_dim = dim
             heads = weight.shape[0]
             if bias.shape != (heads,) or alpha.numel() != heads:
@@ -245,7 +249,7 @@ def _locality_dim(weight: Tensor, key: str) -> int:
 
 
 # --------------------------------------------------------------------------- timm -> VISSL
-def timm_to_vissl_convit(state_dict: Dict[str, Tensor], locality_dim: int = 10) -> Dict[str, Tensor]:
+def timm_to_vissl_convit(state_dict: dict[str, Tensor], locality_dim: int = 10) -> dict[str, Tensor]:
     """Convert a timm ConViT state dict (convit_ssl's keys) to VISSL's ``convit`` trunk keys.
 
     Args:
@@ -273,7 +277,7 @@ def timm_to_vissl_convit(state_dict: Dict[str, Tensor], locality_dim: int = 10) 
         raise ValueError(f"locality_dim must be a positive integer, got {locality_dim!r}")
     sd = dict(state_dict)
     what = "timm ConViT"
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for old, new in _TOP_VISSL_TO_TIMM:
         out[old] = _pop(sd, new, what)
     for i in _block_indices(sd):
@@ -308,7 +312,7 @@ def timm_to_vissl_convit(state_dict: Dict[str, Tensor], locality_dim: int = 10) 
 
 
 # --------------------------------------------------------------------------- model arguments
-def vissl_convit_model_kwargs(state_dict: Dict[str, Tensor], num_heads: Optional[int] = None) -> Dict[str, Any]:
+def vissl_convit_model_kwargs(state_dict: dict[str, Tensor], num_heads: int | None = None) -> dict[str, Any]:
     """Arguments of ``convit_ssl.models.ConViT`` that reproduce a VISSL ``convit`` trunk.
 
     Inferred from tensor shapes alone (the state dict is validated by

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -30,12 +30,15 @@ from torch import Tensor
 from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.models.factory import ARCHITECTURES
 
-StateDict = Dict[str, Tensor]
+StateDict = dict[str, Tensor]
 
 # key (or key pattern) -> what it is, for the error naming it
-_UNMAPPABLE: Tuple[Tuple[str, str], ...] = (
-    (r"dist_token|head_dist\.", "a distilled DeiT (distillation token dist_token and head_dist): "
-                                "convert the non-distilled deit_*_patch16_224 weights"),
+_UNMAPPABLE: tuple[tuple[str, str], ...] = (
+    (
+        r"dist_token|head_dist\.",
+        "a distilled DeiT (distillation token dist_token and head_dist): "
+        "convert the non-distilled deit_*_patch16_224 weights",
+    ),
     (r"reg_token", "a ViT with registers (reg_token)"),
     (r"fc_norm\.", "a ViT with average pooling (fc_norm; global_pool='avg'): the DeiT baselines pool the class token"),
     (r"attn_pool\.", "a ViT with attention pooling (attn_pool; global_pool='map')"),
@@ -45,7 +48,7 @@ _UNMAPPABLE: Tuple[Tuple[str, str], ...] = (
 )
 
 
-def unmappable(keys) -> List[str]:
+def unmappable(keys) -> list[str]:
     """What in a ViT state dict (its keys) has no counterpart in a DeiT baseline."""
     found = []
     for pattern, what in _UNMAPPABLE:
@@ -65,7 +68,7 @@ def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
 
-def vit_to_deit(state_dict: Mapping[str, Tensor]) -> Tuple[StateDict, List[str]]:
+def vit_to_deit(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, list[str]]:
     """A timm VisionTransformer state dict (head included if present) as
     convit_ssl's DeiT keys, and notes on what was done."""
     problems = unmappable(state_dict)
@@ -98,8 +101,10 @@ def deit_to_vit(state_dict: Mapping[str, Tensor]) -> StateDict:
     (class token, class slot of the position embedding zero)."""
     gpsa = sorted(k for k in state_dict if k.endswith("attn.gating_param"))
     if gpsa:
-        raise CheckpointError(f"a ConViT with {len(gpsa)} GPSA blocks has no ViT counterpart (GPSA attention); "
-                              "only the DeiT baselines (num_gpsa_layers=0) convert to timm's VisionTransformer")
+        raise CheckpointError(
+            f"a ConViT with {len(gpsa)} GPSA blocks has no ViT counterpart (GPSA attention); "
+            "only the DeiT baselines (num_gpsa_layers=0) convert to timm's VisionTransformer"
+        )
     out = dict(state_dict)
     if "pos_embed" in out:
         pos = out["pos_embed"]
@@ -110,10 +115,12 @@ def deit_to_vit(state_dict: Mapping[str, Tensor]) -> StateDict:
 # timm architecture names of ViTs and DeiTs: the size word gives the heads
 # (a ViT's heads are not visible in tensor shapes).
 VIT_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16}
-DEIT_ARCHS = {name: (spec["width"], spec["num_heads"]) for name, spec in ARCHITECTURES.items() if name.startswith("deit_")}
+DEIT_ARCHS = {
+    name: (spec["width"], spec["num_heads"]) for name, spec in ARCHITECTURES.items() if name.startswith("deit_")
+}
 
 
-def heads_from_timm_name(architecture: str) -> Optional[int]:
+def heads_from_timm_name(architecture: str) -> int | None:
     """Number of heads of a timm ViT/DeiT architecture name (vit_small_patch16_224,
     deit_base_patch16_384.fb_in1k, ...), or None when the name does not say."""
     match = re.match(r"(?:vit|deit|deit3)_(tiny|small|medium|base|large|huge)_", architecture)

@@ -1,13 +1,13 @@
 """The `convit-ssl` command.
 
-    convit-ssl run config=NAME [hydra overrides]    # = tools/run_distributed_engines.py
-    convit-ssl knn config=NAME [overrides]           # = tools/nearest_neighbor_test.py: extract, weighted kNN
-    convit-ssl svm config=NAME [overrides]           # = tools/train_svm.py: extract, per-class linear SVMs (VOC07)
-    convit-ssl low-shot config=NAME [overrides]      # = tools/train_svm_low_shot.py: low-shot SVMs (VOC07, Places205)
-    convit-ssl convert config=NAME input=IN output=OUT [key=value]   # = tools/convert_checkpoint.py
-    convit-ssl demo [--out DIR] [--data DIR]         # the embedded demo (make demo)
-    convit-ssl analyze CHECKPOINT --images DIR --out DIR [--log JSONL]   # = tools/analyze.py: figures + JSON
-    convit-ssl models                                # list architectures
+convit-ssl run config=NAME [hydra overrides]    # = tools/run_distributed_engines.py
+convit-ssl knn config=NAME [overrides]           # = tools/nearest_neighbor_test.py: extract, weighted kNN
+convit-ssl svm config=NAME [overrides]           # = tools/train_svm.py: extract, per-class linear SVMs (VOC07)
+convit-ssl low-shot config=NAME [overrides]      # = tools/train_svm_low_shot.py: low-shot SVMs (VOC07, Places205)
+convit-ssl convert config=NAME input=IN output=OUT [key=value]   # = tools/convert_checkpoint.py
+convit-ssl demo [--out DIR] [--data DIR]         # the embedded demo (make demo)
+convit-ssl analyze CHECKPOINT --images DIR --out DIR [--log JSONL]   # = tools/analyze.py: figures + JSON
+convit-ssl models                                # list architectures
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Any, Callable, List, Optional, Tuple, Type
+from collections.abc import Callable
+from typing import Any
 
 from convit_ssl.processes import Stopped
 
@@ -28,16 +29,25 @@ TRACEBACK_ENV = "CONVIT_SSL_TRACEBACK"
 def quiet_library_warnings() -> None:
     """Deprecation warnings from VISSL's dependencies that say nothing to a user of
     the command (our entry points only; library users keep their filters)."""
-    for module in ("torchvision", "torch.jit", "torch.distributed", "fvcore", "iopath", "hydra", "classy_vision",
-                   "vissl", "timm"):
+    for module in (
+        "torchvision",
+        "torch.jit",
+        "torch.distributed",
+        "fvcore",
+        "iopath",
+        "hydra",
+        "classy_vision",
+        "vissl",
+        "timm",
+    ):
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
-def user_errors() -> Tuple[Type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input can raise before any work starts: bad config, path, checkpoint."""
-    errors: List[Type[BaseException]] = [ValueError, KeyError, FileNotFoundError, FileExistsError]
+    errors: list[type[BaseException]] = [ValueError, KeyError, FileNotFoundError, FileExistsError]
     for module, name in (("hydra.errors", "HydraException"), ("omegaconf.errors", "OmegaConfBaseException")):
         if module in sys.modules:  # a config error can come only from a library already loaded
             errors.append(getattr(sys.modules[module], name))
@@ -64,7 +74,7 @@ def checked(command: str, step: Callable[[], Any]) -> Any:
         raise CommandError(command, " ".join(lines[:2]) or type(e).__name__) from None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The command; 0 on success, 2 on a user error (one line on stderr)."""
     quiet_library_warnings()
     try:
@@ -81,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
 
-def _run(argv: List[str]) -> int:
+def _run(argv: list[str]) -> int:
     if argv and argv[0] == "run":
         # Hydra overrides pass through untouched (argparse would mangle `config=...`).
         from convit_ssl.vissl import launcher
@@ -90,6 +100,7 @@ def _run(argv: List[str]) -> int:
         launcher.launch(*prepared)
         return 0
     if argv and argv[0] in BENCHMARK_COMMANDS:
+        # start-up: each subcommand imports what it needs (VISSL here)
         from convit_ssl.vissl import benchmarks
 
         benchmark = BENCHMARK_COMMANDS[argv[0]]
@@ -99,43 +110,72 @@ def _run(argv: List[str]) -> int:
             print(line)
         return 0
     if argv and argv[0] == "convert":
+        # start-up: each subcommand imports what it needs (the converter here)
         from convit_ssl.cli.convert import main as convert_main
 
         checked("convert", lambda: convert_main(argv[1:]))
         return 0
-    parser = argparse.ArgumentParser(prog="convit-ssl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="convit-ssl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run a VISSL config: convit-ssl run config=NAME [overrides]")
-    for command, what in (("knn", "weighted kNN"), ("svm", "per-class linear SVMs (VOC07)"),
-                          ("low-shot", "low-shot SVMs (VOC07 / Places205)")):
-        sub.add_parser(command, help=f"extract features of a VISSL config, then {what}: convit-ssl {command} config=NAME")
-    sub.add_parser("convert", help="convert a checkpoint: convit-ssl convert config=NAME input=IN output=OUT [key=value]")
-    demo = sub.add_parser("demo", help="supervised, data-efficiency, SimCLR, linear-probe and fine-tune runs on "
-                                       "an image folder, then the analyses")
+    for command, what in (
+        ("knn", "weighted kNN"),
+        ("svm", "per-class linear SVMs (VOC07)"),
+        ("low-shot", "low-shot SVMs (VOC07 / Places205)"),
+    ):
+        sub.add_parser(
+            command, help=f"extract features of a VISSL config, then {what}: convit-ssl {command} config=NAME"
+        )
+    sub.add_parser(
+        "convert", help="convert a checkpoint: convit-ssl convert config=NAME input=IN output=OUT [key=value]"
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="supervised, data-efficiency, SimCLR, linear-probe and fine-tune runs on "
+        "an image folder, then the analyses",
+    )
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    demo.add_argument("--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)")
+    demo.add_argument(
+        "--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)"
+    )
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
-    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: the config's, 20)")
-    demo.add_argument("--probe-epochs", type=int, default=None,
-                      help="the linear probes' images seen, in epochs of the whole training set, and the fine-tune's "
-                           "epochs (default: the configs', 5 and 3)")
+    demo.add_argument(
+        "--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: the config's, 20)"
+    )
+    demo.add_argument(
+        "--probe-epochs",
+        type=int,
+        default=None,
+        help="the linear probes' images seen, in epochs of the whole training set, and the fine-tune's "
+        "epochs (default: the configs', 5 and 3)",
+    )
+    # start-up: each subcommand imports what it needs (the analyses here)
     from convit_ssl.cli.analyze import add_arguments as analyze_arguments
 
-    analyze_arguments(sub.add_parser(
-        "analyze", help="gating, nonlocality and attention-map figures (and analysis.json) of a checkpoint",
-        description="Gating, nonlocality and attention-map figures (and analysis.json) of a ConViT checkpoint "
-                    "in any format the converter reads."))
+    analyze_arguments(
+        sub.add_parser(
+            "analyze",
+            help="gating, nonlocality and attention-map figures (and analysis.json) of a checkpoint",
+            description="Gating, nonlocality and attention-map figures (and analysis.json) of a ConViT checkpoint "
+            "in any format the converter reads.",
+        )
+    )
     sub.add_parser("models", help="list the architectures create_model accepts")
     args = parser.parse_args(argv)
     if args.command == "demo":
+        # start-up: each subcommand imports what it needs (the demo here)
         from convit_ssl.experiments.demo import run_demo
 
         checked("demo", lambda: run_demo(args.out, args.data, args.epochs, args.ssl_epochs, args.probe_epochs))
     elif args.command == "analyze":
+        # start-up: each subcommand imports what it needs (the analyses here)
         from convit_ssl.cli.analyze import run_args
 
         checked("analyze", lambda: run_args(args))
     elif args.command == "models":
+        # start-up: each subcommand imports what it needs (torch here)
         from convit_ssl.models import ARCHITECTURES
 
         for name, spec in ARCHITECTURES.items():

@@ -11,8 +11,9 @@ built-in convit trunk, which imports VISSL.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -38,31 +39,34 @@ def load_config(overrides: Sequence[str]) -> ConvertConfig:
         raise FileNotFoundError(f"conversion config {names[0]!r} not found ({path}); available: {', '.join(available)}")
     try:
         merged = OmegaConf.merge(
-            OmegaConf.structured(ConvertConfig), OmegaConf.load(path),
+            OmegaConf.structured(ConvertConfig),
+            OmegaConf.load(path),
             OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs if k != "config"]),
         )
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         fields = ", ".join(ConvertConfig.__dataclass_fields__)
-        raise ValueError(f"bad conversion config ({path.name} + overrides): {str(e).splitlines()[0]}; "
-                         f"fields: {fields}") from e
+        raise ValueError(
+            f"bad conversion config ({path.name} + overrides): {str(e).splitlines()[0]}; fields: {fields}"
+        ) from e
 
 
-def _vissl_builtin_convit(checkpoint: Any, kwargs: Dict[str, Any]):
+def _vissl_builtin_convit(checkpoint: Any, kwargs: dict[str, Any]):
     """VISSL's built-in convit trunk holding `checkpoint`: imports VISSL, so only when a
     vissl_convit file is verified."""
+    # start-up: VISSL loads only for VISSL's built-in convit format
     from convit_ssl.vissl.builtin_convit import build_vissl_convit
 
     return build_vissl_convit(checkpoint, kwargs)
 
 
-def run(cfg: ConvertConfig, log=print) -> Dict[str, Any]:
+def run(cfg: ConvertConfig, log=print) -> dict[str, Any]:
     """`convert(cfg)` verifying vissl_convit files in VISSL's built-in trunk; the report printed through `log`."""
     report = convert(cfg, vissl_convit_trunk=_vissl_builtin_convit)
     log(format_report(cfg, report))
     return report
 
 
-def main(argv: Sequence[str]) -> Dict[str, Any]:
+def main(argv: Sequence[str]) -> dict[str, Any]:
     """Entry point of tools/convert_checkpoint.py and `convit-ssl convert`."""
     return run(load_config(argv))

@@ -38,8 +38,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.digits import train_val_folders
@@ -54,7 +55,7 @@ TEACHERS = {"dino", "moco"}
 LINEAR = "config=demo/convit_ssl/digits_linear"
 
 
-def _linear(name: str, stage_dir: Path, data: List[str], arch: str, seed: int, weights: Optional[Path]) -> dict:
+def _linear(name: str, stage_dir: Path, data: list[str], arch: str, seed: int, weights: Path | None) -> dict:
     overrides = [LINEAR, *data, *ARCHS[arch], f"config.SEED_VALUE={seed}"]
     if weights is not None:
         overrides.append(f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={weights}")
@@ -62,16 +63,29 @@ def _linear(name: str, stage_dir: Path, data: List[str], arch: str, seed: int, w
     return {"top1": run_folder.final_accuracies(stage_dir)["test"], "seconds": round(seconds, 1)}
 
 
-def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path,
-            random_linear: Dict[str, dict], epochs: Optional[int] = None, linear: bool = True,
-            overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def run_one(
+    method: str,
+    arch: str,
+    seed: int,
+    out: Path,
+    train: Path,
+    val: Path,
+    random_linear: dict[str, dict],
+    epochs: int | None = None,
+    linear: bool = True,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
     """Pretrain `method` with `arch` and `seed` (and Hydra `overrides` of the
     pretraining), then probe; returns the run's entry of results.json."""
     extra = list(overrides)
     run_dir = out / method / f"{arch}_seed{seed}"
     data = data_overrides(train, val)
-    overrides = [f"config={small_scale_config(method)}", *train_overrides(train), *ARCHS[arch],
-                 f"config.SEED_VALUE={seed}"]
+    overrides = [
+        f"config={small_scale_config(method)}",
+        *train_overrides(train),
+        *ARCHS[arch],
+        f"config.SEED_VALUE={seed}",
+    ]
     if epochs:
         overrides.append(f"config.OPTIMIZER.num_epochs={epochs}")
     overrides += extra
@@ -80,45 +94,67 @@ def run_one(method: str, arch: str, seed: int, out: Path, train: Path, val: Path
     seconds = run_stage(f"{method} / {arch} / seed {seed}: pretraining", overrides, run_dir / "pretrain")
     records = read_records(run_dir / "pretrain")
     if records[0]["iteration"] != 0 or records[-1]["epoch"] != run_epochs - 1:
-        raise RuntimeError(f"{run_dir / 'pretrain'}: kNN records do not span the run: "
-                           f"{[(r['iteration'], r['epoch']) for r in records]}")
+        raise RuntimeError(
+            f"{run_dir / 'pretrain'}: kNN records do not span the run: "
+            f"{[(r['iteration'], r['epoch']) for r in records]}"
+        )
     monitor = sum(r["seconds"] for r in records)
     key = f"{arch}_seed{seed}"
-    probes: Dict[str, Any] = {}
+    probes: dict[str, Any] = {}
     if linear:
         if key not in random_linear:
-            random_linear[key] = _linear(f"random-init {arch} / seed {seed}: linear probes",
-                                         out / "random_init" / key / "linear", data, arch, seed, None)
+            random_linear[key] = _linear(
+                f"random-init {arch} / seed {seed}: linear probes",
+                out / "random_init" / key / "linear",
+                data,
+                arch,
+                seed,
+                None,
+            )
         pretrained = run_folder.require_final_checkpoint(run_dir / "pretrain")
-        probes = {"random_init": random_linear[key]["top1"],
-                  "pretrained": _linear(f"{method} / {arch} / seed {seed}: linear probes", run_dir / "linear",
-                                        data, arch, seed, pretrained)["top1"]}
+        probes = {
+            "random_init": random_linear[key]["top1"],
+            "pretrained": _linear(
+                f"{method} / {arch} / seed {seed}: linear probes", run_dir / "linear", data, arch, seed, pretrained
+            )["top1"],
+        }
     losses = run_folder.losses(run_dir / "pretrain")
     return {
-        "method": method, "arch": arch, "seed": seed, "config": small_scale_config(method), "overrides": extra,
+        "method": method,
+        "arch": arch,
+        "seed": seed,
+        "config": small_scale_config(method),
+        "overrides": extra,
         "epochs": run_epochs,
         "iterations": records[-1]["iteration"],
-        "pretrain_seconds": round(seconds - monitor, 1), "knn_monitor_seconds": round(monitor, 1),
+        "pretrain_seconds": round(seconds - monitor, 1),
+        "knn_monitor_seconds": round(monitor, 1),
         "final_loss": round(losses[-1], 4) if losses else None,
-        "knn_top1": {"random_init": records[0]["student"]["top1"], "pretrained": records[-1]["student"]["top1"],
-                     **({"teacher": records[-1]["teacher"]["top1"]} if "teacher" in records[-1] else {})},
+        "knn_top1": {
+            "random_init": records[0]["student"]["top1"],
+            "pretrained": records[-1]["student"]["top1"],
+            **({"teacher": records[-1]["teacher"]["top1"]} if "teacher" in records[-1] else {}),
+        },
         "knn_curve": [(r["epoch"] + 1, round(r["student"]["top1"], 2)) for r in records],
         "linear_top1": probes,
     }
 
 
-def _spread(values: List[float]) -> Dict[str, float]:
-    return {"mean": round(statistics.fmean(values), 2),
-            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-            "min": round(min(values), 2), "max": round(max(values), 2)}
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.fmean(values), 2),
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+    }
 
 
-def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per method and arch, over seeds: kNN top-1 random / pretrained / gain, linear lastCLS gain."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for run in runs:
         out.setdefault(run["method"], {}).setdefault(run["arch"], []).append(run)
-    summary: Dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     for method, by_arch in out.items():
         for arch, group in by_arch.items():
             knn = [r["knn_top1"] for r in group]
@@ -128,39 +164,60 @@ def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
                 "knn_random_init": _spread([k["random_init"] for k in knn]),
                 "knn_pretrained": _spread([k["pretrained"] for k in knn]),
                 "knn_gain": _spread([k["pretrained"] - k["random_init"] for k in knn]),
-                **({"linear_lastCLS_random_init": _spread([x["random_init"]["lastCLS"] for x in lin]),
-                    "linear_lastCLS_pretrained": _spread([x["pretrained"]["lastCLS"] for x in lin])} if lin else {}),
+                **(
+                    {
+                        "linear_lastCLS_random_init": _spread([x["random_init"]["lastCLS"] for x in lin]),
+                        "linear_lastCLS_pretrained": _spread([x["pretrained"]["lastCLS"] for x in lin]),
+                    }
+                    if lin
+                    else {}
+                ),
                 "pretrain_seconds": _spread([r["pretrain_seconds"] for r in group]),
             }
     return summary
 
 
-NAMES = {"simclr": "SimCLR", "barlow_twins": "Barlow Twins", "moco": "MoCo v2", "swav": "SwAV",
-         "deepclusterv2": "DeepCluster-v2", "dino": "DINO"}
+NAMES = {
+    "simclr": "SimCLR",
+    "barlow_twins": "Barlow Twins",
+    "moco": "MoCo v2",
+    "swav": "SwAV",
+    "deepclusterv2": "DeepCluster-v2",
+    "dino": "DINO",
+}
 
 
 def markdown_tables(results: Mapping[str, Any]) -> str:
     """The tables of docs/SSL_SMALL_SCALE.md from a results.json: every run of seed 0 (kNN and
     linear probes, random init -> pretrained), then per method and architecture
     the kNN gain over seeds (mean +- std, min .. max)."""
+
     def probe(linear: Mapping[str, Any], feature: str) -> str:
         if not linear:
             return ""
         return f"{linear['random_init'][feature]:.1f} -> {linear['pretrained'][feature]:.1f}"
 
-    lines = ["| method | arch | epochs (iterations) | pretraining | final loss | kNN top-1: random init -> pretrained "
-             "| linear `lastCLS` | linear `concatPOOL2` |", "|---|---|---|---|---|---|---|---|"]
-    for run in sorted((r for r in results["runs"] if r["seed"] == 0),
-                      key=lambda r: (list(NAMES).index(r["method"]), r["arch"])):
+    lines = [
+        "| method | arch | epochs (iterations) | pretraining | final loss | kNN top-1: random init -> pretrained "
+        "| linear `lastCLS` | linear `concatPOOL2` |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted(
+        (r for r in results["runs"] if r["seed"] == 0), key=lambda r: (list(NAMES).index(r["method"]), r["arch"])
+    ):
         knn = run["knn_top1"]
         teacher = f" (teacher {knn['teacher']:.1f})" if "teacher" in knn else ""
         lines.append(
             f"| {NAMES[run['method']]} | {run['arch']} | {run['epochs']} ({run['iterations']}) | "
             f"{run['pretrain_seconds']:.0f} s | {run['final_loss']} | {knn['random_init']:.1f} -> "
             f"**{knn['pretrained']:.1f}** ({knn['pretrained'] - knn['random_init']:+.1f}){teacher} | "
-            f"{probe(run['linear_top1'], 'lastCLS')} | {probe(run['linear_top1'], 'concatPOOL2')} |")
-    lines += ["", "| method | arch | seeds | kNN random init | kNN pretrained | gain: mean +- std (min .. max) |",
-              "|---|---|---|---|---|---|"]
+            f"{probe(run['linear_top1'], 'lastCLS')} | {probe(run['linear_top1'], 'concatPOOL2')} |"
+        )
+    lines += [
+        "",
+        "| method | arch | seeds | kNN random init | kNN pretrained | gain: mean +- std (min .. max) |",
+        "|---|---|---|---|---|---|",
+    ]
     summary = summarize(list(results["runs"]))
     for method in (m for m in NAMES if m in summary):
         for arch, row in sorted(summary[method].items()):
@@ -168,29 +225,38 @@ def markdown_tables(results: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {NAMES[method]} | {arch} | {', '.join(map(str, row['seeds']))} | "
                 f"{row['knn_random_init']['mean']:.1f} | {row['knn_pretrained']['mean']:.1f} | "
-                f"{gain['mean']:+.1f} +- {gain['std']:.1f} ({gain['min']:+.1f} .. {gain['max']:+.1f}) |")
+                f"{gain['mean']:+.1f} +- {gain['std']:.1f} ({gain['min']:+.1f} .. {gain['max']:+.1f}) |"
+            )
     return "\n".join(lines)
 
 
-def _write(path: Path, results: Dict[str, Any]) -> None:
+def _write(path: Path, results: dict[str, Any]) -> None:
     results["summary"] = summarize(results["runs"])
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tools/ssl_quality.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tools/ssl_quality.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--method", nargs="+", default=["all"], help=f"one or more of {', '.join(SSL_METHODS)}, or all")
     parser.add_argument("--arch", nargs="+", default=["convit"], choices=sorted(ARCHS), help="convit and/or deit")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: each config's)")
     parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
     parser.add_argument("--no-linear", action="store_true", help="kNN only: skip the linear probes")
-    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="Hydra overrides of the pretraining runs, e.g. a narrower trunk for a quick check "
-                             "(with --no-linear: the probes' configs expect the default trunk)")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides of the pretraining runs, e.g. a narrower trunk for a quick check "
+        "(with --no-linear: the probes' configs expect the default trunk)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--table", action="store_true", help="print the markdown tables of <out>/results.json; run nothing")
+    parser.add_argument(
+        "--table", action="store_true", help="print the markdown tables of <out>/results.json; run nothing"
+    )
     args = parser.parse_args(argv)
     if args.table:
         path = Path(args.out) / "results.json"
@@ -199,8 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(markdown_tables(json.loads(path.read_text())))
         return 0
     if any(o.startswith(("config.MODEL.TRUNK", "config.MODEL.HEAD")) for o in args.override) and not args.no_linear:
-        parser.error("--override of the trunk or head needs --no-linear: the linear probes' configs expect "
-                     "the default trunk")
+        parser.error(
+            "--override of the trunk or head needs --no-linear: the linear probes' configs expect the default trunk"
+        )
     methods = list(SSL_METHODS) if args.method == ["all"] else args.method
     for method in methods:
         small_scale_config(method)  # unknown names fail here, before any run
@@ -211,10 +278,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "data": {"train": str(train), "val": str(val)}, "runs": [], "random_init_linear": {},
-    }
+    results = (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "data": {"train": str(train), "val": str(val)},
+            "runs": [],
+            "random_init_linear": {},
+        }
+    )
     results["command"] = " ".join(["tools/ssl_quality.py", *(argv if argv is not None else sys.argv[1:])])
     results["date"] = time.strftime("%Y-%m-%d")
     done = {(r["method"], r["arch"], r["seed"]) for r in results["runs"]}
@@ -225,21 +298,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"== {method} / {arch} / seed {seed}: in {path} already, skipped")
                     continue
                 try:
-                    run = run_one(method, arch, seed, out, train, val, results["random_init_linear"], args.epochs,
-                                  linear=not args.no_linear, overrides=args.override)
+                    run = run_one(
+                        method,
+                        arch,
+                        seed,
+                        out,
+                        train,
+                        val,
+                        results["random_init_linear"],
+                        args.epochs,
+                        linear=not args.no_linear,
+                        overrides=args.override,
+                    )
                 except Stopped as e:
                     _write(path, results)
-                    print(f"ssl_quality: {e}; the same command resumes it (finished runs are skipped)",
-                          file=sys.stderr)
+                    print(f"ssl_quality: {e}; the same command resumes it (finished runs are skipped)", file=sys.stderr)
                     return e.exit_code
                 results["runs"].append(run)
                 _write(path, results)
                 knn = run["knn_top1"]
                 probes = run["linear_top1"]
-                linear_line = (f"; linear lastCLS {probes['random_init']['lastCLS']:.1f}% -> "
-                               f"{probes['pretrained']['lastCLS']:.1f}%") if probes else ""
-                print(f"== {method} / {arch} / seed {seed}: kNN top-1 {knn['random_init']:.1f}% -> "
-                      f"{knn['pretrained']:.1f}% ({run['pretrain_seconds']:.0f} s){linear_line}", flush=True)
+                linear_line = (
+                    (
+                        f"; linear lastCLS {probes['random_init']['lastCLS']:.1f}% -> "
+                        f"{probes['pretrained']['lastCLS']:.1f}%"
+                    )
+                    if probes
+                    else ""
+                )
+                print(
+                    f"== {method} / {arch} / seed {seed}: kNN top-1 {knn['random_init']:.1f}% -> "
+                    f"{knn['pretrained']:.1f}% ({run['pretrain_seconds']:.0f} s){linear_line}",
+                    flush=True,
+                )
     _write(path, results)
     print(f"results: {path}")
     return 0

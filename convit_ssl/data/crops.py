@@ -12,8 +12,9 @@ as PIL's), 2-4x faster than PIL's per crop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 import torchvision.transforms as T
@@ -30,11 +31,11 @@ class ResizedCrop:
     """torchvision's RandomResizedCrop: area fraction in `scale`, aspect ratio in `ratio`."""
 
     size: int
-    scale: Tuple[float, float] = (0.08, 1.0)
-    ratio: Tuple[float, float] = RATIO
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = RATIO
     interpolation: InterpolationMode = InterpolationMode.BILINEAR
 
-    def __call__(self, image: Union[Image.Image, Tensor]) -> Tensor:
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
         top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
         if isinstance(image, Image.Image):  # only the box becomes a tensor: cheaper than the whole image
             region = to_uint8_tensor(image.crop((left, top, left + w, top + h)))
@@ -57,7 +58,7 @@ class Resize:
 class MultiCrop:
     """VISSL's ImgPilToMultiCrop: one image -> these crops, in order."""
 
-    crops: Tuple[ResizedCrop, ...]
+    crops: tuple[ResizedCrop, ...]
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ class HorizontalFlip:
     p: float = 0.5
 
 
-CropOp = Union[Resize, MultiCrop, Replicate, ResizedCrop, HorizontalFlip]
+CropOp = Resize | MultiCrop | Replicate | ResizedCrop | HorizontalFlip
 
 
-def to_uint8_tensor(image: Union[Image.Image, Tensor]) -> Tensor:
+def to_uint8_tensor(image: Image.Image | Tensor) -> Tensor:
     """An RGB PIL image (or a uint8 tensor, unchanged) as a uint8 (3, H, W) tensor."""
     if isinstance(image, Tensor):
         return image
@@ -93,8 +94,8 @@ class CropPipeline:
     def __init__(self, ops: Sequence[CropOp]) -> None:
         self.ops = list(ops)
 
-    def __call__(self, image: Union[Image.Image, Tensor]) -> List[Tensor]:
-        crops: List[Any] = [image]  # PIL until an op makes tensors of it (a crop converts its box only)
+    def __call__(self, image: Image.Image | Tensor) -> list[Tensor]:
+        crops: list[Any] = [image]  # PIL until an op makes tensors of it (a crop converts its box only)
         for op in self.ops:
             if isinstance(op, MultiCrop):
                 if len(crops) != 1:

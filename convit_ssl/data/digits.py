@@ -12,14 +12,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
+from PIL import Image
 
 DONE_MARKER = ".complete"
 
 
-def export_digits(root: os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> Tuple[Path, Path]:
+def export_digits(root: os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
     """Write the digits to ``root/train`` and ``root/val``; return both paths.
 
     Each class is shuffled with a fixed seed and its first ``val_fraction``
@@ -27,7 +27,7 @@ def export_digits(root: os.PathLike, val_fraction: float = 0.2, seed: int = 0) -
     an interrupted export leaves nothing half-written; an existing complete
     export is reused.
     """
-    from PIL import Image
+    # optional dependency: scikit-learn, only to export the digits
     from sklearn.datasets import load_digits
 
     root = Path(root)
@@ -63,7 +63,7 @@ def export_digits(root: os.PathLike, val_fraction: float = 0.2, seed: int = 0) -
     return root / "train", root / "val"
 
 
-def train_val_folders(data: Optional[os.PathLike], out: os.PathLike) -> Tuple[Path, Path]:
+def train_val_folders(data: os.PathLike | None, out: os.PathLike) -> tuple[Path, Path]:
     """(train, val) image folders: ``data/train`` and ``data/val`` when `data` is given
     (each must exist, one sub-folder per class), else the digits exported to ``out/digits``."""
     if data is None:

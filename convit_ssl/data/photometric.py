@@ -32,13 +32,13 @@ instead of 8-bit integers rounded after every op):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
-
 
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 LUMA = (0.299, 0.587, 0.114)
@@ -51,10 +51,11 @@ class ColorJitter:
     saturation: float
     hue: float
 
-    def ranges(self) -> List[Tuple[float, float]]:
+    def ranges(self) -> list[tuple[float, float]]:
         """The uniform ranges of the brightness, contrast, saturation and hue factors."""
-        return [(max(0.0, 1 - f), 1 + f) for f in (self.brightness, self.contrast, self.saturation)] + \
-               [(-self.hue, self.hue)]
+        return [(max(0.0, 1 - f), 1 + f) for f in (self.brightness, self.contrast, self.saturation)] + [
+            (-self.hue, self.hue)
+        ]
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,12 @@ class RandomErasing:
     `scale` and aspect ratio in `ratio` (log-uniform), up to 10 tries to fit;
     filled with standard normal noise (``value="random"``) or `value`."""
 
-    scale: Tuple[float, float] = (0.02, 0.33)
-    ratio: Tuple[float, float] = (0.3, 3.3)
-    value: Union[float, str] = "random"
+    scale: tuple[float, float] = (0.02, 0.33)
+    ratio: tuple[float, float] = (0.3, 3.3)
+    value: float | str = "random"
 
 
-Op = Union[ColorJitter, Grayscale, GaussianBlur, Solarize, RandomErasing]
+Op = ColorJitter | Grayscale | GaussianBlur | Solarize | RandomErasing
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class Step:
     """An op and its probability for each crop position (index = position in the sample's crops)."""
 
     op: Op
-    probs: Tuple[float, ...]
+    probs: tuple[float, ...]
 
 
 def kornia() -> Any:
@@ -105,6 +106,7 @@ def kornia() -> Any:
     command would pay for a key most CPU runs leave off; an optional
     dependency (the `vissl` extra), so its absence is said in one line."""
     try:
+        # start-up: kornia takes 0.5 s to import, paid only where device augmentation is on
         import kornia as module
     except ImportError as e:
         raise ImportError("device-side augmentation needs kornia: pip install 'convit_ssl[vissl]' (or kornia)") from e
@@ -119,8 +121,9 @@ class PhotometricAugment:
     (RandomErasing).
     """
 
-    def __init__(self, steps: Sequence[Step], mean: Sequence[float], std: Sequence[float],
-                 after: Sequence[Step] = ()) -> None:
+    def __init__(
+        self, steps: Sequence[Step], mean: Sequence[float], std: Sequence[float], after: Sequence[Step] = ()
+    ) -> None:
         kornia()
         self.steps = list(steps)
         self.after = list(after)
@@ -128,8 +131,9 @@ class PhotometricAugment:
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
-        if any(isinstance(step.op, RandomErasing) for step in self.steps) or \
-                any(not isinstance(step.op, RandomErasing) for step in self.after):
+        if any(isinstance(step.op, RandomErasing) for step in self.steps) or any(
+            not isinstance(step.op, RandomErasing) for step in self.after
+        ):
             raise ValueError("RandomErasing runs after the normalisation, every other op before it")
         for step in self.steps + self.after:
             if any(not 0 <= p <= 1 for p in step.probs):
@@ -141,20 +145,20 @@ class PhotometricAugment:
         return min((len(step.probs) for step in self.steps + self.after), default=None)
 
     # ------------------------------------------------------------------ parameters (CPU)
-    def draw(self, crop: Tensor, generator: torch.Generator, size: Tuple[int, int] = (0, 0)
-             ) -> List[Dict[str, Tensor]]:
+    def draw(self, crop: Tensor, generator: torch.Generator, size: tuple[int, int] = (0, 0)) -> list[dict[str, Tensor]]:
         """Random parameters for crops at positions `crop` (N,) long, of `size`
         (H, W; for RandomErasing's boxes): per step, ``apply`` (N,) bool and
         the op's own parameters, all on the CPU."""
         crop = crop.cpu().long()
         if len(crop) and self.num_crops is not None and int(crop.max()) >= self.num_crops:
-            raise ValueError(f"crop position {int(crop.max())} but the recipe gives probabilities for "
-                             f"{self.num_crops} crops")
+            raise ValueError(
+                f"crop position {int(crop.max())} but the recipe gives probabilities for {self.num_crops} crops"
+            )
         n = len(crop)
         params = []
         for step in self.steps + self.after:
             probs = torch.tensor(step.probs, dtype=torch.float64)[crop]
-            drawn: Dict[str, Tensor] = {"apply": torch.rand(n, generator=generator, dtype=torch.float64) < probs}
+            drawn: dict[str, Tensor] = {"apply": torch.rand(n, generator=generator, dtype=torch.float64) < probs}
             if isinstance(step.op, ColorJitter):
                 low, high = torch.tensor(step.op.ranges(), dtype=torch.float32).T
                 drawn["factors"] = low + (high - low) * torch.rand(n, 4, generator=generator)
@@ -167,12 +171,12 @@ class PhotometricAugment:
             elif isinstance(step.op, RandomErasing):
                 drawn["box"] = _erasing_boxes(step.op, n, size, generator)
                 drawn["apply"] &= drawn["box"][:, 2] > 0  # no box fitted in 10 tries: unchanged (torchvision)
-                drawn["noise_seed"] = torch.randint(0, 2 ** 62, (1,), generator=generator)
+                drawn["noise_seed"] = torch.randint(0, 2**62, (1,), generator=generator)
             params.append(drawn)
         return params
 
     # ------------------------------------------------------------------ application (any device)
-    def apply(self, images: Tensor, params: List[Dict[str, Tensor]]) -> Tensor:
+    def apply(self, images: Tensor, params: list[dict[str, Tensor]]) -> Tensor:
         """Augment uint8 crops (N, 3, H, W) with `params` from `draw`; returns
         normalised float32 crops on the same device."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -193,8 +197,9 @@ class PhotometricAugment:
             elif isinstance(step.op, GaussianBlur):
                 sigma = drawn["sigma"][drawn["apply"]].to(x.device, non_blocking=True)
                 k = step.op.kernel_size
-                sub = kornia().filters.gaussian_blur2d(sub, (k, k), torch.stack([sigma, sigma], dim=1),
-                                                       border_type="replicate")
+                sub = kornia().filters.gaussian_blur2d(
+                    sub, (k, k), torch.stack([sigma, sigma], dim=1), border_type="replicate"
+                )
             elif isinstance(step.op, Solarize):
                 t = drawn["threshold"][drawn["apply"]].to(x.device, non_blocking=True).float()
                 # PIL compares the rounded 8-bit value with t: round(255 x) >= t <=> 255 x >= t - 0.5
@@ -203,7 +208,7 @@ class PhotometricAugment:
         mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
         std = x.new_tensor(self.std).view(1, 3, 1, 1)
         x = x.sub_(mean).div_(std)
-        for step, drawn in zip(self.after, params[len(self.steps):], strict=True):
+        for step, drawn in zip(self.after, params[len(self.steps) :], strict=True):
             _erase(x, step.op, drawn)
         return x
 
@@ -217,7 +222,7 @@ def _indices(mask: Tensor, device: torch.device) -> Tensor | None:
     return idx.to(device, non_blocking=True) if len(idx) else None
 
 
-def _erasing_boxes(op: RandomErasing, n: int, size: Tuple[int, int], generator: torch.Generator) -> Tensor:
+def _erasing_boxes(op: RandomErasing, n: int, size: tuple[int, int], generator: torch.Generator) -> Tensor:
     """(N, 4) boxes (top, left, height, width) by torchvision's RandomErasing.get_params;
     height 0 where none fitted in 10 tries."""
     height, width = size
@@ -237,7 +242,7 @@ def _erasing_boxes(op: RandomErasing, n: int, size: Tuple[int, int], generator: 
     return boxes
 
 
-def _erase(x: Tensor, op: RandomErasing, drawn: Dict[str, Tensor]) -> None:
+def _erase(x: Tensor, op: RandomErasing, drawn: dict[str, Tensor]) -> None:
     """In place: each selected crop's box filled with noise (from one device
     generator seeded by the draw) or `op.value`; torchvision's functional erase."""
     selected = drawn["apply"].nonzero().flatten().tolist()
@@ -256,12 +261,15 @@ def _erase(x: Tensor, op: RandomErasing, drawn: Dict[str, Tensor]) -> None:
 def _jitter_fns():
     """torchvision's four colour adjustments, as kornia implements them (hue in turns)."""
     enhance = kornia().enhance
-    return (enhance.adjust_brightness_accumulative, enhance.adjust_contrast_with_mean_subtraction,
-            enhance.adjust_saturation_with_gray_subtraction,
-            lambda img, f: enhance.adjust_hue(img, f * 2 * math.pi))
+    return (
+        enhance.adjust_brightness_accumulative,
+        enhance.adjust_contrast_with_mean_subtraction,
+        enhance.adjust_saturation_with_gray_subtraction,
+        lambda img, f: enhance.adjust_hue(img, f * 2 * math.pi),
+    )
 
 
-def _color_jitter(x: Tensor, drawn: Dict[str, Tensor]) -> None:
+def _color_jitter(x: Tensor, drawn: dict[str, Tensor]) -> None:
     """In place: each selected crop gets its four adjustments in its own order.
     At order position j, adjustment a runs on the crops whose j-th is a: 16
     index groups, together 4 adjustments per crop."""

@@ -10,7 +10,7 @@ in chunks of queries so that memory stays at ``chunk_size x N_train``.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -23,7 +23,7 @@ def knn_scores(
     *,
     k: int = 20,
     temperature: float = 0.07,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     normalize: bool = True,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
@@ -52,10 +52,10 @@ def knn_scores(
     k = min(k, bank.shape[0])
     scores = torch.zeros(queries.shape[0], classes, device=device)
     for start in range(0, queries.shape[0], chunk_size):
-        similarity = queries[start:start + chunk_size] @ bank.T
+        similarity = queries[start : start + chunk_size] @ bank.T
         top_similarity, top_index = similarity.topk(k, dim=1)
         weights = (top_similarity / temperature).exp()
-        scores[start:start + chunk_size].scatter_add_(1, labels[top_index], weights)
+        scores[start : start + chunk_size].scatter_add_(1, labels[top_index], weights)
     return scores
 
 
@@ -67,7 +67,7 @@ def knn_accuracy(
     *,
     topk: Sequence[int] = (1, 5),
     **knn: object,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Top-k accuracies in percent (``{"top1": ..., "top5": ...}``) of `knn_scores`
     on labelled test features; a top-k wider than the number of classes counts every class."""
     num_classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1

@@ -14,10 +14,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from convit_ssl.processes import Stopped, forward_stop_signals
 
@@ -26,7 +26,7 @@ _METER = re.compile(r"name: (train|test)_accuracy_list_meter, value: (.*)$")
 
 
 def _format_meter(text: str) -> str:
-    """"{'top_1': {0: 93.3}}" or "{'top_1': {'lastCLS': 93.3, ...}}" -> "93.3%" or "lastCLS 93.3%, ..."."""
+    """ "{'top_1': {0: 93.3}}" or "{'top_1': {'lastCLS': 93.3, ...}}" -> "93.3%" or "lastCLS 93.3%, ..."."""
     top1 = ast.literal_eval(text).get("top_1", {})
     if len(top1) == 1:
         return f"{next(iter(top1.values())):.1f}%"
@@ -35,10 +35,10 @@ def _format_meter(text: str) -> str:
 
 @dataclass
 class Stage:
-    name: str                           # its folder under the output folder
+    name: str  # its folder under the output folder
     title: str
-    overrides: Callable[[], List[str]]  # called when it starts, after the stages it needs
-    needs: Tuple[str, ...] = ()
+    overrides: Callable[[], list[str]]  # called when it starts, after the stages it needs
+    needs: tuple[str, ...] = ()
 
 
 class _Echo:
@@ -52,9 +52,16 @@ class _Echo:
             print(line, flush=True)
 
 
-def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: str = "",
-              threads: Optional[int] = None, echo: Optional[Callable[[str], None]] = None,
-              children: Optional[List[subprocess.Popen]] = None) -> float:
+def run_stage(
+    title: str,
+    overrides: Sequence[str],
+    stage_dir: Path,
+    *,
+    label: str = "",
+    threads: int | None = None,
+    echo: Callable[[str], None] | None = None,
+    children: list[subprocess.Popen] | None = None,
+) -> float:
     """`python -m convit_ssl.cli run OVERRIDES` into `stage_dir` in a child process
     (with `threads` intra-op threads if given), its progress lines echoed (under
     `[label]` if given); returns the wall time. A failure raises with the last
@@ -67,9 +74,10 @@ def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: s
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.time()
-    tail: List[str] = []
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                               text=True, errors="replace")
+    tail: list[str] = []
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
+    )
     if children is not None:
         children.append(process)
     assert process.stdout is not None
@@ -82,7 +90,9 @@ def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: s
             if progress:
                 echo(f"   {prefix}epoch {int(progress.group(1)) + 1} iter {progress.group(2)} loss {progress.group(3)}")
             elif meter:
-                echo(f"   {prefix}{'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}")
+                echo(
+                    f"   {prefix}{'val' if meter.group(1) == 'test' else 'train'} top-1: {_format_meter(meter.group(2))}"
+                )
         process.wait()
     if stop.received is not None:
         raise Stopped(stop.received, f"{title} stopped ({tail[-1] if tail else 'no output'})")
@@ -91,8 +101,9 @@ def run_stage(title: str, overrides: Sequence[str], stage_dir: Path, *, label: s
     return time.time() - start
 
 
-def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2,
-               on_done: Optional[Callable[[Stage, float], None]] = None) -> Dict[str, float]:
+def run_stages(
+    stages: Sequence[Stage], out: Path, slots: int = 2, on_done: Callable[[Stage, float], None] | None = None
+) -> dict[str, float]:
     """Run `stages`, `slots` at a time, each in `out/<name>` as soon as the stages
     it needs have finished, in list order; each child gets cpu_count / slots
     threads (on 2 cores, two 1-thread runs side by side do 1.4x the work of one
@@ -103,15 +114,23 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2,
     iteration), then `Stopped`."""
     threads = max(1, (os.cpu_count() or 1) // slots)
     echo, children = _Echo(), []
-    times: Dict[str, float] = {}
+    times: dict[str, float] = {}
     pending = list(stages)
     with forward_stop_signals(lambda: children) as stop, ThreadPoolExecutor(slots) as pool:
-        running: Dict[Future, Stage] = {}
+        running: dict[Future, Stage] = {}
         while pending or running:
-            for stage in [s for s in pending if all(n in times for n in s.needs)][:slots - len(running)]:
+            for stage in [s for s in pending if all(n in times for n in s.needs)][: slots - len(running)]:
                 pending.remove(stage)
-                future = pool.submit(run_stage, stage.title, stage.overrides(), out / stage.name, label=stage.name,
-                                     threads=threads, echo=echo, children=children)
+                future = pool.submit(
+                    run_stage,
+                    stage.title,
+                    stage.overrides(),
+                    out / stage.name,
+                    label=stage.name,
+                    threads=threads,
+                    echo=echo,
+                    children=children,
+                )
                 running[future] = stage
             if not running:
                 raise ValueError(f"stages {[s.name for s in pending]} need stages that are not listed")
@@ -128,8 +147,11 @@ def run_stages(stages: Sequence[Stage], out: Path, slots: int = 2,
                         raise
                     stopped = [s.name for s in stages if s is stage or s in running.values()]
                     wait(running)  # the others save their checkpoints (at most the grace period)
-                    raise Stopped(stop.received, f"stopped the stages {', '.join(stopped)}; the same command "
-                                                 "resumes them (finished stages are reused)") from None
+                    raise Stopped(
+                        stop.received,
+                        f"stopped the stages {', '.join(stopped)}; the same command "
+                        "resumes them (finished stages are reused)",
+                    ) from None
                 if on_done is not None:
                     on_done(stage, times[stage.name])
     return times

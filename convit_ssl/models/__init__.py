@@ -6,6 +6,13 @@ from convit_ssl.models.factory import ARCHITECTURES, create_model, list_models, 
 from convit_ssl.models.pos_embed import resample_pos_embed
 
 __all__ = [
-    "ARCHITECTURES", "GPSA", "MHSA", "Block", "ConViT",
-    "create_model", "list_models", "model_kwargs", "resample_pos_embed",
+    "ARCHITECTURES",
+    "GPSA",
+    "MHSA",
+    "Block",
+    "ConViT",
+    "create_model",
+    "list_models",
+    "model_kwargs",
+    "resample_pos_embed",
 ]

@@ -23,7 +23,6 @@ dropout is active and by `attention_maps`.
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +106,7 @@ class GPSA(nn.Module):
         """(heads,) weight sigmoid(lambda_h) of the positional attention."""
         return torch.sigmoid(self.gating_param)
 
-    def positional_attention(self, grid: Tuple[int, int]) -> torch.Tensor:
+    def positional_attention(self, grid: tuple[int, int]) -> torch.Tensor:
         """(heads, N, N) softmax of the positional scores for an (H, W) grid.
 
         Probabilities below the smallest normal float are set to zero: they
@@ -125,13 +124,13 @@ class GPSA(nn.Module):
         q, k = _split_heads(q, self.num_heads), _split_heads(k, self.num_heads)
         return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
-    def attention_maps(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def attention_maps(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, heads, N, N) gated attention matrix, each row renormalised to sum 1."""
         gate = self.gate().view(1, -1, 1, 1)
         attn = (1.0 - gate) * self.content_attention(x) + gate * self.positional_attention(grid)
         return attn / attn.sum(dim=-1, keepdim=True)
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Tokens (B, N, C) on an (H, W) grid, N = H * W -> (B, N, C)."""
         b, n, c = x.shape
         if n != grid[0] * grid[1]:
@@ -143,7 +142,7 @@ class GPSA(nn.Module):
             out = self._fused(x, grid).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
-    def _fused(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, heads, d) = lerp(SDPA(Q, K, V), softmax(P) V, gate), without any (B, heads, N, N) tensor.
 
         One projection gives Q, K and V (the qk and v weights side by side); the
@@ -180,16 +179,16 @@ class MHSA(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return tuple(_split_heads(t, self.num_heads) for t in (q, k, v))  # type: ignore[return-value]
 
-    def attention_maps(self, x: torch.Tensor, grid: Tuple[int, int] | None = None) -> torch.Tensor:
+    def attention_maps(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, heads, N, N) attention matrix for tokens (B, N, C)."""
         q, k, _ = self._qkv(x)
         return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Tokens (B, N, C) -> (B, N, C); `grid` is accepted for a uniform block interface."""
         q, k, v = self._qkv(x)
         drop = self.attn_drop.p if self.training else 0.0

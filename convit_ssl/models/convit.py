@@ -13,7 +13,8 @@ features (lastCLS, concatPOOL2, ...) live in the trunk adapter,
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), grid))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -123,10 +124,22 @@ class ConViT(nn.Module):
     ) -> None:
         super().__init__()
         img_hw = to_pair(img_size, "img_size")
-        _check_config(img_hw, patch_size, width, num_heads, depth, num_gpsa_layers, num_classes, {
-            "drop_rate": drop_rate, "pos_drop_rate": pos_drop_rate, "proj_drop_rate": proj_drop_rate,
-            "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate,
-        })
+        _check_config(
+            img_hw,
+            patch_size,
+            width,
+            num_heads,
+            depth,
+            num_gpsa_layers,
+            num_classes,
+            {
+                "drop_rate": drop_rate,
+                "pos_drop_rate": pos_drop_rate,
+                "proj_drop_rate": proj_drop_rate,
+                "attn_drop_rate": attn_drop_rate,
+                "drop_path_rate": drop_path_rate,
+            },
+        )
         self.img_size = img_hw
         self.patch_size = patch_size
         self.num_classes = num_classes
@@ -144,16 +157,23 @@ class ConViT(nn.Module):
         self.grid = patch_grid(img_hw, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         if use_pos_embed:
-            self.pos_embed: Optional[nn.Parameter] = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], width))
+            self.pos_embed: nn.Parameter | None = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], width))
         else:
             self.register_parameter("pos_embed", None)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
-                width, num_heads, use_gpsa=i < num_gpsa_layers, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
-                locality_strength=locality_strength, norm_eps=norm_eps,
+                width,
+                num_heads,
+                use_gpsa=i < num_gpsa_layers,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=rates[i],
+                locality_strength=locality_strength,
+                norm_eps=norm_eps,
             )
             for i in range(depth)
         )
@@ -199,11 +219,11 @@ class ConViT(nn.Module):
 
     # ------------------------------------------------------- timm interface
     @property
-    def default_cfg(self) -> Dict[str, Any]:
+    def default_cfg(self) -> dict[str, Any]:
         """timm's older name of `pretrained_cfg`."""
         return self.pretrained_cfg
 
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups by name, as timm's ConVit groups them: the embeddings
         first, then each block, the final norm last (timm's layer-wise lr decay)."""
         return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
@@ -211,7 +231,7 @@ class ConViT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new classifier of `num_classes` outputs (0: none), initialised as at
         construction, in the model's device, dtype and train/eval mode."""
         if num_classes < 0:
@@ -230,7 +250,7 @@ class ConViT(nn.Module):
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     # --------------------------------------------------------------- forward
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         tokens, grid = self.patch_embed(x)
         if self.pos_embed is not None:
             tokens = tokens + resample_pos_embed(self.pos_embed, grid, self.grid)
@@ -238,7 +258,7 @@ class ConViT(nn.Module):
         # residual stream is then made contiguous, or every later op on it would copy.
         return self.pos_drop(tokens).contiguous(), grid
 
-    def _blocks(self, x: torch.Tensor, grid: Tuple[int, int]):
+    def _blocks(self, x: torch.Tensor, grid: tuple[int, int]):
         """Yield (block index, tokens after the block); the class token is
         prepended before block `num_gpsa_layers`."""
         for i, block in enumerate(self.blocks):
@@ -253,7 +273,8 @@ class ConViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, 1 + N, width), class token first."""
         x, grid = self._embed(x)
-        for _, x in self._blocks(x, grid):
+        blocks = self._blocks(x, grid)
+        for _, x in blocks:  # noqa: B007  (x: the last block's output)
             pass
         return self.norm(x)
 
@@ -262,7 +283,7 @@ class ConViT(nn.Module):
         the class token (`global_pool` "token"), the mean patch token ("avg") or
         every token ("": (B, 1 + N, num_classes))."""
         if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
         elif self.global_pool == "token":
             x = x[:, 0]
         x = self.head_drop(x)
@@ -275,13 +296,13 @@ class ConViT(nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, Sequence[int]]] = None,
+        indices: int | Sequence[int] | None = None,
         return_prefix_tokens: bool = False,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
         """timm's `forward_intermediates` (as its VisionTransformer has it): the
         outputs of the blocks `indices` (an int n: the last n; a sequence: those,
         negative counting from the end; None: all), patch tokens only, as
@@ -297,8 +318,9 @@ class ConViT(nn.Module):
         take = block_indices(indices, self.depth)
         stop = max(take) if stop_early or intermediates_only else self.depth - 1
         x, grid = self._embed(x)
-        intermediates: List[Any] = []
-        for i, x in self._blocks(x, grid):
+        intermediates: list[Any] = []
+        blocks = self._blocks(x, grid)
+        for i, x in blocks:
             if i in take:
                 y = self.norm(x) if norm else x
                 prefix, patches = (y[:, :0], y) if i < self.num_gpsa_layers else (y[:, :1], y[:, 1:])
@@ -321,15 +343,25 @@ def _check_pool(global_pool: str) -> str:
     return global_pool
 
 
-def default_pretrained_cfg(in_chans: int, img_hw: Tuple[int, int], num_classes: int) -> Dict[str, Any]:
+def default_pretrained_cfg(in_chans: int, img_hw: tuple[int, int], num_classes: int) -> dict[str, Any]:
     """timm's pretrained_cfg for weights trained as the paper's (ImageNet statistics,
     bicubic, 0.875 center crop) at this input size."""
-    return {"input_size": (in_chans, *img_hw), "num_classes": num_classes, "interpolation": "bicubic",
-            "crop_pct": 0.875, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-            "fixed_input_size": False, "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head"}
+    return {
+        "input_size": (in_chans, *img_hw),
+        "num_classes": num_classes,
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "fixed_input_size": False,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
 
 
-def block_indices(indices: Optional[Union[int, Sequence[int]]], depth: int) -> List[int]:
+def block_indices(indices: int | Sequence[int] | None, depth: int) -> list[int]:
     """timm's rule for `forward_intermediates(indices=...)`: None -> every block; an
     int n -> the last n; a sequence -> those blocks (negative from the end), sorted."""
     if indices is None:
@@ -345,14 +377,14 @@ def block_indices(indices: Optional[Union[int, Sequence[int]]], depth: int) -> L
 
 
 def _check_config(
-    img_hw: Tuple[int, int],
+    img_hw: tuple[int, int],
     patch_size: int,
     width: int,
     num_heads: int,
     depth: int,
     num_gpsa_layers: int,
     num_classes: int,
-    rates: Dict[str, float],
+    rates: dict[str, float],
 ) -> None:
     patch_grid(img_hw, patch_size)
     if num_heads <= 0 or width <= 0 or width % num_heads:

@@ -8,16 +8,16 @@ through the same code path with no GPSA layers and DeiT's own head counts.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict
+from typing import Any
 
 from convit_ssl.models.convit import ConViT
 
 
-def _arch(width: int, num_heads: int, num_gpsa_layers: int) -> Dict[str, Any]:
+def _arch(width: int, num_heads: int, num_gpsa_layers: int) -> dict[str, Any]:
     return {"width": width, "num_heads": num_heads, "depth": 12, "num_gpsa_layers": num_gpsa_layers}
 
 
-ARCHITECTURES: Dict[str, Dict[str, Any]] = {
+ARCHITECTURES: dict[str, dict[str, Any]] = {
     "convit_tiny": _arch(192, 4, 10),
     "convit_tiny_plus": _arch(256, 4, 10),
     "convit_small": _arch(432, 9, 10),
@@ -37,7 +37,7 @@ def list_models() -> list:
     return sorted(ARCHITECTURES)
 
 
-def model_kwargs(arch: str, **overrides: Any) -> Dict[str, Any]:
+def model_kwargs(arch: str, **overrides: Any) -> dict[str, Any]:
     """The ConViT keyword arguments of `arch` with `overrides` applied.
 
     Besides ConViT's own arguments, `head_dim` (channels per head) may be given

@@ -10,15 +10,15 @@ by the official ConViT code and timm (whose version handles square grids only).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence, Tuple, Union
 
 import torch
 
-Size = Union[int, Sequence[int]]
+Size = int | Sequence[int]
 
 
-def to_pair(size: Size, what: str = "size") -> Tuple[int, int]:
+def to_pair(size: Size, what: str = "size") -> tuple[int, int]:
     """(height, width) of an int or a (height, width) pair; ValueError otherwise."""
     if isinstance(size, int):
         pair = (size, size)
@@ -31,7 +31,7 @@ def to_pair(size: Size, what: str = "size") -> Tuple[int, int]:
     return pair
 
 
-def patch_grid(img_size: Size, patch_size: int) -> Tuple[int, int]:
+def patch_grid(img_size: Size, patch_size: int) -> tuple[int, int]:
     """Patch grid (H, W) of an image of `img_size` (int or (height, width)) cut into
     square patches of side `patch_size`; ValueError when a side is not a multiple of it."""
     height, width = to_pair(img_size, "image size")
@@ -45,7 +45,7 @@ def patch_grid(img_size: Size, patch_size: int) -> Tuple[int, int]:
     return height // patch_size, width // patch_size
 
 
-def square_grid(num_tokens: int, what: str = "the position embedding") -> Tuple[int, int]:
+def square_grid(num_tokens: int, what: str = "the position embedding") -> tuple[int, int]:
     """(side, side) of a square grid of `num_tokens` patches; ValueError when there is none."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
@@ -53,7 +53,7 @@ def square_grid(num_tokens: int, what: str = "the position embedding") -> Tuple[
     return side, side
 
 
-def grid_coordinates(grid: Tuple[int, int]) -> torch.Tensor:
+def grid_coordinates(grid: tuple[int, int]) -> torch.Tensor:
     """(N, 2) float32 tensor of the (x, y) coordinates of each patch, row-major."""
     height, width = grid
     ys, xs = torch.meshgrid(
@@ -64,13 +64,13 @@ def grid_coordinates(grid: Tuple[int, int]) -> torch.Tensor:
     return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
 
 
-def _relative_offsets(grid: Tuple[int, int]) -> torch.Tensor:
+def _relative_offsets(grid: tuple[int, int]) -> torch.Tensor:
     coords = grid_coordinates(grid)
     delta = coords[None, :, :] - coords[:, None, :]  # (N, N, 2): key minus query
     return torch.cat([delta, delta.pow(2).sum(-1, keepdim=True)], dim=-1)
 
 
-def relative_offsets(grid: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def relative_offsets(grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Cached (N, N, 3) relative encoding of `grid` on `device` in `dtype`.
 
     Under torch.compile the encoding is traced instead (the compiler folds it
@@ -82,13 +82,13 @@ def relative_offsets(grid: Tuple[int, int], device: torch.device, dtype: torch.d
 
 
 @lru_cache(maxsize=64)
-def _cached_offsets(grid: Tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _cached_offsets(grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Built outside inference mode so that the cached tensor can also serve
     # training forwards (an inference tensor cannot be saved for backward).
     with torch.inference_mode(False), torch.no_grad():
         return _relative_offsets(grid).to(device=device, dtype=dtype)
 
 
-def pairwise_distances(grid: Tuple[int, int]) -> torch.Tensor:
+def pairwise_distances(grid: tuple[int, int]) -> torch.Tensor:
     """(N, N) Euclidean distance between patches, in patches (float32)."""
     return _relative_offsets(grid)[..., 2].sqrt()

@@ -10,16 +10,14 @@ float scale factor.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
 
 def resample_pos_embed(
     pos_embed: torch.Tensor,
-    new_grid: Tuple[int, int],
-    old_grid: Tuple[int, int],
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int],
     interpolation: str = "bicubic",
 ) -> torch.Tensor:
     """Resample a (1, H_old * W_old, C) position embedding to (1, H_new * W_new, C)."""

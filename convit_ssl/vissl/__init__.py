@@ -19,6 +19,7 @@ from convit_ssl.vissl.trunk import TRUNK_NAME, ConViTSSLTrunk, trunk_kwargs  # n
 
 def register() -> None:
     """Register everything convit_ssl adds to VISSL: the trunk and the tasks (idempotent)."""
+    # patch order: after patches.apply() above (the task module imports VISSL)
     from convit_ssl.vissl import task, trunk
 
     trunk.register()

@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import torch
+from vissl.utils.checkpoint import get_checkpoint_folder
 
 from convit_ssl.analysis import analyze
 from convit_ssl.models.convit import ConViT
@@ -78,7 +80,7 @@ class AnalysisSettings:
     num_images: int
 
 
-def analysis_settings(config: Any) -> Optional[AnalysisSettings]:
+def analysis_settings(config: Any) -> AnalysisSettings | None:
     """The ``HOOKS.CONVIT_ANALYSIS`` block of a VISSL config, validated; None when
     absent or ``USE: false``. Unknown keys, wrong types or values, or USE with
     another trunk than convit_ssl raise a ValueError naming the key."""
@@ -89,7 +91,7 @@ def analysis_settings(config: Any) -> Optional[AnalysisSettings]:
 
 
 # ----------------------------------------------------------------- the numbers
-def analysis_record(model: ConViT, images: torch.Tensor) -> Dict[str, Any]:
+def analysis_record(model: ConViT, images: torch.Tensor) -> dict[str, Any]:
     """Gates and nonlocality of `model` on `images` (B, C, H_img, W_img) as plain
     JSON data: ``{"num_images", "grid", "layers"}``, the layer entries of
     `convit_ssl.analysis.analyze(..., detail=False)`. One forward in eval mode
@@ -98,12 +100,12 @@ def analysis_record(model: ConViT, images: torch.Tensor) -> Dict[str, Any]:
     return {key: report[key] for key in ("num_images", "grid", "layers")}
 
 
-def scalars(record: Mapping[str, Any]) -> Dict[str, float]:
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """TensorBoard tag -> value for one record: per head and per-layer mean of
     the gate and of each nonlocality term (None values are left out)."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
 
-    def add(prefix: str, values: List[Optional[float]], index: int) -> None:
+    def add(prefix: str, values: list[float | None], index: int) -> None:
         finite = [v for v in values if v is not None]
         for h, value in enumerate(values):
             if value is not None:
@@ -127,7 +129,7 @@ class ConViTAnalysisHook(MonitorHook):
     def __init__(self, settings: AnalysisSettings, output_path: str, tb_writer: Any = None) -> None:
         super().__init__(output_path, "ConViT analysis", tb_writer, settings.frequency_iters, frequency_epochs=1)
         self.settings = settings
-        self.images: Optional[torch.Tensor] = None
+        self.images: torch.Tensor | None = None
 
     def on_start(self, task: Any) -> None:
         if not is_primary():
@@ -135,12 +137,15 @@ class ConViTAnalysisHook(MonitorHook):
         model = find_convit(task.base_model, f"HOOKS.{CONFIG_BLOCK}")
         device = model.patch_embed.proj.weight.device
         with preserved_rng(device):
-            images = load_held_out_images(task.config, self.settings.num_images, model.img_size, f"HOOKS.{CONFIG_BLOCK}")
+            images = load_held_out_images(
+                task.config, self.settings.num_images, model.img_size, f"HOOKS.{CONFIG_BLOCK}"
+            )
         self.images = images.to(device)
         self.records.drop_after(task.iteration)
         logging.info(
             "ConViT analysis: %d held-out images from DATA.%s, every %s, records in %s",
-            images.shape[0], held_out_split(task.config),
+            images.shape[0],
+            held_out_split(task.config),
             f"{self.settings.frequency_iters} iterations" if self.settings.frequency_iters else "training phase",
             self.output_path,
         )
@@ -157,10 +162,8 @@ class ConViTAnalysisHook(MonitorHook):
         self.write(record, scalars(record))
 
 
-def build_hook(config: Any, tb_writer: Any = None) -> Optional[ConViTAnalysisHook]:
+def build_hook(config: Any, tb_writer: Any = None) -> ConViTAnalysisHook | None:
     """The hook for `config`, or None when ``HOOKS.CONVIT_ANALYSIS`` is off."""
-    from vissl.utils.checkpoint import get_checkpoint_folder
-
     settings = analysis_settings(config)
     if settings is None:
         return None

@@ -33,10 +33,15 @@ import json
 import logging
 import os
 import random
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from vissl.data.dataset_catalog import get_data_files
+from vissl.models.model_helpers import get_trunk_output_feature_names
+from vissl.utils.checkpoint import get_checkpoint_folder
+from vissl.utils.extract_features_utils import ExtractedFeaturesLoader
 
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.files import atomic_write_text
@@ -49,24 +54,22 @@ from convit_ssl.vissl.weights_init import prepare_weights_init
 LOG = logging.getLogger(__name__)
 
 
-def feature_names(config: Any) -> List[str]:
+def feature_names(config: Any) -> list[str]:
     """The features the extraction writes: the trunk features of
     LINEAR_EVAL_FEAT_POOL_OPS_MAP, else ``heads`` (the model's output), as VISSL names them."""
-    from vissl.models.model_helpers import get_trunk_output_feature_names
-
     return get_trunk_output_feature_names(config.MODEL) or ["heads"]
 
 
 def features_folder(config: Any) -> str:
-    from vissl.utils.checkpoint import get_checkpoint_folder
-
     return config.EXTRACT_FEATURES.OUTPUT_DIR or get_checkpoint_folder(config)
 
 
 def _check_benchmark_config(config: Any) -> None:
     if not config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON:
-        raise ValueError("config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON must be true for a feature benchmark "
-                         "(the trunk is evaluated frozen)")
+        raise ValueError(
+            "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON must be true for a feature benchmark "
+            "(the trunk is evaluated frozen)"
+        )
     if not (config.TEST_MODEL or config.TEST_ONLY) or not config.DATA.TEST.DATA_SOURCES:
         raise ValueError("a feature benchmark needs a TEST split: set config.TEST_MODEL=true and config.DATA.TEST")
 
@@ -80,10 +83,8 @@ def extract(config: Any, node_id: int = 0) -> str:
     return features_folder(config)
 
 
-def load_features(folder: str, split: str, feature: str) -> Dict[str, np.ndarray]:
+def load_features(folder: str, split: str, feature: str) -> dict[str, np.ndarray]:
     """VISSL's merged shards of one split and feature: ``{"features", "targets", "inds"}``, ordered by index."""
-    from vissl.utils.extract_features_utils import ExtractedFeaturesLoader
-
     merged = ExtractedFeaturesLoader.load_features(folder, split.lower(), feature)
     order = np.argsort(merged["inds"], kind="stable")
     return {key: np.asarray(merged[key])[order] for key in ("features", "targets", "inds")}
@@ -93,9 +94,7 @@ def _device(config: Any) -> torch.device:
     return torch.device("cuda" if config.MACHINE.DEVICE == "gpu" and torch.cuda.is_available() else "cpu")
 
 
-def _write_results(config: Any, name: str, results: Dict[str, Any]) -> str:
-    from vissl.utils.checkpoint import get_checkpoint_folder
-
+def _write_results(config: Any, name: str, results: dict[str, Any]) -> str:
     path = os.path.join(get_checkpoint_folder(config), f"{name}_results.json")
     atomic_write_text(path, json.dumps(results, indent=2, allow_nan=False) + "\n")
     LOG.info("%s results: %s -> %s", name, json.dumps(results), path)
@@ -103,29 +102,37 @@ def _write_results(config: Any, name: str, results: Dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------- kNN
-def knn_from_folder(config: Any, folder: str) -> Dict[str, Any]:
+def knn_from_folder(config: Any, folder: str) -> dict[str, Any]:
     """kNN top-1 / top-5 (percent) of every extracted feature, TEST against TRAIN."""
     settings = config.NEAREST_NEIGHBOR
     device = _device(config)
-    results: Dict[str, Any] = {"k": int(settings.TOPK), "temperature": float(settings.SIGMA),
-                               "l2_normalized": bool(settings.L2_NORM_FEATS), "features": {}}
+    results: dict[str, Any] = {
+        "k": int(settings.TOPK),
+        "temperature": float(settings.SIGMA),
+        "l2_normalized": bool(settings.L2_NORM_FEATS),
+        "features": {},
+    }
     for feature in feature_names(config):
         train, test = load_features(folder, "train", feature), load_features(folder, "test", feature)
         if train["targets"].shape[1:] not in ((), (1,)) or test["targets"].shape[1:] not in ((), (1,)):
-            raise ValueError(f"kNN needs one class index per image; {feature} targets have shape "
-                             f"{train['targets'].shape[1:]} (multi-label data: use the svm benchmark)")
+            raise ValueError(
+                f"kNN needs one class index per image; {feature} targets have shape "
+                f"{train['targets'].shape[1:]} (multi-label data: use the svm benchmark)"
+            )
         accuracy = knn_accuracy(
             torch.from_numpy(train["features"].reshape(len(train["features"]), -1)).to(device),
             torch.from_numpy(train["targets"].reshape(-1)),
             torch.from_numpy(test["features"].reshape(len(test["features"]), -1)),
             torch.from_numpy(test["targets"].reshape(-1)),
-            k=int(settings.TOPK), temperature=float(settings.SIGMA), normalize=bool(settings.L2_NORM_FEATS),
+            k=int(settings.TOPK),
+            temperature=float(settings.SIGMA),
+            normalize=bool(settings.L2_NORM_FEATS),
         )
         results["features"][feature] = {**accuracy, "num_train": len(train["inds"]), "num_test": len(test["inds"])}
     return results
 
 
-def nearest_neighbor(config: Any, node_id: int = 0) -> Dict[str, Any]:
+def nearest_neighbor(config: Any, node_id: int = 0) -> dict[str, Any]:
     """Extract, then kNN-classify TEST with TRAIN as the memory bank (see the module docstring)."""
     _check_benchmark_config(config)
     folder = extract(config, node_id)
@@ -139,20 +146,22 @@ def nearest_neighbor(config: Any, node_id: int = 0) -> Dict[str, Any]:
 # -------------------------------------------------------------------- SVMs
 def _multi_label(targets: np.ndarray, feature: str, split: str) -> None:
     if targets.ndim != 2 or targets.shape[1] < 2:
-        raise ValueError(f"the SVM benchmark needs N x classes labels of 1 / 0 / -1 (VOC07 layout); "
-                         f"{split} {feature} targets have shape {targets.shape}")
+        raise ValueError(
+            f"the SVM benchmark needs N x classes labels of 1 / 0 / -1 (VOC07 layout); "
+            f"{split} {feature} targets have shape {targets.shape}"
+        )
 
 
-def svm(config: Any, node_id: int = 0) -> Dict[str, Any]:
+def svm(config: Any, node_id: int = 0) -> dict[str, Any]:
     """Extract, then train and test VISSL's per-class linear SVMs on every feature; mAP in percent."""
-    from vissl.utils.checkpoint import get_checkpoint_folder
+    # start-up: loads scikit-learn and SciPy (1.3 s), only for the SVM benchmark
     from vissl.utils.svm_utils.svm_trainer import SVMTrainer
 
     _check_benchmark_config(config)
     folder = extract(config, node_id)
     if node_id != 0:
         return {}
-    results: Dict[str, Any] = {"features": {}}
+    results: dict[str, Any] = {"features": {}}
     for feature in feature_names(config):
         train, test = load_features(folder, "train", feature), load_features(folder, "test", feature)
         _multi_label(train["targets"], feature, "train")
@@ -161,27 +170,29 @@ def svm(config: Any, node_id: int = 0) -> Dict[str, Any]:
         trainer.train(train["features"], train["targets"])
         trainer.test(test["features"], test["targets"])
         ap = np.load(os.path.join(trainer.output_dir, "test_ap.npy")).reshape(-1)
-        results["features"][feature] = {"mAP": round(float(ap.mean()) * 100, 4),
-                                        "ap_per_class": [round(float(a) * 100, 4) for a in ap],
-                                        "costs": [float(c) for c in trainer.get_best_cost_value()]}
+        results["features"][feature] = {
+            "mAP": round(float(ap.mean()) * 100, 4),
+            "ap_per_class": [round(float(a) * 100, 4) for a in ap],
+            "costs": [float(c) for c in trainer.get_best_cost_value()],
+        }
     _write_results(config, "svm", results)
     return results
 
 
 # --------------------------------------------------------------- low-shot
-def _low_shot_results(trainer: Any, k_values: Sequence[int], samples: Sequence[int]) -> Dict[str, Any]:
+def _low_shot_results(trainer: Any, k_values: Sequence[int], samples: Sequence[int]) -> dict[str, Any]:
     """VISSL's aggregate (the best cost per k: mean / min / max / std test mAP over the samples, percent)."""
     out = trainer.aggregate_stats(list(k_values), list(samples))
     return {key: {stat: float(value) for stat, value in stats.items()} for key, stats in out.items()}
 
 
-def low_shot(config: Any, node_id: int = 0) -> Dict[str, Any]:
+def low_shot(config: Any, node_id: int = 0) -> dict[str, Any]:
     """Low-shot SVMs as VISSL lays them out (``SVM.low_shot.dataset_name`` voc or places205)."""
+    # optional: VISSL's extra_scripts (its source tree), only for the low-shot benchmark
     from extra_scripts.create_low_shot_samples import (
         generate_places_low_shot_samples,
         generate_voc07_low_shot_samples,
     )
-    from vissl.utils.checkpoint import get_checkpoint_folder
 
     SVMLowShotTrainer = low_shot_trainer()
     _check_benchmark_config(config)
@@ -189,8 +200,12 @@ def low_shot(config: Any, node_id: int = 0) -> Dict[str, Any]:
     k_values, samples = [int(k) for k in settings.k_values], [int(s) for s in settings.sample_inds]
     output_dir = get_checkpoint_folder(config)
     random.seed(config.SEED_VALUE)  # the samplers draw with Python's random
-    results: Dict[str, Any] = {"dataset_name": settings.dataset_name, "k_values": k_values,
-                               "sample_inds": samples, "features": {}}
+    results: dict[str, Any] = {
+        "dataset_name": settings.dataset_name,
+        "k_values": k_values,
+        "sample_inds": samples,
+        "features": {},
+    }
     if settings.dataset_name == "voc":
         folder = extract(config, node_id)
         if node_id != 0:
@@ -207,21 +222,22 @@ def low_shot(config: Any, node_id: int = 0) -> Dict[str, Any]:
                     trainer.test(test["features"], test["targets"], sample, k)
             results["features"][feature] = _low_shot_results(trainer, k_values, samples)
     elif "places" in settings.dataset_name:
-        results["features"] = _places_low_shot(config, node_id, k_values, samples, output_dir,
-                                               generate_places_low_shot_samples, SVMLowShotTrainer)
+        results["features"] = _places_low_shot(
+            config, node_id, k_values, samples, output_dir, generate_places_low_shot_samples, SVMLowShotTrainer
+        )
         if node_id != 0:
             return {}
     else:
-        raise ValueError(f"config.SVM.low_shot.dataset_name must be 'voc' or 'places205'; got {settings.dataset_name!r}")
+        raise ValueError(
+            f"config.SVM.low_shot.dataset_name must be 'voc' or 'places205'; got {settings.dataset_name!r}"
+        )
     _write_results(config, "low_shot", results)
     return results
 
 
-def _places_low_shot(config, node_id, k_values, samples, output_dir, sampler, trainer_class) -> Dict[str, Any]:
+def _places_low_shot(config, node_id, k_values, samples, output_dir, sampler, trainer_class) -> dict[str, Any]:
     """Places205 layout: sample k images per class from the TRAIN filelist, extract each sample's features
     (and TEST's once), then train and test one low-shot SVM set per sample and k."""
-    from vissl.data.dataset_catalog import get_data_files
-
     data_paths, label_paths = get_data_files(split="TRAIN", dataset_config=config.DATA)
     targets = np.load(label_paths[0], allow_pickle=True).reshape(-1)
     sampler(targets, k_values, samples, output_dir, data_paths[0])
@@ -239,7 +255,7 @@ def _places_low_shot(config, node_id, k_values, samples, output_dir, sampler, tr
             test_folder = test_folder or folder
     if node_id != 0:
         return {}
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for feature in feature_names(config):
         test = load_features(test_folder, "test", feature)
         trainer = trainer_class(config.SVM, layer=feature, output_dir=output_dir)
@@ -252,12 +268,14 @@ def _places_low_shot(config, node_id, k_values, samples, output_dir, sampler, tr
     return out
 
 
-RUNNERS: Dict[str, Callable[[Any, int], Dict[str, Any]]] = {
-    "knn": nearest_neighbor, "svm": svm, "low_shot": low_shot,
+RUNNERS: dict[str, Callable[[Any, int], dict[str, Any]]] = {
+    "knn": nearest_neighbor,
+    "svm": svm,
+    "low_shot": low_shot,
 }
 
 
-def prepare(benchmark: str, overrides: Sequence[str]) -> Tuple[Callable[[Any, int], Dict[str, Any]], Any, int]:
+def prepare(benchmark: str, overrides: Sequence[str]) -> tuple[Callable[[Any, int], dict[str, Any]], Any, int]:
     """Compose `overrides` (``config=NAME`` plus Hydra overrides, ``node_id=K``) for
     `benchmark` and check the config; returns (runner, config, node_id). Every
     user error (unknown benchmark, config, data path) is raised here, before any work."""
@@ -269,17 +287,21 @@ def prepare(benchmark: str, overrides: Sequence[str]) -> Tuple[Callable[[Any, in
     return RUNNERS[benchmark], config, int(args.node_id)
 
 
-def summary_lines(benchmark: str, results: Mapping[str, Any]) -> List[str]:
+def summary_lines(benchmark: str, results: Mapping[str, Any]) -> list[str]:
     """One line per feature: the benchmark's headline numbers."""
     lines = []
     for feature, numbers in results.get("features", {}).items():
         if benchmark == "knn":
-            lines.append(f"{feature}: kNN top-1 {numbers['top1']:.2f}%, top-5 {numbers['top5']:.2f}% "
-                         f"(k={results['k']}, T={results['temperature']}, {numbers['num_train']} train / "
-                         f"{numbers['num_test']} test)")
+            lines.append(
+                f"{feature}: kNN top-1 {numbers['top1']:.2f}%, top-5 {numbers['top5']:.2f}% "
+                f"(k={results['k']}, T={results['temperature']}, {numbers['num_train']} train / "
+                f"{numbers['num_test']} test)"
+            )
         elif benchmark == "svm":
             lines.append(f"{feature}: SVM test mAP {numbers['mAP']:.2f}%")
         else:
-            lines.append(f"{feature}: low-shot SVM test mAP " + ", ".join(
-                f"{k} {stats['mean']:.2f} +- {stats['std']:.2f}%" for k, stats in numbers.items()))
+            lines.append(
+                f"{feature}: low-shot SVM test mAP "
+                + ", ".join(f"{k} {stats['mean']:.2f} +- {stats['std']:.2f}%" for k, stats in numbers.items())
+            )
     return lines

@@ -3,38 +3,41 @@ reference implementation that conversions of `vissl_convit` files are verified a
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+from vissl.models.trunks.convit import ConViT as VisslConViT
 
 from convit_ssl.checkpoints.formats import vissl_model_parts
 from convit_ssl.checkpoints.vissl_convit import vissl_convit_model_kwargs
 from convit_ssl.vissl.configs import compose
 
-
 REFERENCE_CONFIG = "convit_ssl/reference/vissl_builtin_convit"
 
 
-def vissl_convit_overrides(kwargs: Dict[str, Any], locality_dim: int) -> list:
+def vissl_convit_overrides(kwargs: dict[str, Any], locality_dim: int) -> list:
     """Hydra overrides that configure VISSL's `convit` trunk like the ConViT `kwargs`."""
     vt, cv = "config.MODEL.TRUNK.VISION_TRANSFORMERS.", "config.MODEL.TRUNK.CONVIT."
     return [
         f"config={REFERENCE_CONFIG}",
-        f"{vt}IMAGE_SIZE={kwargs['img_size']}", f"{vt}PATCH_SIZE={kwargs['patch_size']}",
-        f"{vt}HIDDEN_DIM={kwargs['width']}", f"{vt}NUM_HEADS={kwargs['num_heads']}",
-        f"{vt}NUM_LAYERS={kwargs['depth']}", f"{vt}MLP_DIM={int(kwargs['width'] * kwargs['mlp_ratio'])}",
-        f"{vt}QKV_BIAS={kwargs['qkv_bias']}", f"{cv}N_GPSA_LAYERS={kwargs['num_gpsa_layers']}",
+        f"{vt}IMAGE_SIZE={kwargs['img_size']}",
+        f"{vt}PATCH_SIZE={kwargs['patch_size']}",
+        f"{vt}HIDDEN_DIM={kwargs['width']}",
+        f"{vt}NUM_HEADS={kwargs['num_heads']}",
+        f"{vt}NUM_LAYERS={kwargs['depth']}",
+        f"{vt}MLP_DIM={int(kwargs['width'] * kwargs['mlp_ratio'])}",
+        f"{vt}QKV_BIAS={kwargs['qkv_bias']}",
+        f"{cv}N_GPSA_LAYERS={kwargs['num_gpsa_layers']}",
         f"{cv}LOCALITY_DIM={locality_dim}",
     ]
 
 
-def build_vissl_convit(checkpoint: Any, kwargs: Dict[str, Any] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_vissl_convit(checkpoint: Any, kwargs: dict[str, Any] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """VISSL's `convit` trunk loaded strictly with the trunk of `checkpoint`
     (a VISSL checkpoint or a bare trunk state dict of that trunk), in eval mode
     and float32. Returns x (B, C, H, W) -> class-token features (B, width)."""
-    from vissl.models.trunks.convit import ConViT as VisslConViT
-
     trunk_state, _ = vissl_model_parts(checkpoint)
     if kwargs is None:
         kwargs = vissl_convit_model_kwargs(trunk_state)

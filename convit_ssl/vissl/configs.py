@@ -9,20 +9,25 @@ directory, from a source checkout (repo/configs) or a regular install
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from vissl.utils.hydra_config import convert_to_attrdict
 
 from convit_ssl.config_root import config_root
 
-def compose(overrides: Sequence[str]) -> Tuple[Any, Any]:
+
+def compose(overrides: Sequence[str]) -> tuple[Any, Any]:
     """Compose VISSL's defaults with `overrides` (e.g. ``config=NAME``, ``config.X=Y``)
     and return VISSL's (args, config) AttrDicts, without writing anything."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from vissl.utils.hydra_config import convert_to_attrdict
 
     overrides = list(overrides)
     if not any(o.split("=", 1)[0] == "config" for o in overrides):
-        raise ValueError("no config given: pass config=NAME (for example config=test/convit_ssl/supervised_micro_synthetic)")
+        raise ValueError(
+            "no config given: pass config=NAME (for example config=test/convit_ssl/supervised_micro_synthetic)"
+        )
     searchpath = f"hydra.searchpath=[file://{config_root()}]"
     with initialize_config_module(config_module="vissl.config", version_base="1.3"):
         cfg = hydra_compose("defaults", overrides=[searchpath, *overrides])
@@ -34,7 +39,7 @@ def num_epochs(overrides: Sequence[str]) -> int:
     return int(compose(overrides)[1].OPTIMIZER.num_epochs)
 
 
-def used_splits(config: Any) -> List[str]:
+def used_splits(config: Any) -> list[str]:
     """The data splits a run reads: TRAIN unless TEST_ONLY; TEST if TEST_MODEL or TEST_ONLY."""
     splits = [] if config.TEST_ONLY else ["TRAIN"]
     if config.TEST_MODEL or config.TEST_ONLY:
@@ -44,8 +49,12 @@ def used_splits(config: Any) -> List[str]:
 
 # VISSL's self-supervised methods -> their folder under configs/config/pretrain
 SSL_METHODS = {
-    "dino": "dino", "moco": "moco", "swav": "swav", "simclr": "simclr",
-    "barlow_twins": "barlow_twins", "deepclusterv2": "deepcluster_v2",
+    "dino": "dino",
+    "moco": "moco",
+    "swav": "swav",
+    "simclr": "simclr",
+    "barlow_twins": "barlow_twins",
+    "deepclusterv2": "deepcluster_v2",
 }
 
 

@@ -6,9 +6,10 @@ TRAIN) and its first images (`load_held_out_images`)."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
+from vissl.data import build_dataset
 
 from convit_ssl.vissl.configs import used_splits
 
@@ -20,11 +21,11 @@ def held_out_split(config: Any) -> str:
     return "TRAIN"
 
 
-def eval_transforms(config: Any, split: str, image_size: Tuple[int, int]) -> List[Dict[str, Any]]:
+def eval_transforms(config: Any, split: str, image_size: tuple[int, int]) -> list[dict[str, Any]]:
     """VISSL transform list without randomness: Resize, CenterCrop to `image_size`
     (H, W), ToTensor, and the Normalize of `split` (else of TRAIN), if any."""
     height, width = image_size
-    transforms: List[Dict[str, Any]] = [
+    transforms: list[dict[str, Any]] = [
         {"name": "Resize", "size": max(height, width)},
         {"name": "CenterCrop", "size": [height, width]},
         {"name": "ToTensor"},
@@ -32,19 +33,19 @@ def eval_transforms(config: Any, split: str, image_size: Tuple[int, int]) -> Lis
     for source in (split, "TRAIN"):
         normalize = [t for t in config.DATA[source].TRANSFORMS if t.get("name") == "Normalize"]
         if normalize:
-            transforms.append({"name": "Normalize", "mean": list(normalize[-1]["mean"]),
-                               "std": list(normalize[-1]["std"])})
+            transforms.append(
+                {"name": "Normalize", "mean": list(normalize[-1]["mean"]), "std": list(normalize[-1]["std"])}
+            )
             break
     return transforms
 
 
-def load_held_out_images(config: Any, num_images: int, image_size: Tuple[int, int],
-                         who: str = "the hook") -> torch.Tensor:
+def load_held_out_images(
+    config: Any, num_images: int, image_size: tuple[int, int], who: str = "the hook"
+) -> torch.Tensor:
     """(B, C, H, W) the first `num_images` samples (fewer if the split is smaller)
     of the held-out split, transformed by `eval_transforms`, on the CPU; errors
     name `who` (the hook's config block) and the split."""
-    from vissl.data import build_dataset
-
     split = held_out_split(config)
     where = f"{who}: held-out images from config.DATA.{split} {list(config.DATA[split].DATASET_NAMES)}"
     local = copy.deepcopy(config)

@@ -9,22 +9,25 @@ import json
 import logging
 import os
 import random
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
+from classy_vision.generic.distributed_util import is_primary as primary
 from classy_vision.hooks.classy_hook import ClassyHook
 from torch import nn
+from vissl.utils.checkpoint import get_checkpoint_folder
 
 from convit_ssl.analysis.collect import evaluating
 from convit_ssl.files import atomic_write_text
 from convit_ssl.vissl.trunk import TRUNK_NAME
 
 # config key -> (default, accepted type, condition, what the condition says)
-BlockKeys = Dict[str, Tuple[Any, type, Callable[[Any], bool], str]]
+BlockKeys = dict[str, tuple[Any, type, Callable[[Any], bool], str]]
 
 
-def read_block(config: Any, name: str, keys: BlockKeys) -> Optional[Dict[str, Any]]:
+def read_block(config: Any, name: str, keys: BlockKeys) -> dict[str, Any] | None:
     """The ``HOOKS.<name>`` block of a VISSL config with defaults filled in and
     every value checked; None when absent or ``USE: false``. Unknown keys and
     wrong types or values raise a ValueError naming the key. Every block has ``USE``."""
@@ -51,7 +54,9 @@ def read_block(config: Any, name: str, keys: BlockKeys) -> Optional[Dict[str, An
     if not values["USE"]:
         return None
     if config.MODEL.TRUNK.NAME != TRUNK_NAME:
-        raise ValueError(f"{where}.USE=true needs config.MODEL.TRUNK.NAME={TRUNK_NAME}, got {config.MODEL.TRUNK.NAME!r}")
+        raise ValueError(
+            f"{where}.USE=true needs config.MODEL.TRUNK.NAME={TRUNK_NAME}, got {config.MODEL.TRUNK.NAME!r}"
+        )
     return values
 
 
@@ -77,15 +82,11 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def is_primary() -> bool:
-    from classy_vision.generic.distributed_util import is_primary as primary
-
     return primary()
 
 
 def metrics_file(config: Any) -> str:
     """VISSL's metrics.json of a run (one JSON object per line, in its checkpoint folder)."""
-    from vissl.utils.checkpoint import get_checkpoint_folder
-
     return os.path.join(get_checkpoint_folder(config), "metrics.json")
 
 
@@ -122,8 +123,13 @@ class JsonLines:
                 kept.append(line)
         if len(kept) == len(lines):
             return
-        logging.info("%s: resuming at iteration %d, dropping %d later record(s) of %s",
-                     self.label, iteration, len(lines) - len(kept), self.path)
+        logging.info(
+            "%s: resuming at iteration %d, dropping %d later record(s) of %s",
+            self.label,
+            iteration,
+            len(lines) - len(kept),
+            self.path,
+        )
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
 
@@ -136,8 +142,9 @@ class MonitorHook(ClassyHook):
 
     on_phase_start = ClassyHook._noop
 
-    def __init__(self, output_path: str, label: str, tb_writer: Any, frequency_iters: int,
-                 frequency_epochs: int) -> None:
+    def __init__(
+        self, output_path: str, label: str, tb_writer: Any, frequency_iters: int, frequency_epochs: int
+    ) -> None:
         super().__init__()
         self.output_path = output_path
         self.tb_writer = tb_writer

@@ -6,9 +6,10 @@ blocks switch them on."""
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 from classy_vision.hooks.classy_hook import ClassyHook
+from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
 from convit_ssl.vissl import analysis_hook, knn_hook
 from convit_ssl.vissl.hook_utils import metrics_file
@@ -22,14 +23,12 @@ def validate_hook_configs(config: Any) -> None:
     knn_hook.knn_settings(config)
 
 
-def hook_generator(cfg: Any) -> List[ClassyHook]:
+def hook_generator(cfg: Any) -> list[ClassyHook]:
     """VISSL's `default_hook_generator`, plus `UnreadableImagesHook`, and
     `ConViTAnalysisHook` and `ConViTKnnHook` when switched on, and `StopHook`: placed before
     VISSL's checkpoint hook (so that their records precede each checkpoint),
     writing to the TensorBoard writer of VISSL's tensorboard hook, if any. Runs in every rank (a
     module-level function, so spawn can pickle it)."""
-    from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
-
     hooks = default_hook_generator(cfg)
     tb_writer = next((h.tb_writer for h in hooks if isinstance(h, SSLTensorboardHook)), None)
     monitors = (analysis_hook.build_hook(cfg, tb_writer), knn_hook.build_hook(cfg, tb_writer))

@@ -54,16 +54,28 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from classy_vision.generic.distributed_util import get_rank, get_world_size
+from vissl.data import build_dataset
+from vissl.utils.checkpoint import get_checkpoint_folder
 
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import eval_transforms
-from convit_ssl.vissl.hook_utils import (BlockKeys, JsonLines, MonitorHook, eval_mode, is_primary, metrics_file,
-                                         preserved_rng, read_block)
+from convit_ssl.vissl.hook_utils import (
+    BlockKeys,
+    JsonLines,
+    MonitorHook,
+    eval_mode,
+    is_primary,
+    metrics_file,
+    preserved_rng,
+    read_block,
+)
 from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names, validate_trunk_config
 
 CONFIG_BLOCK = "CONVIT_KNN"
@@ -98,14 +110,14 @@ class KnnSettings:
     k: int
     temperature: float
     teacher: bool
-    train_paths: Tuple[str, ...]
-    val_paths: Tuple[str, ...]
+    train_paths: tuple[str, ...]
+    val_paths: tuple[str, ...]
     max_train_images: int
     max_val_images: int
     batch_size: int
 
 
-def knn_settings(config: Any) -> Optional[KnnSettings]:
+def knn_settings(config: Any) -> KnnSettings | None:
     """The ``HOOKS.CONVIT_KNN`` block, validated; None when absent or ``USE: false``.
     Raises a ValueError naming the key for unknown keys, wrong values, a feature
     the trunk does not have, TEACHER without DINO or MoCo, or no split to read."""
@@ -120,18 +132,28 @@ def knn_settings(config: Any) -> Optional[KnnSettings]:
     except ValueError as e:
         raise ValueError(f"{where}.FEATURE: {e}") from e
     if values["TEACHER"] and config.LOSS.name not in TEACHER_ATTRIBUTES:
-        raise ValueError(f"{where}.TEACHER=true needs a loss with a momentum teacher "
-                         f"({', '.join(TEACHER_ATTRIBUTES)}), got config.LOSS.name={config.LOSS.name!r}")
+        raise ValueError(
+            f"{where}.TEACHER=true needs a loss with a momentum teacher "
+            f"({', '.join(TEACHER_ATTRIBUTES)}), got config.LOSS.name={config.LOSS.name!r}"
+        )
     for key, split in (("TRAIN_PATHS", "TRAIN"), ("VAL_PATHS", "TEST")):
         if not values[key] and not config.DATA[split].DATA_SOURCES:
-            raise ValueError(f"{where}.{key} is empty and config.DATA.{split} has no data: "
-                             f"set {where}.{key}=[<folder with one sub-folder per class>]")
+            raise ValueError(
+                f"{where}.{key} is empty and config.DATA.{split} has no data: "
+                f"set {where}.{key}=[<folder with one sub-folder per class>]"
+            )
     return KnnSettings(
-        frequency_epochs=values["FREQUENCY_EPOCHS"], frequency_iters=values["FREQUENCY_ITERS"],
-        at_start=values["AT_START"], feature=values["FEATURE"], k=values["TOPK"],
-        temperature=values["TEMPERATURE"], teacher=values["TEACHER"],
-        train_paths=tuple(values["TRAIN_PATHS"]), val_paths=tuple(values["VAL_PATHS"]),
-        max_train_images=values["MAX_TRAIN_IMAGES"], max_val_images=values["MAX_VAL_IMAGES"],
+        frequency_epochs=values["FREQUENCY_EPOCHS"],
+        frequency_iters=values["FREQUENCY_ITERS"],
+        at_start=values["AT_START"],
+        feature=values["FEATURE"],
+        k=values["TOPK"],
+        temperature=values["TEMPERATURE"],
+        teacher=values["TEACHER"],
+        train_paths=tuple(values["TRAIN_PATHS"]),
+        val_paths=tuple(values["VAL_PATHS"]),
+        max_train_images=values["MAX_TRAIN_IMAGES"],
+        max_val_images=values["MAX_VAL_IMAGES"],
         batch_size=values["BATCH_SIZE"],
     )
 
@@ -142,14 +164,14 @@ def record_frequency(num_epochs: int) -> int:
     return max(d for d in range(1, max(1, num_epochs // 5) + 1) if num_epochs % d == 0)
 
 
-def read_records(folder: str | os.PathLike) -> List[Dict[str, Any]]:
+def read_records(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """The monitor's records of a run, in order (its checkpoint folder's RECORD_FILE)."""
     with open(os.path.join(folder, RECORD_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------ the data
-def labelled_split_config(config: Any, split: str, paths: Tuple[str, ...], image_size: Tuple[int, int]) -> Any:
+def labelled_split_config(config: Any, split: str, paths: tuple[str, ...], image_size: tuple[int, int]) -> Any:
     """A copy of `config` whose DATA.`split` reads labelled images without
     randomness: `paths` as disk_folder image folders when given, else the
     split's own sources with their labels; eval transforms; no DATA_LIMIT."""
@@ -173,12 +195,13 @@ class LabelledImages:
     """The images and class labels of one split, read by VISSL's own data sources;
     `indices` is an evenly strided subset of at most `limit` images."""
 
-    def __init__(self, config: Any, split: str, paths: Tuple[str, ...], limit: int,
-                 image_size: Tuple[int, int]) -> None:
-        from vissl.data import build_dataset
-
-        self.where = f"HOOKS.{CONFIG_BLOCK}: {'the memory bank' if split == 'TRAIN' else 'the queries'} " \
-                     f"({', '.join(paths) if paths else f'config.DATA.{split}'})"
+    def __init__(
+        self, config: Any, split: str, paths: tuple[str, ...], limit: int, image_size: tuple[int, int]
+    ) -> None:
+        self.where = (
+            f"HOOKS.{CONFIG_BLOCK}: {'the memory bank' if split == 'TRAIN' else 'the queries'} "
+            f"({', '.join(paths) if paths else f'config.DATA.{split}'})"
+        )
         try:
             self.dataset = build_dataset(labelled_split_config(config, split, paths, image_size), split)
             total = len(self.dataset)
@@ -186,8 +209,9 @@ class LabelledImages:
             raise RuntimeError(f"{self.where}: could not be read ({type(e).__name__}: {e})") from e
         if total == 0:
             raise RuntimeError(f"{self.where}: no images")
-        self.indices = np.linspace(0, total - 1, min(limit, total)).round().astype(np.int64) if total > limit \
-            else np.arange(total)
+        self.indices = (
+            np.linspace(0, total - 1, min(limit, total)).round().astype(np.int64) if total > limit else np.arange(total)
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -195,7 +219,7 @@ class LabelledImages:
     def shard(self, rank: int, world: int) -> np.ndarray:
         return self.indices[rank::world]
 
-    def batch(self, indices: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         items = [self.dataset[int(i)] for i in indices]
         bad = [int(i) for i, item in zip(indices, items) if item["data_valid"][0] != 1]
         if bad:
@@ -206,14 +230,15 @@ class LabelledImages:
 
 
 # -------------------------------------------------------------- the numbers
-def extract_features(model: ConViT, data: LabelledImages, indices: np.ndarray, feature: str,
-                     batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    model: ConViT, data: LabelledImages, indices: np.ndarray, feature: str, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) features of `feature` for `indices` (float32, on the CPU) and their (N,) labels."""
     device = model.patch_embed.proj.weight.device
     features, labels = [], []
     with eval_mode(model):
         for start in range(0, len(indices), batch_size):
-            images, targets = data.batch(indices[start:start + batch_size])
+            images, targets = data.batch(indices[start : start + batch_size])
             out = named_features(model, images.to(device), [feature])[0]
             features.append(out.reshape(len(images), -1).float().cpu())
             labels.append(targets)
@@ -222,15 +247,14 @@ def extract_features(model: ConViT, data: LabelledImages, indices: np.ndarray, f
     return torch.cat(features), torch.cat(labels)
 
 
-def gather_features(indices: np.ndarray, features: torch.Tensor, labels: torch.Tensor
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def gather_features(
+    indices: np.ndarray, features: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's shard, ordered by image index (the 1-process order); on every rank."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         order = np.argsort(indices, kind="stable")
         return features[order], labels[order]
-    shards: List[Any] = [None] * dist.get_world_size()
+    shards: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shards, (indices, features.numpy(), labels.numpy()))
     all_indices = np.concatenate([s[0] for s in shards])
     order = np.argsort(all_indices, kind="stable")
@@ -248,8 +272,8 @@ class ConViTKnnHook(MonitorHook):
         super().__init__(output_path, "ConViT kNN", tb_writer, settings.frequency_iters, settings.frequency_epochs)
         self.settings = settings
         self.metrics = JsonLines(metrics_path, "metrics.json")
-        self.bank: Optional[LabelledImages] = None
-        self.queries: Optional[LabelledImages] = None
+        self.bank: LabelledImages | None = None
+        self.queries: LabelledImages | None = None
 
     def on_start(self, task: Any) -> None:
         model = find_convit(task.base_model, f"HOOKS.{CONFIG_BLOCK}")
@@ -259,13 +283,19 @@ class ConViTKnnHook(MonitorHook):
         if is_primary():
             self.records.drop_after(task.iteration)
             every = f"{s.frequency_iters} iterations" if s.frequency_iters else f"{s.frequency_epochs} epoch(s)"
-            logging.info("ConViT kNN: %s of %d memory-bank / %d query images, every %s, records in %s",
-                         s.feature, len(self.bank), len(self.queries), every, self.output_path)
+            logging.info(
+                "ConViT kNN: %s of %d memory-bank / %d query images, every %s, records in %s",
+                s.feature,
+                len(self.bank),
+                len(self.queries),
+                every,
+                self.output_path,
+            )
         if s.at_start and task.iteration == 0 and task.train:
             self._log(task)
 
     # ------------------------------------------------------------------
-    def _networks(self, task: Any) -> Dict[str, ConViT]:
+    def _networks(self, task: Any) -> dict[str, ConViT]:
         networks = {"student": find_convit(task.base_model, f"HOOKS.{CONFIG_BLOCK}")}
         if self.settings.teacher:
             teacher = getattr(task.loss, TEACHER_ATTRIBUTES[task.config.LOSS.name], None)
@@ -273,14 +303,12 @@ class ConViTKnnHook(MonitorHook):
                 networks["teacher"] = find_convit(teacher, f"HOOKS.{CONFIG_BLOCK}")
         return networks
 
-    def measure(self, task: Any) -> Dict[str, Any]:
+    def measure(self, task: Any) -> dict[str, Any]:
         """Extract (every rank, its shard), gather, classify: ``{network: {"top1", "top5"}}``."""
-        from classy_vision.generic.distributed_util import get_rank, get_world_size
-
         assert self.bank is not None and self.queries is not None, "on_start reads the splits"
         s = self.settings
         rank, world = get_rank(), get_world_size()
-        results: Dict[str, Any] = {}
+        results: dict[str, Any] = {}
         for name, model in self._networks(task).items():
             with preserved_rng(model.patch_embed.proj.weight.device):
                 splits = []
@@ -298,24 +326,34 @@ class ConViTKnnHook(MonitorHook):
         if not is_primary():
             return
         s = self.settings
-        record = {"iteration": int(task.iteration), "epoch": int(task.train_phase_idx),
-                  "feature": s.feature, "k": s.k, "temperature": s.temperature,
-                  "num_train": len(self.bank), "num_val": len(self.queries),
-                  "seconds": round(time.time() - start, 3), **results}
+        record = {
+            "iteration": int(task.iteration),
+            "epoch": int(task.train_phase_idx),
+            "feature": s.feature,
+            "k": s.k,
+            "temperature": s.temperature,
+            "num_train": len(self.bank),
+            "num_val": len(self.queries),
+            "seconds": round(time.time() - start, 3),
+            **results,
+        }
         self.metrics.append({"iteration": record["iteration"], "train_phase_idx": record["epoch"], "knn": results})
-        logging.info("ConViT kNN at iteration %d: %s", record["iteration"],
-                     ", ".join(f"{n} top-1 {r['top1']:.2f}%" for n, r in results.items()))
-        self.write(record, {f"knn/{name}/{metric}": value
-                            for name, numbers in results.items() for metric, value in numbers.items()})
+        logging.info(
+            "ConViT kNN at iteration %d: %s",
+            record["iteration"],
+            ", ".join(f"{n} top-1 {r['top1']:.2f}%" for n, r in results.items()),
+        )
+        self.write(
+            record,
+            {f"knn/{name}/{metric}": value for name, numbers in results.items() for metric, value in numbers.items()},
+        )
 
 
-def build_hook(config: Any, tb_writer: Any = None) -> Optional[ConViTKnnHook]:
+def build_hook(config: Any, tb_writer: Any = None) -> ConViTKnnHook | None:
     """The hook for `config`, or None when ``HOOKS.CONVIT_KNN`` is off."""
-    from vissl.utils.checkpoint import get_checkpoint_folder
-
     settings = knn_settings(config)
     if settings is None:
         return None
-    return ConViTKnnHook(settings, os.path.join(get_checkpoint_folder(config), RECORD_FILE),
-                         metrics_file(config), tb_writer)
-
+    return ConViTKnnHook(
+        settings, os.path.join(get_checkpoint_folder(config), RECORD_FILE), metrics_file(config), tb_writer
+    )

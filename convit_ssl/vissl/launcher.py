@@ -19,14 +19,18 @@ import logging
 import multiprocessing
 import os
 import signal
-from typing import Any, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
+import torch
+from vissl.utils.checkpoint import get_checkpoint_folder
 from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
 from vissl.utils.hydra_config import save_attrdict_to_disk
+from vissl.utils.io import makedir
 
 from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
-from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.validate import validate
 from convit_ssl.vissl.weights_init import prepare_weights_init
 
@@ -36,13 +40,16 @@ class ConViTSlurmJob(_ResumableSlurmJob):
     convit_ssl's hooks (VISSL's `__call__` hard-codes its default generator)."""
 
     def __call__(self):  # VISSL's _ResumableSlurmJob.__call__, our hook generator
+        # optional dependency: submitit, only for SLURM runs
         import submitit
 
         environment = submitit.JobEnvironment()
         self.config.DISTRIBUTED.INIT_METHOD = "tcp"
         self.config.DISTRIBUTED.RUN_ID = f"{environment.hostnames[0]}:{self.config.SLURM.PORT_ID}"
         launch_distributed(
-            cfg=self.config, node_id=environment.global_rank, engine_name=self.engine_name,
+            cfg=self.config,
+            node_id=environment.global_rank,
+            engine_name=self.engine_name,
             hook_generator=hook_generator,
         )
 
@@ -51,6 +58,7 @@ class ConViTSlurmJob(_ResumableSlurmJob):
         on the first node: the ranks of this node get SIGUSR1, so all ranks save
         a checkpoint of the iteration they agree on (`stop_hook`) and exit; then
         the job requeues as the same class and resumes from that checkpoint."""
+        # optional dependency: submitit, only for SLURM runs
         import submitit
 
         stop_children(multiprocessing.active_children(), signal.SIGUSR1)
@@ -60,8 +68,8 @@ class ConViTSlurmJob(_ResumableSlurmJob):
 def launch_on_slurm(config: Any, engine_name: str):
     """Submit with submitit exactly as VISSL's `launch_distributed_on_slurm`, with
     every `config.SLURM` setting passed through."""
+    # optional dependency: submitit, only for SLURM runs
     import submitit
-    from vissl.utils.io import makedir
 
     slurm = config.SLURM
     makedir(slurm.LOG_FOLDER)
@@ -88,8 +96,6 @@ def save_config(config: Any) -> None:
     """Write train_config.yaml as VISSL does. VISSL saves before it turns
     FSDP's compute_dtype into a torch dtype, which YAML cannot represent; we
     validate first, so the string is restored for the dump."""
-    import torch
-
     fsdp = config.MODEL.FSDP_CONFIG
     dtype = fsdp["compute_dtype"]
     fsdp["compute_dtype"] = "float32" if dtype == torch.float32 else "float16"
@@ -99,7 +105,7 @@ def save_config(config: Any) -> None:
         fsdp["compute_dtype"] = dtype
 
 
-def prepare(overrides: Sequence[str]) -> Tuple[Any, Any]:
+def prepare(overrides: Sequence[str]) -> tuple[Any, Any]:
     """Compose and validate, resample the weights-init file if its grid differs,
     save train_config.yaml; returns VISSL's (args, config)."""
     args, config = compose(overrides)
@@ -111,8 +117,6 @@ def prepare(overrides: Sequence[str]) -> Tuple[Any, Any]:
 
 def _stopped_detail(config: Any) -> str:
     """Where a stopped run's work is: the checkpoint `checkpoint.torch` points at."""
-    from vissl.utils.checkpoint import get_checkpoint_folder
-
     link = os.path.join(get_checkpoint_folder(config), "checkpoint.torch")
     if not os.path.exists(link):
         return "no checkpoint written yet"

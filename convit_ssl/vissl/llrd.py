@@ -39,11 +39,13 @@ listing `LayerDecayTaskMixin` first among its bases.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.nn as nn
 from classy_vision.optim.classy_optimizer import OptionsView
 from classy_vision.optim.param_scheduler import ClassyParamScheduler, ConstantParamScheduler, ParamScheduler
+from classy_vision.tasks import TASK_REGISTRY
 from vissl.optimizers import get_optimizer_param_groups
 
 from convit_ssl.vissl.trunk import find_convit
@@ -91,11 +93,13 @@ def trunk_layer_id(name: str, depth: int) -> int:
             return int(index) + 1
     if name.startswith(("norm.", "head.")):
         return depth + 1
-    raise ValueError(f"ConViT parameter {name!r} has no layer for layer-wise lr decay "
-                     f"(expected patch_embed.*, cls_token, pos_embed, blocks.<0..{depth - 1}>.*, norm.*, head.*)")
+    raise ValueError(
+        f"ConViT parameter {name!r} has no layer for layer-wise lr decay "
+        f"(expected patch_embed.*, cls_token, pos_embed, blocks.<0..{depth - 1}>.*, norm.*, head.*)"
+    )
 
 
-def layer_ids(model: nn.Module) -> Dict[int, int]:
+def layer_ids(model: nn.Module) -> dict[int, int]:
     """id(parameter) -> layer for every parameter of `model`: the trunk's by
     `trunk_layer_id`, everything else (heads) at the top layer, depth + 1."""
     trunk = find_convit(model, "layer-wise lr decay (OPTIMIZER.layer_decay)")
@@ -106,8 +110,9 @@ def layer_ids(model: nn.Module) -> Dict[int, int]:
     return ids
 
 
-def layer_decay_param_groups(model: nn.Module, param_groups: Sequence[Mapping[str, Any]],
-                             layer_decay: float) -> List[Dict[str, Any]]:
+def layer_decay_param_groups(
+    model: nn.Module, param_groups: Sequence[Mapping[str, Any]], layer_decay: float
+) -> list[dict[str, Any]]:
     """Split each of VISSL's param groups by layer and scale its lr scheduler.
 
     Every output group keeps its source group's keys (weight_decay, ...), with
@@ -119,9 +124,9 @@ def layer_decay_param_groups(model: nn.Module, param_groups: Sequence[Mapping[st
     layer_decay = check_layer_decay(layer_decay)
     ids = layer_ids(model)
     num_layers = find_convit(model, "layer-wise lr decay (OPTIMIZER.layer_decay)").depth + 1
-    out: List[Dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for group in param_groups:
-        by_layer: Dict[int, list] = {}
+        by_layer: dict[int, list] = {}
         for param in group["params"]:
             if id(param) not in ids:
                 raise ValueError("a parameter in the optimizer's groups is not part of the model")
@@ -169,29 +174,42 @@ class LayerDecayTaskMixin:
         self.optimizer.set_param_groups(groups)
         self.optimizer.options_view = _LayerDecayOptionsView(self.optimizer)
         # logging.info, not a module logger: VISSL swaps logging.root for its own in each rank.
-        logging.info("layer-wise lr decay %s: %d param groups, lr multipliers %.3g .. %.3g",
-                    layer_decay, len(groups), scales[0], scales[-1])
+        logging.info(
+            "layer-wise lr decay %s: %d param groups, lr multipliers %.3g .. %.3g",
+            layer_decay,
+            len(groups),
+            scales[0],
+            scales[-1],
+        )
 
 
 def validate_layer_decay(config: Any) -> None:
     """Pre-launch check: `OPTIMIZER.layer_decay` is valid and refused under a
     task that would ignore it."""
-    from classy_vision.tasks import TASK_REGISTRY
-
     value = config.OPTIMIZER.get(CONFIG_KEY)
     task = TASK_REGISTRY.get(config.TRAINER.TASK_NAME)
     if task is None:
-        raise ValueError(f"config.TRAINER.TASK_NAME={config.TRAINER.TASK_NAME!r} is not a registered task "
-                         f"(registered: {', '.join(sorted(TASK_REGISTRY))})")
+        raise ValueError(
+            f"config.TRAINER.TASK_NAME={config.TRAINER.TASK_NAME!r} is not a registered task "
+            f"(registered: {', '.join(sorted(TASK_REGISTRY))})"
+        )
     if value is None:
         return
     check_layer_decay(value)
     if not (isinstance(task, type) and issubclass(task, LayerDecayTaskMixin)):
-        raise ValueError(f"config.OPTIMIZER.{CONFIG_KEY}={value} needs config.TRAINER.TASK_NAME=convit_ssl_task "
-                         f"(got {config.TRAINER.TASK_NAME!r}, which would ignore it)")
+        raise ValueError(
+            f"config.OPTIMIZER.{CONFIG_KEY}={value} needs config.TRAINER.TASK_NAME=convit_ssl_task "
+            f"(got {config.TRAINER.TASK_NAME!r}, which would ignore it)"
+        )
 
 
 __all__ = [
-    "CONFIG_KEY", "LayerDecayTaskMixin", "ScaledParamScheduler", "check_layer_decay", "layer_decay_param_groups",
-    "layer_ids", "trunk_layer_id", "validate_layer_decay",
+    "CONFIG_KEY",
+    "LayerDecayTaskMixin",
+    "ScaledParamScheduler",
+    "check_layer_decay",
+    "layer_decay_param_groups",
+    "layer_ids",
+    "trunk_layer_id",
+    "validate_layer_decay",
 ]

@@ -13,7 +13,7 @@ The one part for a module most runs never load (VISSL's low-shot SVM trainer,
 which loads scikit-learn) is applied where that module is used
 (`low_shot_trainer()`, called by the low-shot benchmark).
 docs/STACK.md lists this table (`markdown_table()`, checked by
-tests/test_patches.py). Run `python -m convit_ssl.vissl.patches` to print it.
+tests/vissl_adapter/test_patches.py). Run `python -m convit_ssl.vissl.patches` to print it.
 
 Every replacement goes through `_replace`, which marks it (one idempotence
 mark); methods replaced whole are copies in `convit_ssl.vissl.upstream`, each
@@ -24,25 +24,29 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import ctypes
 import functools
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import multiprocessing
 import os
 import signal
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, List, Tuple
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import ImageOps
 
 import convit_ssl.vissl.upstream as upstream
 from convit_ssl.checkpoints.io import atomic_torch_save
 from convit_ssl.processes import STOP_SIGNALS, Stopped
 
-_APPLIED: List[str] = []
+_APPLIED: list[str] = []
 
 
 # ------------------------------------------------------------------ before VISSL is imported
@@ -55,8 +59,6 @@ def _pkg_resources_standin() -> types.ModuleType:
         pass
 
     def resource_filename(package: str, resource: str) -> str:
-        import importlib.resources
-
         return str(importlib.resources.files(package).joinpath(resource))
 
     def get_distribution(name: str) -> types.SimpleNamespace:
@@ -109,6 +111,7 @@ def _replace(owner: Any, name: str, new: Callable[..., Any]) -> bool:
 
 def _atomic_save_checkpoint(checkpoint_folder, state, checkpoint_file="checkpoint.torch"):
     """ClassyVision's save_checkpoint, written to a temporary file and renamed into place."""
+    # patch order: VISSL is imported by apply(), after the shims above
     from iopath.common.file_io import g_pathmgr
 
     g_pathmgr.mkdirs(checkpoint_folder)
@@ -122,17 +125,18 @@ def _atomic_save_checkpoint(checkpoint_folder, state, checkpoint_file="checkpoin
 
 
 def patch_atomic_checkpoints() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     import classy_vision.generic.util as classy_util
     import vissl.utils.checkpoint as vissl_checkpoint
 
-    changed = [_replace(module, "save_checkpoint", _atomic_save_checkpoint) for module in (classy_util, vissl_checkpoint)]
+    changed = [
+        _replace(module, "save_checkpoint", _atomic_save_checkpoint) for module in (classy_util, vissl_checkpoint)
+    ]
     return any(changed)
 
 
 def _posterize(img, bits_to_keep, **__):
     """timm's posterize, with 0 bits giving the black image older Pillow gave."""
-    from PIL import ImageOps
-
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -141,6 +145,7 @@ def _posterize(img, bits_to_keep, **__):
 
 
 def patch_posterize() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     import vissl.data.ssl_transforms.rand_auto_aug as rand_auto_aug
 
     if not _replace(rand_auto_aug, "posterize", _posterize):
@@ -152,20 +157,25 @@ def patch_posterize() -> bool:
 
 
 def patch_dino_teacher() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.hooks.dino_hooks import DINOHook
 
     return _replace(DINOHook, "_build_momentum_network", upstream.build_dino_teacher)
 
 
 def patch_deepclusterv2_device() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.losses.deepclusterv2_loss import DeepClusterV2Loss
 
-    changed = [_replace(DeepClusterV2Loss, "init_memory", upstream.init_memory),
-               _replace(DeepClusterV2Loss, "cluster_memory", upstream.cluster_memory)]
+    changed = [
+        _replace(DeepClusterV2Loss, "init_memory", upstream.init_memory),
+        _replace(DeepClusterV2Loss, "cluster_memory", upstream.cluster_memory),
+    ]
     return any(changed)
 
 
 def patch_deepclusterv2_memory_detached() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.losses.deepclusterv2_loss import DeepClusterV2Loss
 
     original = DeepClusterV2Loss.update_memory_bank
@@ -178,6 +188,7 @@ def patch_deepclusterv2_memory_detached() -> bool:
 
 
 def patch_moco_queue() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.losses.moco_loss import MoCoLoss
 
     original = MoCoLoss.forward
@@ -195,12 +206,14 @@ def patch_moco_queue() -> bool:
 
 
 def patch_disk_images() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.data.disk_dataset import DiskImageDataset
 
     return _replace(DiskImageDataset, "__getitem__", upstream.disk_image)
 
 
 def patch_warmup_start() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.utils import hydra_config
 
     original = hydra_config.resolve_linear_schedule
@@ -217,14 +230,18 @@ def patch_warmup_start() -> bool:
 
 
 def patch_extraction_device() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.trainer.trainer_main import SelfSupervisionTrainer
 
-    changed = [_replace(SelfSupervisionTrainer, "extract", upstream.extract),
-               _replace(SelfSupervisionTrainer, "_extract_split_features", upstream.extract_split_features)]
+    changed = [
+        _replace(SelfSupervisionTrainer, "extract", upstream.extract),
+        _replace(SelfSupervisionTrainer, "_extract_split_features", upstream.extract_split_features),
+    ]
     return any(changed)
 
 
 def patch_phase_garbage_collection() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.trainer.train_task import SelfSupervisionTask
 
     return _replace(SelfSupervisionTask, "recreate_data_iterator", upstream.recreate_data_iterator)
@@ -250,8 +267,6 @@ def _rank_worker(*args: Any, **kwargs: Any) -> None:
 
 def _terminate_with_parent() -> None:
     """SIGTERM to this process when its parent exits (Linux's PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -262,7 +277,7 @@ def _terminate_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _set_up_then_rebuild(rebuild: Callable[..., Any], args: Tuple[Any, ...], state: Any) -> Any:
+def _set_up_then_rebuild(rebuild: Callable[..., Any], args: tuple[Any, ...], state: Any) -> Any:
     """Unpickles a dataset in a data-loader worker. Its pickle starts with this
     function, so the worker imports `convit_ssl.vissl` before the dataset's
     classes. The worker ignores the stop signals (a process group's SIGTERM
@@ -280,18 +295,20 @@ def _set_up_then_rebuild(rebuild: Callable[..., Any], args: Tuple[Any, ...], sta
     return dataset
 
 
-def _dataset_reduce(self: Any, protocol: int) -> Tuple[Any, ...]:
+def _dataset_reduce(self: Any, protocol: int) -> tuple[Any, ...]:
     rebuild, args, state = object.__reduce_ex__(self, protocol)[:3]
     return _set_up_then_rebuild, (rebuild, args, state)
 
 
 def patch_resume_from_preemption() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.utils import distributed_launcher
 
     original = distributed_launcher.get_resume_checkpoint
 
     @functools.wraps(original)
     def get_resume_checkpoint(cfg: Any, checkpoint_folder: str) -> Any:
+        # patch order: stop_hook imports ClassyVision, so it loads after the patches
         from convit_ssl.vissl.stop_hook import resume_checkpoint
 
         return resume_checkpoint(cfg, checkpoint_folder, original(cfg, checkpoint_folder))
@@ -300,13 +317,16 @@ def patch_resume_from_preemption() -> bool:
 
 
 def patch_spawned_processes() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.data.ssl_dataset import GenericSSLDataset
     from vissl.utils import distributed_launcher
 
     if not getattr(distributed_launcher._distributed_worker, _MARK, False):
         _rank_worker.upstream = distributed_launcher._distributed_worker  # type: ignore[attr-defined]
-    changed = [_replace(distributed_launcher, "_distributed_worker", _rank_worker),
-               _replace(GenericSSLDataset, "__reduce_ex__", _dataset_reduce)]
+    changed = [
+        _replace(distributed_launcher, "_distributed_worker", _rank_worker),
+        _replace(GenericSSLDataset, "__reduce_ex__", _dataset_reduce),
+    ]
     return any(changed)
 
 
@@ -315,6 +335,7 @@ def low_shot_trainer() -> type:
     average precision as a scalar"). Its module loads scikit-learn and SciPy
     (1.3 s), so it is imported and patched only where the low-shot benchmark
     needs it (`benchmarks.low_shot`), not in every process."""
+    # start-up: loads scikit-learn and SciPy (1.3 s), only for the low-shot benchmark
     from vissl.utils.svm_utils.svm_low_shot_trainer import SVMLowShotTrainer
 
     _replace(SVMLowShotTrainer, "test", upstream.low_shot_test)
@@ -322,6 +343,7 @@ def low_shot_trainer() -> type:
 
 
 def patch_svm_average_precision() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
     from vissl.utils.svm_utils import evaluate
 
     original = evaluate.calculate_ap
@@ -336,105 +358,151 @@ def patch_svm_average_precision() -> bool:
 @dataclass(frozen=True)
 class Patch:
     name: str
-    target: str                 # what is replaced or added
-    upstream: str               # the upstream line(s) it answers
+    target: str  # what is replaced or added
+    upstream: str  # the upstream line(s) it answers
     why: str
-    apply: Callable[[], bool]   # True when this call changed something
+    apply: Callable[[], bool]  # True when this call changed something
 
 
-PATCHES: Tuple[Patch, ...] = (
-    Patch("pkg_resources stand-in", "sys.modules['pkg_resources']",
-          "vissl/utils/misc.py:16,233; vissl/utils/collect_env.py:12,125",
-          "setuptools >= 81 no longer ships pkg_resources; VISSL calls only resource_filename and get_distribution",
-          shim_pkg_resources),
-    Patch("numpy aliases", "numpy.float, numpy.int, numpy.bool",
-          "vissl/meters/mean_ap_meter.py:70; vissl/utils/svm_utils/evaluate.py:43; "
-          "classy_vision/dataset/transforms/autoaugment.py:168; vissl/data/collators/cutmixup_collator.py:372",
-          "numpy 1.24 removed the aliases (numpy 2 has np.bool again)", shim_numpy_aliases),
-    Patch("collections ABC aliases", "collections.Mapping, MutableMapping, Sequence, ...",
-          "vissl/utils/misc.py:373", "Python 3.10 removed the aliases", shim_collections_abcs),
-    Patch("atomic save_checkpoint", "classy_vision.generic.util.save_checkpoint (and VISSL's import of it)",
-          "classy_vision/generic/util.py:349; vissl/utils/checkpoint.py:17",
-          "it writes the final file in place: a run killed while saving leaves a truncated checkpoint that "
-          "auto-resume then fails to load; write to a temporary file and rename",
-          patch_atomic_checkpoints),
-    Patch("RandAugment posterize(0 bits)", "vissl.data.ssl_transforms.rand_auto_aug.posterize",
-          "vissl/data/ssl_transforms/rand_auto_aug.py:272-275",
-          "increasing-severity RandAugment asks for 0 bits, which Pillow >= 10 refuses; Pillow 9 gave a black image",
-          patch_posterize),
-    Patch("DINOHook teacher without stochastic depth", "vissl.hooks.dino_hooks.DINOHook._build_momentum_network",
-          "vissl/hooks/dino_hooks.py:48,66-68",
-          "upstream zeroes only its own ViT's DROP_PATH_RATE (and never puts the teacher in eval mode), so a "
-          "convit_ssl teacher kept the student's stochastic depth; and it converts the teacher to SyncBatchNorm, "
-          "which refuses CPU tensors: converted on GPUs only",
-          patch_dino_teacher),
-    Patch("DeepClusterV2Loss on the task's device",
-          "vissl.losses.deepclusterv2_loss.DeepClusterV2Loss.init_memory, .cluster_memory",
-          "vissl/losses/deepclusterv2_loss.py:118,123,156,179,180",
-          "the memory bank and k-means call .cuda(); every tensor goes on the loss's device instead",
-          patch_deepclusterv2_device),
-    Patch("DeepCluster-v2 memory bank detached", "vissl.losses.deepclusterv2_loss.DeepClusterV2Loss.update_memory_bank",
-          "vissl/losses/deepclusterv2_loss.py:108,138-145",
-          "the step's embeddings were copied into the memory bank with their autograd graph (the official "
-          "main_deepclusterv2.py stores emb.detach()): the bank became a non-leaf tensor that requires grad "
-          "and chains every step's graph until the end of training; it stores the detached embeddings",
-          patch_deepclusterv2_memory_detached),
-    Patch("warm-up start kept on request", "vissl.utils.hydra_config.resolve_linear_schedule",
-          "vissl/utils/hydra_config.py:144-184,240-245",
-          "with auto_lr_scaling, VISSL replaces a linear warm-up's start by the lr of one node's batch and drops "
-          "the warm-up on one node, so the schedule depends on how the GPUs are split into nodes; a schedule with "
-          "auto_lr_scaling.keep_warmup_start: True keeps its configured start (the DeiT recipe's 1e-6)",
-          patch_warmup_start),
-    Patch("MoCo queue shared by every rank", "vissl.losses.moco_loss.MoCoLoss.forward",
-          "vissl/losses/moco_loss.py:52-56,88",
-          "each rank filled its initial queue with its own random numbers (VISSL seeds each rank differently), "
-          "though the code keeps one queue duplicated on all ranks; rank 0's is broadcast at the first step, so "
-          "N processes train as 1",
-          patch_moco_queue),
-    Patch("disk images read once, as 8-bit RGB", "vissl.data.disk_dataset.DiskImageDataset.__getitem__",
-          "vissl/data/disk_dataset.py:139,148-149,155",
-          "a disk_folder image was decoded twice (once before the try), so an unreadable file raised in the "
-          "rank instead of becoming a grey image; and PIL's convert('RGB') clips 16-bit images to 255 (a 16-bit "
-          "scan turns almost all white): each image is read once through convit_ssl.images.open_image",
-          patch_disk_images),
-    Patch("feature extraction on the task's device",
-          "vissl.trainer.trainer_main.SelfSupervisionTrainer.extract, ._extract_split_features",
-          "vissl/trainer/trainer_main.py:345,433",
-          "the extract_features engine (kNN, SVM, low-shot benchmarks) asserts a GPU and moves batches with "
-          ".cuda(); each batch goes to the task's device instead",
-          patch_extraction_device),
-    Patch("no full garbage collection per phase without loader workers",
-          "vissl.trainer.train_task.SelfSupervisionTask.recreate_data_iterator",
-          "vissl/trainer/train_task.py:558,563",
-          "two gc.collect() at every phase change, there to hasten the shutdown of data-loader worker processes, "
-          "cost about 0.15 s each in a process holding torch and VISSL; with NUM_DATALOADER_WORKERS 0 there are "
-          "none, and a run of many short epochs (a 5 % data-efficiency subset: 345 phases of one iteration) spent "
-          "half its time collecting; they run only when the loader has workers",
-          patch_phase_garbage_collection),
-    Patch("ranks and data workers set up as their parent",
-          "vissl.utils.distributed_launcher._distributed_worker; GenericSSLDataset.__reduce_ex__ (added)",
-          "vissl/utils/distributed_launcher.py:135-148; vissl/data/__init__.py:176,190-200",
-          "a spawned rank unpickles VISSL's worker, and a data-loader worker (spawn or forkserver) VISSL's "
-          "dataset, in a fresh interpreter that imports VISSL unpatched (without the pkg_resources stand-in it "
-          "cannot) unless its __main__ set VISSL up; both pickles now start with a function of convit_ssl.vissl, "
-          "so each process sets itself up before it loads anything of VISSL's; a spawned rank also gets "
-          "SIGTERM when its launcher dies, and a data-loader worker ignores the stop signals (its rank ends it)",
-          patch_spawned_processes),
-    Patch("resume from a preemption checkpoint", "vissl.utils.distributed_launcher.get_resume_checkpoint",
-          "vissl/utils/checkpoint.py:566-572; vissl/utils/distributed_launcher.py:106-114",
-          "VISSL resumes from iteration checkpoints only when CHECKPOINT_ITER_FREQUENCY > 0, so the checkpoint a "
-          "stopped run wrote (convit_ssl.vissl.stop_hook) would be skipped; when checkpoint.torch points at an "
-          "iteration checkpoint (the last one written), the run resumes from it",
-          patch_resume_from_preemption),
-    Patch("SVM average precision as a scalar",
-          "vissl.utils.svm_utils.evaluate.calculate_ap; SVMLowShotTrainer.test",
-          "vissl/utils/svm_utils/evaluate.py:9-23; svm_trainer.py:256; svm_low_shot_trainer.py:176-180",
-          "a 1-element array stored into a matrix cell, which numpy >= 2.4 refuses; the value as a float",
-          patch_svm_average_precision),
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        "pkg_resources stand-in",
+        "sys.modules['pkg_resources']",
+        "vissl/utils/misc.py:16,233; vissl/utils/collect_env.py:12,125",
+        "setuptools >= 81 no longer ships pkg_resources; VISSL calls only resource_filename and get_distribution",
+        shim_pkg_resources,
+    ),
+    Patch(
+        "numpy aliases",
+        "numpy.float, numpy.int, numpy.bool",
+        "vissl/meters/mean_ap_meter.py:70; vissl/utils/svm_utils/evaluate.py:43; "
+        "classy_vision/dataset/transforms/autoaugment.py:168; vissl/data/collators/cutmixup_collator.py:372",
+        "numpy 1.24 removed the aliases (numpy 2 has np.bool again)",
+        shim_numpy_aliases,
+    ),
+    Patch(
+        "collections ABC aliases",
+        "collections.Mapping, MutableMapping, Sequence, ...",
+        "vissl/utils/misc.py:373",
+        "Python 3.10 removed the aliases",
+        shim_collections_abcs,
+    ),
+    Patch(
+        "atomic save_checkpoint",
+        "classy_vision.generic.util.save_checkpoint (and VISSL's import of it)",
+        "classy_vision/generic/util.py:349; vissl/utils/checkpoint.py:17",
+        "it writes the final file in place: a run killed while saving leaves a truncated checkpoint that "
+        "auto-resume then fails to load; write to a temporary file and rename",
+        patch_atomic_checkpoints,
+    ),
+    Patch(
+        "RandAugment posterize(0 bits)",
+        "vissl.data.ssl_transforms.rand_auto_aug.posterize",
+        "vissl/data/ssl_transforms/rand_auto_aug.py:272-275",
+        "increasing-severity RandAugment asks for 0 bits, which Pillow >= 10 refuses; Pillow 9 gave a black image",
+        patch_posterize,
+    ),
+    Patch(
+        "DINOHook teacher without stochastic depth",
+        "vissl.hooks.dino_hooks.DINOHook._build_momentum_network",
+        "vissl/hooks/dino_hooks.py:48,66-68",
+        "upstream zeroes only its own ViT's DROP_PATH_RATE (and never puts the teacher in eval mode), so a "
+        "convit_ssl teacher kept the student's stochastic depth; and it converts the teacher to SyncBatchNorm, "
+        "which refuses CPU tensors: converted on GPUs only",
+        patch_dino_teacher,
+    ),
+    Patch(
+        "DeepClusterV2Loss on the task's device",
+        "vissl.losses.deepclusterv2_loss.DeepClusterV2Loss.init_memory, .cluster_memory",
+        "vissl/losses/deepclusterv2_loss.py:118,123,156,179,180",
+        "the memory bank and k-means call .cuda(); every tensor goes on the loss's device instead",
+        patch_deepclusterv2_device,
+    ),
+    Patch(
+        "DeepCluster-v2 memory bank detached",
+        "vissl.losses.deepclusterv2_loss.DeepClusterV2Loss.update_memory_bank",
+        "vissl/losses/deepclusterv2_loss.py:108,138-145",
+        "the step's embeddings were copied into the memory bank with their autograd graph (the official "
+        "main_deepclusterv2.py stores emb.detach()): the bank became a non-leaf tensor that requires grad "
+        "and chains every step's graph until the end of training; it stores the detached embeddings",
+        patch_deepclusterv2_memory_detached,
+    ),
+    Patch(
+        "warm-up start kept on request",
+        "vissl.utils.hydra_config.resolve_linear_schedule",
+        "vissl/utils/hydra_config.py:144-184,240-245",
+        "with auto_lr_scaling, VISSL replaces a linear warm-up's start by the lr of one node's batch and drops "
+        "the warm-up on one node, so the schedule depends on how the GPUs are split into nodes; a schedule with "
+        "auto_lr_scaling.keep_warmup_start: True keeps its configured start (the DeiT recipe's 1e-6)",
+        patch_warmup_start,
+    ),
+    Patch(
+        "MoCo queue shared by every rank",
+        "vissl.losses.moco_loss.MoCoLoss.forward",
+        "vissl/losses/moco_loss.py:52-56,88",
+        "each rank filled its initial queue with its own random numbers (VISSL seeds each rank differently), "
+        "though the code keeps one queue duplicated on all ranks; rank 0's is broadcast at the first step, so "
+        "N processes train as 1",
+        patch_moco_queue,
+    ),
+    Patch(
+        "disk images read once, as 8-bit RGB",
+        "vissl.data.disk_dataset.DiskImageDataset.__getitem__",
+        "vissl/data/disk_dataset.py:139,148-149,155",
+        "a disk_folder image was decoded twice (once before the try), so an unreadable file raised in the "
+        "rank instead of becoming a grey image; and PIL's convert('RGB') clips 16-bit images to 255 (a 16-bit "
+        "scan turns almost all white): each image is read once through convit_ssl.images.open_image",
+        patch_disk_images,
+    ),
+    Patch(
+        "feature extraction on the task's device",
+        "vissl.trainer.trainer_main.SelfSupervisionTrainer.extract, ._extract_split_features",
+        "vissl/trainer/trainer_main.py:345,433",
+        "the extract_features engine (kNN, SVM, low-shot benchmarks) asserts a GPU and moves batches with "
+        ".cuda(); each batch goes to the task's device instead",
+        patch_extraction_device,
+    ),
+    Patch(
+        "no full garbage collection per phase without loader workers",
+        "vissl.trainer.train_task.SelfSupervisionTask.recreate_data_iterator",
+        "vissl/trainer/train_task.py:558,563",
+        "two gc.collect() at every phase change, there to hasten the shutdown of data-loader worker processes, "
+        "cost about 0.15 s each in a process holding torch and VISSL; with NUM_DATALOADER_WORKERS 0 there are "
+        "none, and a run of many short epochs (a 5 % data-efficiency subset: 345 phases of one iteration) spent "
+        "half its time collecting; they run only when the loader has workers",
+        patch_phase_garbage_collection,
+    ),
+    Patch(
+        "ranks and data workers set up as their parent",
+        "vissl.utils.distributed_launcher._distributed_worker; GenericSSLDataset.__reduce_ex__ (added)",
+        "vissl/utils/distributed_launcher.py:135-148; vissl/data/__init__.py:176,190-200",
+        "a spawned rank unpickles VISSL's worker, and a data-loader worker (spawn or forkserver) VISSL's "
+        "dataset, in a fresh interpreter that imports VISSL unpatched (without the pkg_resources stand-in it "
+        "cannot) unless its __main__ set VISSL up; both pickles now start with a function of convit_ssl.vissl, "
+        "so each process sets itself up before it loads anything of VISSL's; a spawned rank also gets "
+        "SIGTERM when its launcher dies, and a data-loader worker ignores the stop signals (its rank ends it)",
+        patch_spawned_processes,
+    ),
+    Patch(
+        "resume from a preemption checkpoint",
+        "vissl.utils.distributed_launcher.get_resume_checkpoint",
+        "vissl/utils/checkpoint.py:566-572; vissl/utils/distributed_launcher.py:106-114",
+        "VISSL resumes from iteration checkpoints only when CHECKPOINT_ITER_FREQUENCY > 0, so the checkpoint a "
+        "stopped run wrote (convit_ssl.vissl.stop_hook) would be skipped; when checkpoint.torch points at an "
+        "iteration checkpoint (the last one written), the run resumes from it",
+        patch_resume_from_preemption,
+    ),
+    Patch(
+        "SVM average precision as a scalar",
+        "vissl.utils.svm_utils.evaluate.calculate_ap; SVMLowShotTrainer.test",
+        "vissl/utils/svm_utils/evaluate.py:9-23; svm_trainer.py:256; svm_low_shot_trainer.py:176-180",
+        "a 1-element array stored into a matrix cell, which numpy >= 2.4 refuses; the value as a float",
+        patch_svm_average_precision,
+    ),
 )
 
 
-def apply() -> List[str]:
+def apply() -> list[str]:
     """Apply every patch in table order (idempotent); return the names this process has applied."""
     for patch in PATCHES:
         if patch.apply() and patch.name not in _APPLIED:
@@ -442,7 +510,7 @@ def apply() -> List[str]:
     return applied()
 
 
-def applied() -> List[str]:
+def applied() -> list[str]:
     """The names of the patches that changed something in this process, in table order."""
     return [patch.name for patch in PATCHES if patch.name in _APPLIED]
 

@@ -18,11 +18,12 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from classy_vision.hooks.classy_hook import ClassyHook
+from vissl.hooks import LogLossMetricsCheckpointHook
 
 from convit_ssl.processes import STOP_SIGNALS, Stopped
 
@@ -39,8 +40,8 @@ class StopHook(ClassyHook):
 
     def __init__(self) -> None:
         super().__init__()
-        self.received: Optional[int] = None
-        self._previous: List[Any] = []
+        self.received: int | None = None
+        self._previous: list[Any] = []
         self._stopping = False
 
     def _record(self, signum: int, frame: Any = None) -> None:
@@ -82,9 +83,11 @@ class StopHook(ClassyHook):
         if not task.train:
             detail = "in a test phase; the relaunched run resumes from the last phase's checkpoint"
         elif not _resumable_mid_phase(task):
-            detail = ("this run's training sampler cannot resume mid-epoch (VISSL's default; use "
-                      "TRAINER.TASK_NAME=convit_ssl_task or DATA.TRAIN.USE_STATEFUL_DISTRIBUTED_SAMPLER=true): "
-                      "the relaunched run resumes from the last phase's checkpoint")
+            detail = (
+                "this run's training sampler cannot resume mid-epoch (VISSL's default; use "
+                "TRAINER.TASK_NAME=convit_ssl_task or DATA.TRAIN.USE_STATEFUL_DISTRIBUTED_SAMPLER=true): "
+                "the relaunched run resumes from the last phase's checkpoint"
+            )
         else:
             _save_iteration_checkpoint(task)
             detail = f"saved a resumable checkpoint of iteration {task.iteration} in {task.checkpoint_folder}"
@@ -112,15 +115,13 @@ def _resumable_mid_phase(task: Any) -> bool:
 
 def _save_iteration_checkpoint(task: Any) -> None:
     """VISSL's own iteration checkpoint (LogLossMetricsCheckpointHook._checkpoint_model)."""
-    from vissl.hooks import LogLossMetricsCheckpointHook
-
     hook = next((h for h in task.hooks if isinstance(h, LogLossMetricsCheckpointHook)), None)
     if hook is None:
         hook = LogLossMetricsCheckpointHook(world_size=dist.get_world_size() if dist.is_initialized() else 1)
     hook._checkpoint_model(task, mode_frequency=1, mode_num=task.iteration, mode="iteration")
 
 
-def resume_checkpoint(cfg: Any, checkpoint_folder: str, upstream: Optional[str]) -> Optional[str]:
+def resume_checkpoint(cfg: Any, checkpoint_folder: str, upstream: str | None) -> str | None:
     """The checkpoint an auto-resuming run starts from: VISSL's choice (`upstream`:
     the last phase checkpoint, or the last iteration one with
     CHECKPOINT_ITER_FREQUENCY), unless the last checkpoint written

@@ -19,16 +19,17 @@ keys under a task that would ignore them.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
+from classy_vision.tasks import TASK_REGISTRY, register_task
 from vissl.data import build_dataloader
 from vissl.data.data_helper import StatefulDistributedSampler
 from vissl.trainer.train_task import SelfSupervisionTask
 
-from convit_ssl.data.subsets import subset_indices
 import convit_ssl.vissl.device_augment as device_augment
+from convit_ssl.data.subsets import subset_indices
 from convit_ssl.vissl.llrd import LayerDecayTaskMixin
 
 TASK_NAME = "convit_ssl_task"
@@ -43,8 +44,16 @@ class ConViTSampler(StatefulDistributedSampler):
     land on different ranks. Resuming mid-epoch skips start_iter * batch_size.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int = 0, indices: Optional[np.ndarray] = None,
-                 num_repeats: int = 1, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        seed: int = 0,
+        indices: np.ndarray | None = None,
+        num_repeats: int = 1,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         super().__init__(dataset, batch_size=batch_size, seed=seed)
         if num_replicas is not None:  # default: the process group's (as DistributedSampler)
             self.num_replicas, self.rank = num_replicas, rank
@@ -65,9 +74,9 @@ class ConViTSampler(StatefulDistributedSampler):
         generator.manual_seed(self.seed + self.epoch)
         order = self.indices[torch.randperm(len(self.indices), generator=generator)]
         stream = order.repeat_interleave(self.num_repeats)[: self.total_size]
-        mine = stream[self.rank:self.total_size:self.num_replicas]
+        mine = stream[self.rank : self.total_size : self.num_replicas]
         assert len(mine) == self.num_samples
-        return iter(mine[self.start_iter * self.batch_size:].tolist())
+        return iter(mine[self.start_iter * self.batch_size :].tolist())
 
 
 def _labels(dataset) -> np.ndarray:
@@ -84,14 +93,28 @@ def make_sampler(dataset, dataset_config: Any, sampler_seed: int = 0) -> ConViTS
     indices = None
     subset = dataset_config.get("SUBSET") or {}
     if subset and subset.get("FRACTION", 1.0) < 1.0:
-        indices = subset_indices(_labels(dataset), float(subset["FRACTION"]),
-                                 subset.get("MODE", "first_per_class"), int(subset.get("SEED", 0)))
-        logging.info("training on a %s subset of %d / %d images (fraction %s)", subset.get("MODE", "first_per_class"),
-                     len(indices), len(dataset), subset["FRACTION"])
+        indices = subset_indices(
+            _labels(dataset),
+            float(subset["FRACTION"]),
+            subset.get("MODE", "first_per_class"),
+            int(subset.get("SEED", 0)),
+        )
+        logging.info(
+            "training on a %s subset of %d / %d images (fraction %s)",
+            subset.get("MODE", "first_per_class"),
+            len(indices),
+            len(dataset),
+            subset["FRACTION"],
+        )
     repeats = int(dataset_config.get("REPEATED_AUGMENTATIONS", 1) or 1)
     sampler = ConViTSampler(dataset, dataset_config["BATCHSIZE_PER_REPLICA"], sampler_seed, indices, repeats)
-    logging.info("convit_ssl sampler: %d of %d images, repeated augmentation x%d, %d samples per rank per epoch",
-                 len(sampler.indices), len(dataset), repeats, sampler.num_samples)
+    logging.info(
+        "convit_ssl sampler: %d of %d images, repeated augmentation x%d, %d samples per rank per epoch",
+        len(sampler.indices),
+        len(dataset),
+        repeats,
+        sampler.num_samples,
+    )
     return sampler
 
 
@@ -107,10 +130,13 @@ class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
         if "train" in datasets and device_augment.enabled(self.config):
             plan = self.device_augment_plan = device_augment.plan(self.config.DATA.TRAIN)
             datasets["train"].transform = device_augment.LoaderTransform(plan)
-            logging.info("DEVICE_AUGMENTATION: the loader makes %d uint8 crops an image%s; on the %s device: %s",
-                         plan.num_crops, f" (then {[t['name'] for t in plan.loader_transforms]} on PIL)"
-                         if plan.loader_transforms else "", self.device.type,
-                         ", ".join(type(step.op).__name__ for step in plan.steps + plan.after) or "normalisation")
+            logging.info(
+                "DEVICE_AUGMENTATION: the loader makes %d uint8 crops an image%s; on the %s device: %s",
+                plan.num_crops,
+                f" (then {[t['name'] for t in plan.loader_transforms]} on PIL)" if plan.loader_transforms else "",
+                self.device.type,
+                ", ".join(type(step.op).__name__ for step in plan.steps + plan.after) or "normalisation",
+            )
         return datasets, keys
 
     def build_dataloaders(self, pin_memory: bool, current_train_phase_idx=0):
@@ -122,10 +148,14 @@ class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
             split.lower(): build_dataloader(
                 dataset=self.datasets[split.lower()],
                 dataset_config=device_augment.loader_collator(self.config["DATA"][split])
-                if split == "TRAIN" and plan is not None else self.config["DATA"][split],
-                num_dataloader_workers=self.config.DATA.NUM_DATALOADER_WORKERS, pin_memory=pin_memory,
-                multi_processing_method=self.config.MULTI_PROCESSING_METHOD, device=self.device,
-                sampler_seed=self.config["SEED_VALUE"], split=split.lower(),
+                if split == "TRAIN" and plan is not None
+                else self.config["DATA"][split],
+                num_dataloader_workers=self.config.DATA.NUM_DATALOADER_WORKERS,
+                pin_memory=pin_memory,
+                multi_processing_method=self.config.MULTI_PROCESSING_METHOD,
+                device=self.device,
+                sampler_seed=self.config["SEED_VALUE"],
+                split=split.lower(),
                 **({"get_sampler": make_sampler} if split == "TRAIN" else {}),
             )
             for split in self.available_splits
@@ -133,16 +163,20 @@ class ConViTSSLTask(LayerDecayTaskMixin, SelfSupervisionTask):
         if plan is not None and "train" in loaders:
             train = self.config.DATA.TRAIN
             loaders["train"] = device_augment.DeviceAugmentedLoader(
-                loaders["train"], plan, train.COLLATE_FUNCTION, self.device, lambda: self.iteration,
-                int(self.config.SEED_VALUE), torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
-                train.COLLATE_FUNCTION_PARAMS)
+                loaders["train"],
+                plan,
+                train.COLLATE_FUNCTION,
+                self.device,
+                lambda: self.iteration,
+                int(self.config.SEED_VALUE),
+                torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+                train.COLLATE_FUNCTION_PARAMS,
+            )
         return loaders
 
 
 def register() -> None:
     """Register the task with ClassyVision (idempotent)."""
-    from classy_vision.tasks import TASK_REGISTRY, register_task
-
     if TASK_REGISTRY.get(TASK_NAME) is ConViTSSLTask:
         return
     register_task(TASK_NAME)(ConViTSSLTask)

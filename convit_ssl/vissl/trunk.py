@@ -35,7 +35,8 @@ NUM_ACTIVATION_CHECKPOINTING_SPLITS does not apply (the unit is one block).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ CONFIG_BLOCK = "CONVIT_SSL"
 
 # config key -> (create_model argument, accepted types)
 _NUMBER = (int, float)
-CONFIG_KEYS: Dict[str, tuple] = {
+CONFIG_KEYS: dict[str, tuple] = {
     "IMAGE_SIZE": ("img_size", (int, list, tuple)),
     "PATCH_SIZE": ("patch_size", (int,)),
     "IN_CHANS": ("in_chans", (int,)),
@@ -68,7 +69,7 @@ CONFIG_KEYS: Dict[str, tuple] = {
 }
 
 
-def trunk_kwargs(block: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+def trunk_kwargs(block: Mapping[str, Any] | None) -> dict[str, Any]:
     """Map a `MODEL.TRUNK.CONVIT_SSL` block to `ConViT` keyword arguments.
 
     Raises ValueError naming an unknown key or a value of the wrong type, and
@@ -85,14 +86,16 @@ def trunk_kwargs(block: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     arch = block.get("ARCH")
     if not arch:
         raise ValueError(f"{where}.ARCH is not set")
-    overrides: Dict[str, Any] = {"num_classes": 0}
+    overrides: dict[str, Any] = {"num_classes": 0}
     for key, value in block.items():
         if key == "ARCH" or value is None:
             continue
         name, types = CONFIG_KEYS[key]
         bad_bool = isinstance(value, bool) and bool not in types
         if not isinstance(value, types) or bad_bool:
-            raise ValueError(f"{where}.{key} = {value!r} has type {type(value).__name__}; expected {_type_names(types)}")
+            raise ValueError(
+                f"{where}.{key} = {value!r} has type {type(value).__name__}; expected {_type_names(types)}"
+            )
         if name == "img_size" and isinstance(value, (list, tuple)):
             if len(value) != 2 or not all(isinstance(v, int) for v in value):
                 raise ValueError(f"{where}.IMAGE_SIZE = {value!r}; expected an int or [height, width]")
@@ -128,12 +131,12 @@ FEATURE_NAMES_HELP = "lastCLS, blkCLS{i}, concatCLS{n}, lastPOOL, blkPOOL{i}, co
 _FEATURE_RE = re.compile(r"^(lastCLS|lastPOOL|lastBLK|lastMAP|blkCLS\d+|blkPOOL\d+|concatCLS\d+|concatPOOL\d+)$")
 
 
-def parse_feature_names(names: Sequence[str], depth: int) -> Dict[str, Tuple[str, List[int]]]:
+def parse_feature_names(names: Sequence[str], depth: int) -> dict[str, tuple[str, list[int]]]:
     """Validate feature names for a trunk of `depth` blocks; map each to (kind,
     block indices), kind in CLS / POOL / BLK / MAP. ValueError names a bad one."""
     if not names:
         raise ValueError(f"no feature names given; valid names: {FEATURE_NAMES_HELP}")
-    parsed: Dict[str, Tuple[str, List[int]]] = {}
+    parsed: dict[str, tuple[str, list[int]]] = {}
     last = depth - 1
     for name in names:
         if not isinstance(name, str) or not _FEATURE_RE.match(name):
@@ -154,7 +157,7 @@ def parse_feature_names(names: Sequence[str], depth: int) -> Dict[str, Tuple[str
     return parsed
 
 
-def named_features(model: ConViT, x: torch.Tensor, names: Sequence[str]) -> List[torch.Tensor]:
+def named_features(model: ConViT, x: torch.Tensor, names: Sequence[str]) -> list[torch.Tensor]:
     """VISSL's named features of images (B, C, H, W), in the order of `names`, from
     one `forward_intermediates` (after the final norm; blocks after the last one
     asked for do not run):
@@ -171,8 +174,9 @@ def named_features(model: ConViT, x: torch.Tensor, names: Sequence[str]) -> List
     """
     parsed = parse_feature_names(names, model.depth)
     wanted = sorted({b for _, blocks in parsed.values() for b in blocks})
-    outputs = model.forward_intermediates(x, wanted, return_prefix_tokens=True, norm=True, output_fmt="NLC",
-                                          intermediates_only=True)
+    outputs = model.forward_intermediates(
+        x, wanted, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
+    )
     taken = dict(zip(wanted, outputs, strict=True))  # block -> (patch tokens (B, N, C), prefix (B, 0 or 1, C))
 
     def cls(i: int) -> torch.Tensor:
@@ -212,7 +216,7 @@ class ConViTSSLTrunk(ConViT):
         checkpointing = model_config.get("ACTIVATION_CHECKPOINTING") or {}
         self.set_grad_checkpointing(bool(checkpointing.get("USE_ACTIVATION_CHECKPOINTING", False)))
 
-    def forward(self, x: torch.Tensor, out_feat_keys: Optional[List[str]] = None) -> List[torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, out_feat_keys: list[str] | None = None) -> list[torch.Tensor]:  # type: ignore[override]
         if not out_feat_keys:
             return [self.forward_features(x)[:, 0]]
         return named_features(self, x, out_feat_keys)
@@ -220,6 +224,7 @@ class ConViTSSLTrunk(ConViT):
 
 def register() -> None:
     """Register the trunk with VISSL (idempotent)."""
+    # patch order: upstream.py (imported by patches.py before it patches) imports this module
     from vissl.models.trunks import MODEL_TRUNKS_REGISTRY, register_model_trunk
 
     if MODEL_TRUNKS_REGISTRY.get(TRUNK_NAME) is ConViTSSLTrunk:
@@ -235,6 +240,7 @@ def find_convit(model: torch.nn.Module, who: str) -> ConViT:
     found = [m for m in model.modules() if isinstance(m, ConViT)]
     if len(found) != 1:
         what = "no convit_ssl ConViT" if not found else f"{len(found)} convit_ssl ConViTs"
-        raise ValueError(f"{who}: {what} in the model ({type(model).__name__}); "
-                         f"it needs exactly one, MODEL.TRUNK.NAME={TRUNK_NAME}")
+        raise ValueError(
+            f"{who}: {what} in the model ({type(model).__name__}); it needs exactly one, MODEL.TRUNK.NAME={TRUNK_NAME}"
+        )
     return found[0]

@@ -70,7 +70,15 @@ class UnreadableImagesHook(ClassyHook):
             logging.warning(
                 "phase %d (%s): %d of %d images could not be read and were replaced by grey images "
                 "(VISSL's 'Couldn't load' warnings name them)",
-                task.phase_idx, count["split"], count["unreadable"], count["images"],
+                task.phase_idx,
+                count["split"],
+                count["unreadable"],
+                count["images"],
             )
-            self.metrics.append({"phase_idx": int(task.phase_idx), "train_phase_idx": int(task.train_phase_idx),
-                                 "unreadable_images": count})
+            self.metrics.append(
+                {
+                    "phase_idx": int(task.phase_idx),
+                    "train_phase_idx": int(task.train_phase_idx),
+                    "unreadable_images": count,
+                }
+            )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ def build_dino_teacher(self, task: Any) -> None:
 
     Upstream: vissl/hooks/dino_hooks.py:40-69 (DINOHook._build_momentum_network). Differs from upstream: the teacher's stochastic depth is also zeroed for a convit_ssl trunk (upstream: only VISSL's ViT), and SyncBatchNorm conversion happens on GPUs only.
     """
+    # patch order: patches.py imports this module before it patches VISSL
     from vissl.models import build_model
     from vissl.models.model_helpers import get_no_ddp_model
 
@@ -50,6 +51,7 @@ def init_memory(self, dataloader, model) -> None:
 
     Upstream: vissl/losses/deepclusterv2_loss.py:112-136 (DeepClusterV2Loss.init_memory). Differs from upstream: tensors go to the loss's device instead of .cuda().
     """
+    # patch order: patches.py imports this module before it patches VISSL
     from classy_vision.generic.distributed_util import get_rank
 
     device = self.local_memory_embeddings.device
@@ -79,6 +81,7 @@ def cluster_memory(self) -> None:
 
     Upstream: vissl/losses/deepclusterv2_loss.py:148-207 (DeepClusterV2Loss.cluster_memory). Differs from upstream: tensors go to the loss's device instead of .cuda().
     """
+    # patch order: patches.py imports this module before it patches VISSL
     import torch.distributed as dist
     from classy_vision.generic.distributed_util import (
         all_reduce_sum,
@@ -137,7 +140,7 @@ def cluster_memory(self) -> None:
     logging.info(f"Rank: {get_rank()}, clustering of the memory bank done")  # noqa: LOG015
 
 
-def disk_image(self, idx: int) -> Tuple[Any, bool]:
+def disk_image(self, idx: int) -> tuple[Any, bool]:
     """Upstream `DiskImageDataset.__getitem__`, reading each image once and as
     8-bit RGB (`convit_ssl.images.open_image`). Upstream indexes the
     ImageFolder, which decodes the image, before its try, again inside it and
@@ -146,6 +149,7 @@ def disk_image(self, idx: int) -> Tuple[Any, bool]:
 
     Upstream: vissl/data/disk_dataset.py:122-168 (DiskImageDataset.__getitem__). Differs from upstream: each image is read once, through convit_ssl.images.open_image (8-bit RGB), inside the try.
     """
+    # patch order: patches.py imports this module before it patches VISSL
     from iopath.common.file_io import g_pathmgr
     from vissl.data.data_helper import get_mean_image
 
@@ -188,6 +192,7 @@ def extract(self, output_folder: str) -> None:
 
     Upstream: vissl/trainer/trainer_main.py:335-368 (SelfSupervisionTrainer.extract). Differs from upstream: no GPU assertion.
     """
+    # patch order: patches.py imports this module before it patches VISSL
     from classy_vision.generic.distributed_util import is_primary
     from vissl.models.model_helpers import get_trunk_output_feature_names
 
@@ -195,7 +200,7 @@ def extract(self, output_folder: str) -> None:
     self._add_dummy_layer()
     self.task.init_distributed_data_parallel_model()
     if is_primary():
-        logging.info("Model is:\n {}".format(self.task.model))  # noqa: LOG015
+        logging.info(f"Model is:\n {self.task.model}")  # noqa: LOG015
     feat_names = get_trunk_output_feature_names(self.cfg.MODEL)
     if len(feat_names) == 0:
         feat_names = ["heads"]
@@ -237,14 +242,26 @@ def extract_split_features(self, feat_names, task, split_name: str, output_folde
                 out_features[feat_name][inds[idx]] = feature[idx]
                 out_targets[feat_name][inds[idx]] = targets[idx].reshape(-1)
         if feature_buffer_size >= threshold >= 0:
-            self._save_extracted_features(features=out_features, targets=out_targets, dist_rank=dist_rank,
-                                          chunk_index=chunk_index, split=split_name, output_folder=output_folder)
+            self._save_extracted_features(
+                features=out_features,
+                targets=out_targets,
+                dist_rank=dist_rank,
+                chunk_index=chunk_index,
+                split=split_name,
+                output_folder=output_folder,
+            )
             for layer_name in out_features:
                 out_features[layer_name].clear()
             chunk_index += 1
             feature_buffer_size = 0
-    self._save_extracted_features(features=out_features, targets=out_targets, dist_rank=dist_rank,
-                                  chunk_index=chunk_index, split=split_name, output_folder=output_folder)
+    self._save_extracted_features(
+        features=out_features,
+        targets=out_targets,
+        dist_rank=dist_rank,
+        chunk_index=chunk_index,
+        split=split_name,
+        output_folder=output_folder,
+    )
 
 
 def low_shot_test(self, features, targets, sample_num, low_shot_kvalue) -> None:
@@ -252,6 +269,7 @@ def low_shot_test(self, features, targets, sample_num, low_shot_kvalue) -> None:
 
     Upstream: vissl/utils/svm_utils/svm_low_shot_trainer.py:141-186 (SVMLowShotTrainer.test). Differs from upstream: each cost's mean AP is stored as a float, not a 1-element array.
     """
+    # patch order: patches.py imports this module before it patches VISSL
     from vissl.utils.io import load_file, save_file
     from vissl.utils.svm_utils.evaluate import get_precision_recall
 
@@ -286,6 +304,7 @@ def recreate_data_iterator(self, phase_type: str, epoch: int, compute_start_iter
     about 0.15 s of every phase (a run of 330 one-iteration epochs on a 5 % subset spent half
     its time there). The rebuilt-dataloader branch (never taken by VISSL's own datasets) is upstream's.
     """
+    # patch order: patches.py imports this module before it patches VISSL
     from vissl.data import build_dataloader
 
     start_iter = 0
@@ -296,10 +315,14 @@ def recreate_data_iterator(self, phase_type: str, epoch: int, compute_start_iter
     dataset = self.datasets[phase_type]
     if dataset.rebuild_dataloader():
         dataloader = build_dataloader(
-            dataset=dataset, dataset_config=self.config.DATA[phase_type.upper()],
-            num_dataloader_workers=self.config.DATA.NUM_DATALOADER_WORKERS, pin_memory=self.config.DATA.PIN_MEMORY,
-            multi_processing_method=self.config.MULTI_PROCESSING_METHOD, device=self.device,
-            sampler_seed=sampler_seed, split=phase_type,
+            dataset=dataset,
+            dataset_config=self.config.DATA[phase_type.upper()],
+            num_dataloader_workers=self.config.DATA.NUM_DATALOADER_WORKERS,
+            pin_memory=self.config.DATA.PIN_MEMORY,
+            multi_processing_method=self.config.MULTI_PROCESSING_METHOD,
+            device=self.device,
+            sampler_seed=sampler_seed,
+            split=phase_type,
         )
         del self.dataloaders[phase_type]
         gc.collect()

@@ -4,11 +4,14 @@ missing dataset fails at once with a message naming it."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any
 
+import numpy as np
+from vissl.data.dataset_catalog import VisslDatasetCatalog
+
+import convit_ssl.vissl.device_augment as device_augment
 from convit_ssl.data.subsets import MODES
 from convit_ssl.files import is_image
-import convit_ssl.vissl.device_augment as device_augment
 from convit_ssl.vissl.configs import used_splits
 from convit_ssl.vissl.hooks import validate_hook_configs
 from convit_ssl.vissl.llrd import validate_layer_decay
@@ -16,7 +19,7 @@ from convit_ssl.vissl.task import TASK_NAME
 from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
 
 
-def _folder_classes(path: str, where: str) -> List[str]:
+def _folder_classes(path: str, where: str) -> list[str]:
     """The class names of an image folder (path/<class>/<image>); every class
     folder must hold an image (torchvision's ImageFolder, which VISSL uses, fails
     inside each rank otherwise)."""
@@ -42,11 +45,9 @@ def _holds_an_image(folder: str) -> bool:
         return any(is_image(entry.name) for entry in entries)
 
 
-def _filelist_classes(path: str) -> Optional[int]:
+def _filelist_classes(path: str) -> int | None:
     """The number of classes of a disk_filelist label file: N integers (max + 1)
     or N x C (C); None for another layout (VISSL reads it as it does)."""
-    import numpy as np
-
     try:
         labels = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):  # pickled objects, text file lists: not checked here
@@ -60,8 +61,6 @@ def _filelist_classes(path: str) -> Optional[int]:
 
 def _resolve(block: Any, split: str, key: str, i: int, name: str, where: str) -> str:
     """Path `i` of DATA_PATHS / LABEL_PATHS, or the dataset catalog's for `name`."""
-    from vissl.data.dataset_catalog import VisslDatasetCatalog
-
     paths, sources = block[f"{key}_PATHS"], block[f"{key}_SOURCES"]
     if paths:
         if len(paths) != len(sources):
@@ -79,16 +78,14 @@ def _resolve(block: Any, split: str, key: str, i: int, name: str, where: str) ->
     )
 
 
-def validate_data(config: Any) -> Dict[str, Any]:
+def validate_data(config: Any) -> dict[str, Any]:
     """Every dataset a run reads resolves to existing data; image folders hold
     images in every class folder. Returns each split's classes where its labels
     say (a list of names for disk_folder, a count for disk_filelist)."""
-    from vissl.data.dataset_catalog import VisslDatasetCatalog
+    classes: dict[str, Any] = {}
+    folders: dict[str, list[str]] = {}  # path -> classes: a folder given as data and labels is scanned once
 
-    classes: Dict[str, Any] = {}
-    folders: Dict[str, List[str]] = {}  # path -> classes: a folder given as data and labels is scanned once
-
-    def folder_classes(path: str, where: str) -> List[str]:
+    def folder_classes(path: str, where: str) -> list[str]:
         if path not in folders:
             folders[path] = _folder_classes(path, where)
         return folders[path]
@@ -98,8 +95,11 @@ def validate_data(config: Any) -> Dict[str, Any]:
         if block.DATA_PATHS and not block.LABEL_PATHS:
             # VISSL looks labels up in the catalog whenever LABEL_PATHS is empty (even
             # for methods that read none) and fails inside the rank if the name is absent.
-            absent = [n for n, src in zip(block.DATASET_NAMES, block.DATA_SOURCES)
-                      if src != "synthetic" and not VisslDatasetCatalog.has_data(n)]
+            absent = [
+                n
+                for n, src in zip(block.DATASET_NAMES, block.DATA_SOURCES)
+                if src != "synthetic" and not VisslDatasetCatalog.has_data(n)
+            ]
             if absent:
                 raise ValueError(
                     f"config.DATA.{split}: DATA_PATHS is set but LABEL_PATHS is empty and {absent} is not in the "
@@ -134,13 +134,14 @@ def validate_data(config: Any) -> Dict[str, Any]:
     return classes
 
 
-def _check_same_classes(train: List[str], test: List[str]) -> None:
+def _check_same_classes(train: list[str], test: list[str]) -> None:
     """ImageFolder numbers classes by sorted name: different sets shift every label."""
     if train == test:
         return
     missing, extra = sorted(set(train) - set(test)), sorted(set(test) - set(train))
-    parts = ([f"missing in TEST: {', '.join(missing[:5])}"] if missing else []) + \
-            ([f"only in TEST: {', '.join(extra[:5])}"] if extra else [])
+    parts = ([f"missing in TEST: {', '.join(missing[:5])}"] if missing else []) + (
+        [f"only in TEST: {', '.join(extra[:5])}"] if extra else []
+    )
     raise ValueError(
         f"config.DATA.TRAIN and config.DATA.TEST have different class folders ({len(train)} and {len(test)}; "
         f"{'; '.join(parts)}): labels are the sorted folder names' positions, so every label after the "
@@ -152,7 +153,7 @@ def _check_same_classes(train: List[str], test: List[str]) -> None:
 CLASSIFICATION_LOSSES = ("cross_entropy_multiple_output_single_target",)
 
 
-def validate_head_classes(config: Any, classes: Dict[str, Any]) -> None:
+def validate_head_classes(config: Any, classes: dict[str, Any]) -> None:
     """A classifier head (mlp / eval_mlp) and the mixup collator have one output
     per class of the training labels."""
     found = classes.get("TRAIN")
@@ -162,7 +163,7 @@ def validate_head_classes(config: Any, classes: Dict[str, Any]) -> None:
     heads = list(config.MODEL.HEAD.PARAMS)
     settings = config.MODEL.FEATURE_EVAL_SETTINGS
     if settings.EVAL_MODE_ON and settings.LINEAR_EVAL_FEAT_POOL_OPS_MAP:
-        outputs = range(len(heads))       # linear evaluation: one classifier per feature
+        outputs = range(len(heads))  # linear evaluation: one classifier per feature
     else:
         outputs = range(len(heads))[-1:]  # a chain of heads that ends in the classifier
     for i in outputs:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -37,11 +37,11 @@ from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME, trunk_kwargs
 logger = logging.getLogger(__name__)
 
 
-def _adapt(node: Any, grid: Tuple[int, int], patch: int, path: str, changes: List[str]) -> Any:
+def _adapt(node: Any, grid: tuple[int, int], patch: int, path: str, changes: list[str]) -> Any:
     """A copy of nested dicts `node` with position embeddings and patch kernels adapted."""
     if not isinstance(node, dict):
         return node
-    out: Dict[Any, Any] = {}
+    out: dict[Any, Any] = {}
     for key, value in node.items():
         name = f"{path}.{key}" if path else str(key)
         last = str(key).rsplit(".", 1)[-1]
@@ -51,8 +51,9 @@ def _adapt(node: Any, grid: Tuple[int, int], patch: int, path: str, changes: Lis
                 try:
                     old = square_grid(tokens, name)
                 except ValueError as e:
-                    raise ValueError(f"{e}: resample it with tools/convert_checkpoint.py (image_size=...) "
-                                     "before fine-tuning") from None
+                    raise ValueError(
+                        f"{e}: resample it with tools/convert_checkpoint.py (image_size=...) before fine-tuning"
+                    ) from None
                 value = resample_pos_embed(value, grid, old)
                 changes.append(f"resampled {name}: {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches")
         elif isinstance(value, torch.Tensor) and str(key).endswith("patch_embed.proj.weight") and value.ndim == 4:
@@ -63,7 +64,7 @@ def _adapt(node: Any, grid: Tuple[int, int], patch: int, path: str, changes: Lis
     return out
 
 
-def prepare_weights_init(config: Any) -> Optional[str]:
+def prepare_weights_init(config: Any) -> str | None:
     """Select the network (MODEL.WEIGHTS_INIT.NETWORK) of
     config.MODEL.WEIGHTS_INIT.PARAMS_FILE and resample it for the configured
     grid if needed; returns the path of the prepared copy (and sets it in the
@@ -80,12 +81,14 @@ def prepare_weights_init(config: Any) -> Optional[str]:
     with torch.device("meta"):  # the trunk's own grid and patch size, its defaults included
         trunk = ConViT(**trunk_kwargs(model.TRUNK.get(CONFIG_BLOCK)))
     grid, patch = trunk.grid, trunk.patch_size
-    changes: List[str] = []
+    changes: list[str] = []
     checkpoint = load_checkpoint(params_file)
     if network == "teacher":
         if model.WEIGHTS_INIT.get("STATE_DICT_KEY_NAME", "classy_state_dict") != "classy_state_dict":
-            raise ValueError("config.MODEL.WEIGHTS_INIT.NETWORK=teacher reads a VISSL checkpoint: "
-                             "STATE_DICT_KEY_NAME must be classy_state_dict")
+            raise ValueError(
+                "config.MODEL.WEIGHTS_INIT.NETWORK=teacher reads a VISSL checkpoint: "
+                "STATE_DICT_KEY_NAME must be classy_state_dict"
+            )
         try:
             checkpoint = select_network(checkpoint, "teacher")
         except CheckpointError as e:
@@ -103,7 +106,10 @@ def prepare_weights_init(config: Any) -> Optional[str]:
     atomic_torch_save(adapted, target)
     for change in changes:
         logger.info("weights init: %s", change)
-    print(f"convit_ssl: {params_file} prepared for a {trunk.img_size[0]}x{trunk.img_size[1]} input with {patch} px "
-          f"patches ({'; '.join(changes)}) -> {target}", flush=True)
+    print(
+        f"convit_ssl: {params_file} prepared for a {trunk.img_size[0]}x{trunk.img_size[1]} input with {patch} px "
+        f"patches ({'; '.join(changes)}) -> {target}",
+        flush=True,
+    )
     model.WEIGHTS_INIT.PARAMS_FILE = str(target)
     return str(target)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Tuple
 
 import pytest
 import torch
@@ -45,14 +44,20 @@ HEADS = 9
 def _model(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = dict(
-        img_size=32, patch_size=4, width=4 * HEADS, num_heads=HEADS, depth=DEPTH,
-        num_gpsa_layers=GPSA_LAYERS, num_classes=0, locality_strength=ALPHA,
+        img_size=32,
+        patch_size=4,
+        width=4 * HEADS,
+        num_heads=HEADS,
+        depth=DEPTH,
+        num_gpsa_layers=GPSA_LAYERS,
+        num_classes=0,
+        locality_strength=ALPHA,
     )
     kwargs.update(overrides)
     return create_model("convit_tiny", **kwargs)
 
 
-def _images(seed: int, batch: int = 2, size: Tuple[int, int] = IMAGE) -> torch.Tensor:
+def _images(seed: int, batch: int = 2, size: tuple[int, int] = IMAGE) -> torch.Tensor:
     return torch.randn((batch, 3, *size), generator=torch.Generator().manual_seed(seed))
 
 
@@ -65,13 +70,13 @@ def _perturb_(model: torch.nn.Module, seed: int) -> None:
         p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def _offset(head: int) -> Tuple[int, int]:
+def _offset(head: int) -> tuple[int, int]:
     """(dx, dy) of `head` by local_init's rule: head h1 + 3 * h2 -> (h2 - 1, h1 - 1)."""
     h1, h2 = head % 3, head // 3
     return h2 - 1, h1 - 1
 
 
-def _hand_positional_nonlocality(grid: Tuple[int, int], offset: Tuple[int, int], alpha: float) -> float:
+def _hand_positional_nonlocality(grid: tuple[int, int], offset: tuple[int, int], alpha: float) -> float:
     """Mean over all queries of sum_j softmax_j(s_ij) |delta_ij| with the local-init
     score s = alpha * (2 dx Dx + 2 dy Dy - (dx^2 + dy^2)), in float64 Python."""
     height, width = grid
@@ -104,7 +109,7 @@ def test_positional_centres_and_spans_equal_local_init_kernel():
     for layer in range(GPSA_LAYERS):
         torch.testing.assert_close(centres[layer], expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(locality_strengths(model), torch.full((GPSA_LAYERS, HEADS), ALPHA))
-    torch.testing.assert_close(positional_spans(model), torch.full((GPSA_LAYERS, HEADS), ALPHA ** -0.5))
+    torch.testing.assert_close(positional_spans(model), torch.full((GPSA_LAYERS, HEADS), ALPHA**-0.5))
 
 
 def test_non_local_head_has_nan_centre_and_infinite_span():
@@ -253,12 +258,14 @@ def test_mhsa_nonlocality_drops_class_token_and_renormalises():
     row and column are ignored; patch rows are renormalised over patches:
     query 0 -> keys 0 and 2 equally (distance 1), query 1 -> key 0 (1),
     query 2 -> key 2 (0): mean 2/3."""
-    attn = torch.tensor([
-        [0.0, 0.0, 0.0, 1.0],  # class token query: ignored
-        [0.6, 0.2, 0.0, 0.2],
-        [0.6, 0.4, 0.0, 0.0],
-        [0.6, 0.0, 0.0, 0.4],
-    ]).expand(1, 2, 4, 4)
+    attn = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 1.0],  # class token query: ignored
+            [0.6, 0.2, 0.0, 0.2],
+            [0.6, 0.4, 0.0, 0.0],
+            [0.6, 0.0, 0.0, 0.4],
+        ]
+    ).expand(1, 2, 4, 4)
     value = mean_attention_distance(attn, (1, 3), class_token=True)
     torch.testing.assert_close(value, torch.full((2,), 2 / 3))
     layer = LayerAttention(index=3, kind="mhsa", grid=(1, 3), inputs=torch.zeros(1, 4, 8), combined=attn)

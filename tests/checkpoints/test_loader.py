@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import Dict
 
 import pytest
 import timm
@@ -15,8 +14,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import convit_ssl
-from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.checkpoints.convert import ConvertConfig
+from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.cli.convert import run as convert
 
 TIMM_TINY = dict(img_size=32, patch_size=8, depth=3, local_up_to_layer=2, num_classes=10, embed_dim=16, num_heads=2)
@@ -36,38 +35,67 @@ def _images() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> Dict[str, Path]:
+def sources(tmp_path_factory) -> dict[str, Path]:
     """Every kind of source, all holding `_timm_convit(0)` (or a DeiT for "vit")."""
     root = tmp_path_factory.mktemp("sources")
     model = _timm_convit(0)
-    paths = {"timm file": root / "convit.pth", "official training checkpoint": root / "official.pth",
-             "hub folder": root / "hub"}
+    paths = {
+        "timm file": root / "convit.pth",
+        "official training checkpoint": root / "official.pth",
+        "hub folder": root / "hub",
+    }
     torch.save(model.state_dict(), paths["timm file"])
-    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 299,
-                "args": argparse.Namespace(model="convit_tiny", lr=5e-4)}, paths["official training checkpoint"])
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": {},
+            "epoch": 299,
+            "args": argparse.Namespace(model="convit_tiny", lr=5e-4),
+        },
+        paths["official training checkpoint"],
+    )
     timm.models.save_for_hf(model, paths["hub folder"])
     for name, fmt in (("vissl checkpoint", "vissl"), ("vissl_convit checkpoint", "vissl_convit")):
         paths[name] = root / f"{fmt}.torch"
-        convert(ConvertConfig(input=str(paths["timm file"]), output=str(paths[name]), target_format=fmt),
-                log=lambda _: None)
+        convert(
+            ConvertConfig(input=str(paths["timm file"]), output=str(paths[name]), target_format=fmt), log=lambda _: None
+        )
     # A run folder extended by a longer schedule: the final checkpoint of the last phase is the one.
     run = paths["vissl run folder"] = root / "run"
     run.mkdir()
     shutil.copy(paths["vissl checkpoint"], run / "model_final_checkpoint_phase10.torch")
     torch.save(_timm_convit(1).state_dict(), root / "other.pth")
-    convert(ConvertConfig(input=str(root / "other.pth"), output=str(run / "model_final_checkpoint_phase9.torch"),
-                          target_format="vissl"), log=lambda _: None)
+    convert(
+        ConvertConfig(
+            input=str(root / "other.pth"),
+            output=str(run / "model_final_checkpoint_phase9.torch"),
+            target_format="vissl",
+        ),
+        log=lambda _: None,
+    )
     # A DINO run's checkpoint: the student is another model, the momentum teacher ours.
     student = torch.load(run / "model_final_checkpoint_phase9.torch", weights_only=True)
-    trunk = torch.load(paths["vissl checkpoint"], weights_only=True)["classy_state_dict"]["base_model"]["model"]["trunk"]
+    trunk = torch.load(paths["vissl checkpoint"], weights_only=True)["classy_state_dict"]["base_model"]["model"][
+        "trunk"
+    ]
     student["classy_state_dict"]["loss"] = {f"momentum_teacher.trunk.{k}": v for k, v in trunk.items()}
     paths["DINO teacher"] = root / "dino.torch"
     torch.save(student, paths["DINO teacher"])
     return paths
 
 
-@pytest.mark.parametrize("kind", ["timm file", "official training checkpoint", "hub folder", "vissl checkpoint",
-                                  "vissl run folder", "vissl_convit checkpoint", "DINO teacher"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "timm file",
+        "official training checkpoint",
+        "hub folder",
+        "vissl checkpoint",
+        "vissl run folder",
+        "vissl_convit checkpoint",
+        "DINO teacher",
+    ],
+)
 def test_every_convit_source_gives_the_model_that_wrote_it(sources, kind):
     reference = _timm_convit(0)
     network = "teacher" if kind == "DINO teacher" else "student"

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import convit_ssl
-from convit_ssl.models.geometry import patch_grid
 from convit_ssl.checkpoints.resample import (
     resample_state_dict,
     resize_matrix,
     resize_patch_embed,
     resize_patch_embed_state_dict,
 )
+from convit_ssl.models.geometry import patch_grid
 
 
 def _smooth_pos_embed(grid, dim=32, cycles=1.0, seed=0):

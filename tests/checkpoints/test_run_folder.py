@@ -29,10 +29,14 @@ def test_losses_and_accuracies_as_numbers(tmp_path):
     records = [{"iteration": 1, "loss": 2.5}, {"iteration": 2, "lr": 0.1}, {"iteration": 3, "loss": 1.25}]
     (tmp_path / "stdout.json").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     assert run_folder.losses(tmp_path) == [2.5, 1.25]
-    metrics = [{"train_accuracy_list_meter": {"top_1": {"0": 50.0}}, "test_accuracy_list_meter": {"top_1": {"0": 40.0}}},
-               {"train_accuracy_list_meter": {"top_1": {"0": 70.0}}},
-               {"test_accuracy_list_meter": {"top_1": {"lastCLS": 61.5, "concatPOOL2": 64.0}}}]
+    metrics = [
+        {"train_accuracy_list_meter": {"top_1": {"0": 50.0}}, "test_accuracy_list_meter": {"top_1": {"0": 40.0}}},
+        {"train_accuracy_list_meter": {"top_1": {"0": 70.0}}},
+        {"test_accuracy_list_meter": {"top_1": {"lastCLS": 61.5, "concatPOOL2": 64.0}}},
+    ]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in metrics))
-    assert run_folder.final_accuracies(tmp_path) == {"train": {"0": 70.0},
-                                                     "test": {"lastCLS": 61.5, "concatPOOL2": 64.0}}
+    assert run_folder.final_accuracies(tmp_path) == {
+        "train": {"0": 70.0},
+        "test": {"lastCLS": 61.5, "concatPOOL2": 64.0},
+    }
     assert run_folder.losses(tmp_path / "missing") == []

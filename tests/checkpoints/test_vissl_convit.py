@@ -7,8 +7,6 @@ they look trained (within-block pos_proj columns differ, gates spread). CPU only
 
 from __future__ import annotations
 
-from typing import Dict
-
 import pytest
 import torch
 
@@ -19,8 +17,8 @@ from convit_ssl.checkpoints.vissl_convit import (
     vissl_convit_to_timm,
 )
 from convit_ssl.models import ConViT, create_model
-from helpers import LOCALITY_DIM, vissl_builtin_trunk
 from convit_ssl.vissl.trunk import named_features
+from helpers import LOCALITY_DIM, vissl_builtin_trunk
 
 # (width, heads, qkv_bias, MLP_DIM): the paper's 4x MLP with 9 heads, and an
 # odd MLP width (not a multiple of the width) with biases and 4 heads.
@@ -36,7 +34,7 @@ def _images(seed: int = 2) -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _converted_model(vissl_sd: Dict[str, torch.Tensor], **overrides) -> ConViT:
+def _converted_model(vissl_sd: dict[str, torch.Tensor], **overrides) -> ConViT:
     model = ConViT(**{**vissl_convit_model_kwargs(vissl_sd), **overrides}).eval()
     model.load_state_dict(vissl_convit_to_timm(vissl_sd), strict=True)
     return model
@@ -124,8 +122,17 @@ def test_round_trip_timm_vissl_timm(locality_dim):
     """timm -> VISSL -> timm: every tensor comes back bit for bit except the
     pos_proj bias (multiplied by L and rounded once when stored in VISSL form),
     which is within one ulp (exact when L is a power of two)."""
-    model = create_model("convit_tiny", img_size=32, patch_size=8, width=48, depth=3, num_heads=4,
-                         num_gpsa_layers=2, qkv_bias=True, num_classes=0)
+    model = create_model(
+        "convit_tiny",
+        img_size=32,
+        patch_size=8,
+        width=48,
+        depth=3,
+        num_heads=4,
+        num_gpsa_layers=2,
+        qkv_bias=True,
+        num_classes=0,
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -138,7 +145,7 @@ def test_round_trip_timm_vissl_timm(locality_dim):
     for key, value in sd.items():
         assert back[key].dtype == value.dtype, key
         if key.endswith("attn.pos_proj.bias") and locality_dim & (locality_dim - 1):
-            torch.testing.assert_close(back[key], value, rtol=2.0 ** -23, atol=0)
+            torch.testing.assert_close(back[key], value, rtol=2.0**-23, atol=0)
         else:
             assert torch.equal(back[key], value), key
 
@@ -149,9 +156,17 @@ def test_model_kwargs(vissl_trunk):
     width, heads = vissl_trunk.embed_dim, vissl_trunk.blocks[0].attn.num_heads
     mlp_dim = vissl_trunk.blocks[0].mlp.linear_1.out_features
     assert {k: v for k, v in kwargs.items() if k != "mlp_ratio"} == {
-        "img_size": 32, "patch_size": 8, "in_chans": 3, "num_classes": 0, "width": width, "depth": 3,
-        "num_heads": heads, "num_gpsa_layers": 2, "qkv_bias": vissl_trunk.blocks[0].attn.qk.bias is not None,
-        "norm_eps": 1e-5, "use_pos_embed": True,
+        "img_size": 32,
+        "patch_size": 8,
+        "in_chans": 3,
+        "num_classes": 0,
+        "width": width,
+        "depth": 3,
+        "num_heads": heads,
+        "num_gpsa_layers": 2,
+        "qkv_bias": vissl_trunk.blocks[0].attn.qk.bias is not None,
+        "norm_eps": 1e-5,
+        "use_pos_embed": True,
     }
     assert int(width * kwargs["mlp_ratio"]) == mlp_dim
 
@@ -197,8 +212,9 @@ def test_pos_proj_width_must_be_a_multiple_of_3(vissl_trunk):
 
 
 def test_timm_head_is_refused():
-    sd = create_model("convit_tiny", img_size=32, patch_size=8, width=48, depth=3, num_heads=4,
-                      num_gpsa_layers=2, num_classes=10).state_dict()
+    sd = create_model(
+        "convit_tiny", img_size=32, patch_size=8, width=48, depth=3, num_heads=4, num_gpsa_layers=2, num_classes=10
+    ).state_dict()
     with pytest.raises(ValueError, match=r"\['head\.bias', 'head\.weight'\]"):
         timm_to_vissl_convit(sd)
     with pytest.raises(ValueError, match="locality_dim"):

@@ -66,11 +66,17 @@ def jitter(which: int, factor: float):
     return {"factors": factors, "order": torch.tensor([[0, 1, 2, 3]])}
 
 
-@pytest.mark.parametrize("which, factor, reference", [
-    (0, 1.3, TF.adjust_brightness), (0, 0.6, TF.adjust_brightness),
-    (1, 1.5, TF.adjust_contrast), (1, 0.5, TF.adjust_contrast),
-    (2, 1.6, TF.adjust_saturation), (2, 0.3, TF.adjust_saturation),
-])
+@pytest.mark.parametrize(
+    "which, factor, reference",
+    [
+        (0, 1.3, TF.adjust_brightness),
+        (0, 0.6, TF.adjust_brightness),
+        (1, 1.5, TF.adjust_contrast),
+        (1, 0.5, TF.adjust_contrast),
+        (2, 1.6, TF.adjust_saturation),
+        (2, 0.3, TF.adjust_saturation),
+    ],
+)
 def test_jitter_equals_torchvision_on_pil(photographs, which, factor, reference):
     for image in photographs:
         d = levels(run(JITTER, jitter(which, factor), image), reference(image, factor))
@@ -104,8 +110,9 @@ def test_blur_sigma_is_pils_radius(photographs, radius):
 @pytest.mark.parametrize("threshold", [0, 1, 100, 128, 255, 256])
 def test_solarize_is_pils(photographs, threshold):
     for image in photographs:
-        d = levels(run(P.Solarize(), {"threshold": torch.tensor([threshold])}, image),
-                   ImageOps.solarize(image, threshold))
+        d = levels(
+            run(P.Solarize(), {"threshold": torch.tensor([threshold])}, image), ImageOps.solarize(image, threshold)
+        )
         assert d.max() < 1e-3  # the same 8-bit values, up to float rounding
 
 
@@ -117,7 +124,8 @@ def test_each_crop_gets_its_own_order_and_factors(photographs):
     factors = torch.tensor([[1.4, 0.5, 1.0, 0.0]] * 2)
     order = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3]])
     out = P.PhotometricAugment([P.Step(JITTER, (1.0,))], (0, 0, 0), (1, 1, 1)).apply(
-        torch.stack([image, image]), [{"apply": torch.tensor([True, True]), "factors": factors, "order": order}])
+        torch.stack([image, image]), [{"apply": torch.tensor([True, True]), "factors": factors, "order": order}]
+    )
     x = image.float() / 255
     first = TF.adjust_contrast(TF.adjust_brightness(x, 1.4), 0.5)
     second = TF.adjust_brightness(TF.adjust_contrast(x, 0.5), 1.4)
@@ -141,8 +149,12 @@ DINO_SOLARIZE = (0.0, 0.2) + (0.0,) * 10
 @pytest.fixture(scope="module")
 def dino_draws():
     """20,000 crops of DINO's recipe (12 positions) drawn at once."""
-    steps = [P.Step(P.ColorJitter(0.4, 0.4, 0.2, 0.1), (0.8,) * 12), P.Step(P.Grayscale(), (0.2,) * 12),
-             P.Step(P.GaussianBlur(0.1, 2.0), DINO_BLUR), P.Step(P.Solarize(), DINO_SOLARIZE)]
+    steps = [
+        P.Step(P.ColorJitter(0.4, 0.4, 0.2, 0.1), (0.8,) * 12),
+        P.Step(P.Grayscale(), (0.2,) * 12),
+        P.Step(P.GaussianBlur(0.1, 2.0), DINO_BLUR),
+        P.Step(P.Solarize(), DINO_SOLARIZE),
+    ]
     crop = torch.arange(24_000) % 12
     return crop, P.PhotometricAugment(steps, (0, 0, 0), (1, 1, 1)).draw(crop, torch.Generator().manual_seed(0))
 

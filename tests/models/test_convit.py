@@ -13,17 +13,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-
-import timm
 from timm.layers import resample_abs_pos_embed
 from timm.models.convit import GPSA as TimmGPSA
 
 from convit_ssl.models import GPSA, MHSA, create_model, list_models, model_kwargs, resample_pos_embed
-from helpers import block_outputs, perturb_
 from convit_ssl.models.attention import _merge_heads, _split_heads
 from convit_ssl.models.geometry import relative_offsets
+from helpers import block_outputs, perturb_
 
 # fp32: outputs within 1e-5 absolute; gradients within 1e-5 of each parameter's
 # gradient scale, max(1, max |grad|) (summed over batch and tokens, gradients
@@ -112,8 +111,9 @@ def test_parity_with_timm_small_custom_config(train, dtype):
 def test_parity_with_timm_patch8_and_locality_strength(use_pos_embed):
     """Patch 8, 9 heads, locality strength 2.5, features-only head (num_classes=0)."""
     common = dict(img_size=32, patch_size=8, depth=3, locality_strength=2.5, num_classes=0, use_pos_embed=use_pos_embed)
-    ref, ours = _timm_and_ours("convit_small", "convit_small", 20, dict(local_up_to_layer=2, **common),
-                               dict(num_gpsa_layers=2, **common))
+    ref, ours = _timm_and_ours(
+        "convit_small", "convit_small", 20, dict(local_up_to_layer=2, **common), dict(num_gpsa_layers=2, **common)
+    )
     assert ("pos_embed" in ours.state_dict()) == use_pos_embed
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     _check_parity(ref, ours, x, train=False, dtype=torch.float32)
@@ -139,7 +139,9 @@ def test_parity_with_timm_train_mode_with_stochastic_regularisation():
     our MHSA fuses it into SDPA, which draws its mask differently)."""
     rates = dict(drop_path_rate=0.3, proj_drop_rate=0.1, pos_drop_rate=0.1, drop_rate=0.1)
     ref, ours = _timm_and_ours(
-        "convit_tiny", "convit_tiny", 30,
+        "convit_tiny",
+        "convit_tiny",
+        30,
         dict(img_size=32, patch_size=8, depth=4, local_up_to_layer=2, num_classes=5, **rates),
         dict(img_size=32, patch_size=8, depth=4, num_gpsa_layers=2, num_classes=5, **rates),
     )
@@ -178,10 +180,26 @@ def test_local_init_matches_timm_on_kernel_grid(num_heads, strength):
     init scaled by locality_strength; heads beyond k^2 keep a random init."""
     k = math.isqrt(num_heads)
     torch.manual_seed(0)
-    ours = create_model("convit_small", img_size=32, patch_size=8, depth=2, num_gpsa_layers=1,
-                        num_heads=num_heads, width=num_heads * 16, locality_strength=strength)
-    ref = timm.create_model("convit_small", img_size=32, patch_size=8, depth=2, local_up_to_layer=1,
-                            num_heads=num_heads, embed_dim=16, locality_strength=strength)
+    ours = create_model(
+        "convit_small",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        num_gpsa_layers=1,
+        num_heads=num_heads,
+        width=num_heads * 16,
+        locality_strength=strength,
+    )
+    ref = timm.create_model(
+        "convit_small",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        local_up_to_layer=1,
+        num_heads=num_heads,
+        embed_dim=16,
+        locality_strength=strength,
+    )
     (layer,) = _gpsa_layers(ours)
     (ref_layer,) = [m for m in ref.modules() if isinstance(m, TimmGPSA)]
     assert torch.equal(layer.pos_proj.weight[: k * k], ref_layer.pos_proj.weight[: k * k])
@@ -189,7 +207,7 @@ def test_local_init_matches_timm_on_kernel_grid(num_heads, strength):
     assert torch.equal(layer.gating_param, torch.ones(num_heads))
     assert layer.pos_proj.weight[: k * k, 2].eq(-strength).all()
     if num_heads > k * k:
-        assert layer.pos_proj.weight[k * k:].abs().max().item() < 0.1  # trunc-normal(0.02) rows, unscaled * strength
+        assert layer.pos_proj.weight[k * k :].abs().max().item() < 0.1  # trunc-normal(0.02) rows, unscaled * strength
 
 
 def test_reset_parameters_restores_local_init():
@@ -217,8 +235,8 @@ def _conv_gpsa(d: int, c_out: int, kernel: torch.Tensor, strength: float) -> GPS
         for h1 in range(3):
             for h2 in range(3):
                 head = h1 + 3 * h2  # attends to (dx, dy) = (h2 - 1, h1 - 1)
-                gpsa.v.weight[head * d:(head + 1) * d, :d] = torch.eye(d)
-                gpsa.proj.weight[:c_out, head * d:(head + 1) * d] = kernel[:, :, h1, h2]
+                gpsa.v.weight[head * d : (head + 1) * d, :d] = torch.eye(d)
+                gpsa.proj.weight[:c_out, head * d : (head + 1) * d] = kernel[:, :, h1, h2]
     return gpsa
 
 
@@ -287,8 +305,9 @@ def test_gpsa_positional_attention_peaks_at_head_offsets():
 # ---------------------------------------------------------------- 4. gradients everywhere
 def test_every_parameter_receives_a_gradient():
     torch.manual_seed(0)
-    model = create_model("convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2,
-                         num_classes=5, drop_path_rate=0.1)
+    model = create_model(
+        "convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2, num_classes=5, drop_path_rate=0.1
+    )
     perturb_(model, 1)
     model.train()
     x = torch.randn(4, 3, 32, 32)
@@ -322,8 +341,9 @@ def test_geometry_cached_in_inference_mode_serves_training():
 # ---------------------------------------------------------------- 5./6. input sizes, resampling
 def test_non_square_input():
     torch.manual_seed(0)
-    model = create_model("convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2,
-                         num_classes=5).eval()
+    model = create_model(
+        "convit_tiny", img_size=(32, 48), patch_size=8, depth=3, num_gpsa_layers=2, num_classes=5
+    ).eval()
     assert model.grid == (4, 6) and model.pos_embed.shape == (1, 24, 192)
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
@@ -541,8 +561,9 @@ def test_forward_intermediates_as_timm_defines_them(feature_model):
         patches = [raw[0], raw[1], raw[2][:, 1:]]
         for m, p in zip(maps, patches, strict=True):
             torch.testing.assert_close(m, p.transpose(1, 2).reshape(2, 192, 4, 6), atol=1e-6, rtol=0)
-        nlc = feature_model.forward_intermediates(x, indices=[-1, 0], norm=True, output_fmt="NLC",
-                                                  return_prefix_tokens=True, intermediates_only=True)
+        nlc = feature_model.forward_intermediates(
+            x, indices=[-1, 0], norm=True, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
         (p0, c0), (p2, c2) = nlc
         torch.testing.assert_close(p0, feature_model.norm(raw[0]), atol=1e-6, rtol=0)
         torch.testing.assert_close(p2, feature_model.norm(raw[2])[:, 1:], atol=1e-6, rtol=0)
@@ -623,16 +644,25 @@ def test_small_deit_runs_and_has_class_token_first():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = model.forward_features(x)
-        (_, prefix), = model.forward_intermediates(x, indices=[0], norm=True, return_prefix_tokens=True,
-                                                   intermediates_only=True)
+        ((_, prefix),) = model.forward_intermediates(
+            x, indices=[0], norm=True, return_prefix_tokens=True, intermediates_only=True
+        )
     assert tokens.shape == (2, 17, 384)
     assert torch.allclose(prefix[:, 0], model.norm(block_outputs(model, x)[0])[:, 0], atol=1e-5)
 
 
 @pytest.mark.parametrize(
     "arch,paper_millions",
-    [("convit_tiny", 6), ("convit_tiny_plus", 10), ("convit_small", 27), ("convit_small_plus", 48),
-     ("convit_base", 86), ("convit_base_plus", 152), ("deit_small", 22), ("deit_base", 86)],
+    [
+        ("convit_tiny", 6),
+        ("convit_tiny_plus", 10),
+        ("convit_small", 27),
+        ("convit_small_plus", 48),
+        ("convit_base", 86),
+        ("convit_base_plus", 152),
+        ("deit_small", 22),
+        ("deit_base", 86),
+    ],
 )
 def test_parameter_counts_match_paper(arch, paper_millions):
     with torch.device("meta"):

@@ -80,13 +80,15 @@ def test_vissl_trunk_honours_activation_checkpointing_config():
 
     block = {"ARCH": "convit_tiny", "IMAGE_SIZE": 32, "PATCH_SIZE": 8, "DEPTH": 3, "NUM_GPSA_LAYERS": 1}
     off = ConViTSSLTrunk({"TRUNK": {"CONVIT_SSL": block}}, "t")
-    on = ConViTSSLTrunk({"TRUNK": {"CONVIT_SSL": block},
-                         "ACTIVATION_CHECKPOINTING": {"USE_ACTIVATION_CHECKPOINTING": True}}, "t")
+    on = ConViTSSLTrunk(
+        {"TRUNK": {"CONVIT_SSL": block}, "ACTIVATION_CHECKPOINTING": {"USE_ACTIVATION_CHECKPOINTING": True}}, "t"
+    )
     assert (off.grad_checkpointing, on.grad_checkpointing) == (False, True)
     on.load_state_dict(off.state_dict())
     x = torch.randn(2, 3, 32, 32)
-    assert _saved_bytes(lambda t: on(t, ["lastCLS", "concatPOOL2"])[0], x) < \
-        _saved_bytes(lambda t: off(t, ["lastCLS", "concatPOOL2"])[0], x)
+    assert _saved_bytes(lambda t: on(t, ["lastCLS", "concatPOOL2"])[0], x) < _saved_bytes(
+        lambda t: off(t, ["lastCLS", "concatPOOL2"])[0], x
+    )
     torch.testing.assert_close(on(x, ["concatPOOL2"])[0], off(x, ["concatPOOL2"])[0], rtol=0, atol=0)
 
 
@@ -141,7 +143,9 @@ def test_half_precision_on_cpu_uses_the_explicit_product(monkeypatch):
     reference = F.scaled_dot_product_attention(q, k, v)
     sdpa_calls = []
     original = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(a[0].dtype) or original(*a, **kw))
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(a[0].dtype) or original(*a, **kw)
+    )
     half = softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert half.dtype == torch.bfloat16 and sdpa_calls == []
     assert (half.float() - reference).abs().max() <= 0.03

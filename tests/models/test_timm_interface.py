@@ -5,10 +5,9 @@ decay, the data config timm reads, the pooling options, feature_info."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-
-import timm
 from timm.data import resolve_data_config
 from timm.optim import create_optimizer_v2
 
@@ -32,8 +31,10 @@ def _groups(model):
     """(lr scale, weight decay, parameter names) of each group timm's factory makes."""
     names = {id(p): n for n, p in model.named_parameters()}
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
-    return sorted((round(g["lr_scale"], 9), g["weight_decay"], tuple(sorted(names[id(p)] for p in g["params"])))
-                  for g in optimizer.param_groups)
+    return sorted(
+        (round(g["lr_scale"], 9), g["weight_decay"], tuple(sorted(names[id(p)] for p in g["params"])))
+        for g in optimizer.param_groups
+    )
 
 
 def test_layer_decay_groups_equal_timms():
@@ -57,8 +58,10 @@ def test_pooling_and_classifier_calls_match_timm(pool):
         expected, got = theirs(x), ours(x)
         assert got.shape == expected.shape
         assert (got - expected).abs().max().item() <= 1e-5
-        assert (ours.forward_head(ours.forward_features(x), pre_logits=True)
-                - theirs.forward_head(theirs.forward_features(x), pre_logits=True)).abs().max().item() <= 1e-5
+        assert (
+            ours.forward_head(ours.forward_features(x), pre_logits=True)
+            - theirs.forward_head(theirs.forward_features(x), pre_logits=True)
+        ).abs().max().item() <= 1e-5
     assert ours.num_prefix_tokens == theirs.num_prefix_tokens == 1
     assert ours.num_classes == 3 and ours.pretrained_cfg["num_classes"] == 3
     with pytest.raises(ValueError, match="global_pool"):
@@ -108,10 +111,21 @@ def test_data_config_of_a_hub_folder_is_the_weights(tmp_path):
     from convit_ssl.checkpoints.hub import write_hub_folder
 
     _, ours = _pair()
-    config = {"architecture": "convit_tiny", "num_classes": 5, "num_features": 192, "global_pool": "token",
-              "model_args": {"img_size": 32, "patch_size": 8, "depth": 4, "local_up_to_layer": 2},
-              "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.3, 0.3, 0.3], "std": [0.4, 0.4, 0.4],
-                                 "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}}
+    config = {
+        "architecture": "convit_tiny",
+        "num_classes": 5,
+        "num_features": 192,
+        "global_pool": "token",
+        "model_args": {"img_size": 32, "patch_size": 8, "depth": 4, "local_up_to_layer": 2},
+        "pretrained_cfg": {
+            "input_size": [3, 32, 32],
+            "mean": [0.3, 0.3, 0.3],
+            "std": [0.4, 0.4, 0.4],
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        },
+    }
     folder = tmp_path / "hub"
     folder.mkdir()
     write_hub_folder(folder, ours.state_dict(), config)

@@ -10,7 +10,6 @@ import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List
 
 import numpy as np
 import pytest
@@ -20,12 +19,17 @@ from torch import nn
 from convit_ssl.analysis import analyze
 from convit_ssl.models import create_model
 from convit_ssl.vissl.analysis_hook import (
-    RECORD_FILE, AnalysisSettings, ConViTAnalysisHook, analysis_record, analysis_settings, scalars,
+    RECORD_FILE,
+    AnalysisSettings,
+    ConViTAnalysisHook,
+    analysis_record,
+    analysis_settings,
+    scalars,
 )
-from convit_ssl.vissl.hook_images import eval_transforms, load_held_out_images
-from convit_ssl.vissl.trunk import find_convit
-from convit_ssl.vissl.hooks import hook_generator
 from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.hook_images import eval_transforms, load_held_out_images
+from convit_ssl.vissl.hooks import hook_generator
+from convit_ssl.vissl.trunk import find_convit
 from convit_ssl.vissl.validate import validate
 from helpers import folder_overrides, run_engine
 
@@ -36,11 +40,19 @@ HEADS, KINDS = 4, ["gpsa", "gpsa", "mhsa"]
 
 def _micro_model() -> nn.Module:
     """The trunk of the test/convit_ssl configs as a plain ConViT."""
-    return create_model("convit_tiny", img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2,
-                        num_classes=0, drop_path_rate=0.1)
+    return create_model(
+        "convit_tiny",
+        img_size=32,
+        patch_size=8,
+        width=48,
+        depth=3,
+        num_gpsa_layers=2,
+        num_classes=0,
+        drop_path_rate=0.1,
+    )
 
 
-def _records(checkpoint_dir: Path) -> List[dict]:
+def _records(checkpoint_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (checkpoint_dir / RECORD_FILE).read_text().splitlines()]
 
 
@@ -86,11 +98,17 @@ def test_record_is_analyze_without_maps():
 
 
 def test_scalars_tags():
-    record = {"layers": [
-        {"index": 0, "kind": "gpsa", "gate": [0.2, 0.4],
-         "nonlocality": {"combined": [1.0, 3.0], "positional": [1.0, 1.0], "content": [2.0, None]}},
-        {"index": 1, "kind": "mhsa", "nonlocality": {"combined": [2.0, 2.5]}},
-    ]}
+    record = {
+        "layers": [
+            {
+                "index": 0,
+                "kind": "gpsa",
+                "gate": [0.2, 0.4],
+                "nonlocality": {"combined": [1.0, 3.0], "positional": [1.0, 1.0], "content": [2.0, None]},
+            },
+            {"index": 1, "kind": "mhsa", "nonlocality": {"combined": [2.0, 2.5]}},
+        ]
+    }
     tags = scalars(record)
     assert tags["convit/gate/layer0/head1"] == 0.4
     assert tags["convit/gate/layer0/mean"] == pytest.approx(0.3)
@@ -150,7 +168,9 @@ def test_eval_transforms_are_deterministic_and_keep_normalize():
     _, config = compose([ANALYSIS_FOLDER])
     transforms = eval_transforms(config, "TEST", (32, 48))
     assert transforms == [
-        {"name": "Resize", "size": 48}, {"name": "CenterCrop", "size": [32, 48]}, {"name": "ToTensor"},
+        {"name": "Resize", "size": 48},
+        {"name": "CenterCrop", "size": [32, 48]},
+        {"name": "ToTensor"},
         {"name": "Normalize", "mean": [0.3, 0.3, 0.3], "std": [0.4, 0.4, 0.4]},
     ]
 
@@ -170,7 +190,9 @@ def test_unreadable_images_are_a_clear_error(tmp_path):
     bad.write_bytes(b"not a png")
     missing = folder_overrides(tmp_path)  # tmp_path/{train,val} do not exist
     _, config = compose([ANALYSIS_FOLDER, *missing])
-    with pytest.raises(RuntimeError, match=r"held-out images from config\.DATA\.TEST \['folder_val'\]: could not be read"):
+    with pytest.raises(
+        RuntimeError, match=r"held-out images from config\.DATA\.TEST \['folder_val'\]: could not be read"
+    ):
         load_held_out_images(config, 2, (32, 32))
     folder = bad.parents[1]
     paths = [f"config.DATA.TEST.DATA_PATHS=[{folder}]", f"config.DATA.TEST.LABEL_PATHS=[{folder}]"]
@@ -181,21 +203,36 @@ def test_unreadable_images_are_a_clear_error(tmp_path):
     # A file list: the same.
     filelist = tmp_path / "images.npy"
     np.save(filelist, np.array([str(bad)]))
-    _, config = compose([ANALYSIS_FOLDER, *missing, "config.DATA.TEST.DATA_SOURCES=[disk_filelist]",
-                         f"config.DATA.TEST.DATA_PATHS=[{filelist}]", "config.DATA.TEST.DATA_LIMIT=-1"])
+    _, config = compose(
+        [
+            ANALYSIS_FOLDER,
+            *missing,
+            "config.DATA.TEST.DATA_SOURCES=[disk_filelist]",
+            f"config.DATA.TEST.DATA_PATHS=[{filelist}]",
+            "config.DATA.TEST.DATA_LIMIT=-1",
+        ]
+    )
     with pytest.raises(RuntimeError, match=r"samples \[0\] could not be read \(VISSL returned placeholder"):
         load_held_out_images(config, 2, (32, 32))
 
 
 # ------------------------------------------------------------------ config
-@pytest.mark.parametrize("override, message", [
-    ("+config.HOOKS.CONVIT_ANALYSIS.FREQUENCY=5",
-     r"unknown key\(s\) \['FREQUENCY'\] in config\.HOOKS\.CONVIT_ANALYSIS; valid: USE, FREQUENCY_ITERS, NUM_IMAGES"),
-    ("config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=-1", r"CONVIT_ANALYSIS\.FREQUENCY_ITERS must be an integer >= 0.*-1"),
-    ("config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=2.5", r"FREQUENCY_ITERS must be an integer >= 0.*2\.5"),
-    ("config.HOOKS.CONVIT_ANALYSIS.NUM_IMAGES=0", r"CONVIT_ANALYSIS\.NUM_IMAGES must be an integer >= 1, got 0"),
-    ("config.HOOKS.CONVIT_ANALYSIS.USE=1", r"CONVIT_ANALYSIS\.USE must be true or false, got 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "+config.HOOKS.CONVIT_ANALYSIS.FREQUENCY=5",
+            r"unknown key\(s\) \['FREQUENCY'\] in config\.HOOKS\.CONVIT_ANALYSIS; valid: USE, FREQUENCY_ITERS, NUM_IMAGES",
+        ),
+        (
+            "config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=-1",
+            r"CONVIT_ANALYSIS\.FREQUENCY_ITERS must be an integer >= 0.*-1",
+        ),
+        ("config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=2.5", r"FREQUENCY_ITERS must be an integer >= 0.*2\.5"),
+        ("config.HOOKS.CONVIT_ANALYSIS.NUM_IMAGES=0", r"CONVIT_ANALYSIS\.NUM_IMAGES must be an integer >= 1, got 0"),
+        ("config.HOOKS.CONVIT_ANALYSIS.USE=1", r"CONVIT_ANALYSIS\.USE must be true or false, got 1"),
+    ],
+)
 def test_bad_config_is_refused_before_launch(override, message):
     _, config = compose([SYNTHETIC, "+config/convit_ssl/hooks=analysis", override])
     with pytest.raises(ValueError, match=message):
@@ -213,8 +250,14 @@ def test_config_defaults_and_off_switch():
     assert analysis_settings(config) is None  # no block: off
     _, config = compose([SYNTHETIC, "+config.HOOKS.CONVIT_ANALYSIS.USE=true"])
     assert analysis_settings(config) == AnalysisSettings(frequency_iters=0, num_images=8)
-    _, config = compose([SYNTHETIC, "+config/convit_ssl/hooks=analysis", "config.HOOKS.CONVIT_ANALYSIS.USE=false",
-                         "config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=-3"])
+    _, config = compose(
+        [
+            SYNTHETIC,
+            "+config/convit_ssl/hooks=analysis",
+            "config.HOOKS.CONVIT_ANALYSIS.USE=false",
+            "config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=-3",
+        ]
+    )
     with pytest.raises(ValueError, match="FREQUENCY_ITERS"):  # checked even when off
         analysis_settings(config)
 
@@ -231,8 +274,9 @@ def test_hook_generator(tmp_path):
     vissl_hooks = [type(h) for h in default_hook_generator(config)]
     checkpoint = vissl_hooks.index(LogLossMetricsCheckpointHook)
     # off: VISSL's own, and the count of unreadable images and the stop on a signal (always on) before the checkpoint
-    assert [type(h) for h in hooks] == (vissl_hooks[:checkpoint] + [UnreadableImagesHook, StopHook]
-                                        + vissl_hooks[checkpoint:])
+    assert [type(h) for h in hooks] == (
+        vissl_hooks[:checkpoint] + [UnreadableImagesHook, StopHook] + vissl_hooks[checkpoint:]
+    )
     _, config = compose([*overrides, "+config/convit_ssl/hooks=analysis"])
     hooks = hook_generator(config)
     names = [type(h) for h in hooks]
@@ -248,9 +292,14 @@ def test_hook_generator(tmp_path):
 
 
 # ------------------------------------------------------------- engine runs
-def _folder_run(digits: Path, checkpoint_dir: Path, *extra: str) -> List[str]:
-    return [ANALYSIS_FOLDER, *folder_overrides(digits), f"config.CHECKPOINT.DIR={checkpoint_dir}",
-            "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true", *extra]
+def _folder_run(digits: Path, checkpoint_dir: Path, *extra: str) -> list[str]:
+    return [
+        ANALYSIS_FOLDER,
+        *folder_overrides(digits),
+        f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -293,8 +342,12 @@ def test_epoch_run_tensorboard(epoch_run):
     tags = set(events.Tags()["scalars"])
     records = _records(epoch_run)
     assert set(scalars(records[0])) <= tags
-    assert {"convit/gate/layer0/head0", "convit/gate/layer1/mean", "convit/nonlocality/layer2/head3",
-            "convit/nonlocality_positional/layer1/head0"} <= tags
+    assert {
+        "convit/gate/layer0/head0",
+        "convit/gate/layer1/mean",
+        "convit/nonlocality/layer2/head3",
+        "convit/nonlocality_positional/layer1/head0",
+    } <= tags
     gate = events.Scalars("convit/gate/layer1/head2")
     assert [e.step for e in gate] == [4, 8]
     assert [e.value for e in gate] == pytest.approx([r["layers"][1]["gate"][2] for r in records])
@@ -334,9 +387,17 @@ def test_every_n_iterations_two_processes(digits, tmp_path):
     """2 ranks x 4 images per batch on 32 images: 4 iterations per epoch, 8 in all;
     FREQUENCY_ITERS=3 gives records at iterations 3 and 6, written by rank 0 only."""
     checkpoint_dir = tmp_path / "ck"
-    proc = run_engine([ANALYSIS_FOLDER, *folder_overrides(digits), f"config.CHECKPOINT.DIR={checkpoint_dir}",
-                       "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.TRAIN.DATA_LIMIT=32",
-                       "config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=3"], cwd=tmp_path)
+    proc = run_engine(
+        [
+            ANALYSIS_FOLDER,
+            *folder_overrides(digits),
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+            "config.DATA.TRAIN.DATA_LIMIT=32",
+            "config.HOOKS.CONVIT_ANALYSIS.FREQUENCY_ITERS=3",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.stdout.count("ConViT analysis: 4 held-out images") == 1  # only rank 0 loaded them
     assert sorted(p.name for p in checkpoint_dir.glob("*.jsonl")) == [RECORD_FILE]
     records = _records(checkpoint_dir)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
 from convit_ssl.vissl.configs import compose, config_root
 from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
+from helpers import REPO
 
 CONFIG_DIR = REPO / "configs" / "config"
 SHIPPED = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
@@ -48,9 +48,21 @@ def test_configs_found_after_regular_install(tmp_path):
     from an unrelated working directory."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(REPO)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     code = (
         "import convit_ssl, sys\n"
@@ -63,7 +75,8 @@ def test_configs_found_after_regular_install(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", code, str(target)], cwd=elsewhere, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(target)], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith(TRUNK_NAME)

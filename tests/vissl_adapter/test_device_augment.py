@@ -10,13 +10,12 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from helpers import run_engine
-
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.data import photometric as P
 from convit_ssl.vissl import device_augment as D
 from convit_ssl.vissl.configs import SSL_METHODS, compose
 from convit_ssl.vissl.validate import validate
+from helpers import run_engine
 
 
 def recipe(method: str):
@@ -38,20 +37,24 @@ def test_dino_recipe_splits_as_its_config_states():
     assert flip.p == 0.5
     assert plan.steps[0].op == P.ColorJitter(0.4, 0.4, 0.4, 0.1)  # strength 0.5
     assert steps_of(plan) == [
-        ("ColorJitter", (0.8,) * 12), ("Grayscale", (0.2,) * 12),
-        ("GaussianBlur", (1.0, 0.1) + (0.5,) * 10),   # always on global crop 1, 0.1 on crop 2, 0.5 on local crops
-        ("Solarize", (0.0, 0.2) + (0.0,) * 10),       # 0.2 on global crop 2 only
+        ("ColorJitter", (0.8,) * 12),
+        ("Grayscale", (0.2,) * 12),
+        ("GaussianBlur", (1.0, 0.1) + (0.5,) * 10),  # always on global crop 1, 0.1 on crop 2, 0.5 on local crops
+        ("Solarize", (0.0, 0.2) + (0.0,) * 10),  # 0.2 on global crop 2 only
     ]
     assert plan.mean == (0.485, 0.456, 0.406) and plan.std == (0.229, 0.224, 0.225)
 
 
-@pytest.mark.parametrize("method, strength, blur, solarize", [
-    ("simclr", 1.0, (0.5, 0.5), None),
-    ("moco", 0.5, (0.5, 0.5), None),            # its flip comes after the blur: moved to the loader
-    ("barlow_twins", 0.5, (1.0, 0.1), (0.0, 0.2)),
-    ("deepclusterv2", 1.0, (0.5, 0.5), None),
-    ("swav", 1.0, (0.5,) * 8, None),
-])
+@pytest.mark.parametrize(
+    "method, strength, blur, solarize",
+    [
+        ("simclr", 1.0, (0.5, 0.5), None),
+        ("moco", 0.5, (0.5, 0.5), None),  # its flip comes after the blur: moved to the loader
+        ("barlow_twins", 0.5, (1.0, 0.1), (0.0, 0.2)),
+        ("deepclusterv2", 1.0, (0.5, 0.5), None),
+        ("swav", 1.0, (0.5,) * 8, None),
+    ],
+)
 def test_other_recipes_split(method, strength, blur, solarize):
     plan = D.plan(recipe(method).DATA.TRAIN)
     s = 0.8 * strength
@@ -69,28 +72,44 @@ def _micro_with(transform: dict, position: int = 4):
 
 def test_unsplittable_transform_is_refused_before_launch():
     config = _micro_with({"name": "ImgPilRandomPhotometric", "p": 0.5})
-    with pytest.raises(ValueError, match=r"TRANSFORMS\[4\] \('ImgPilRandomPhotometric'\) follows the photometric "
-                                         r"transforms and cannot run on the training device"):
+    with pytest.raises(
+        ValueError,
+        match=r"TRANSFORMS\[4\] \('ImgPilRandomPhotometric'\) follows the photometric "
+        r"transforms and cannot run on the training device",
+    ):
         validate(config)
     config.DATA.TRAIN.DEVICE_AUGMENTATION = False  # VISSL's chain runs it
     validate(config)
 
 
 def test_key_needs_the_task_and_a_known_collator():
-    _, config = compose(["config=test/convit_ssl/ssl/simclr_micro_synthetic",
-                         "config.TRAINER.TASK_NAME=self_supervision_task"])
+    _, config = compose(
+        ["config=test/convit_ssl/ssl/simclr_micro_synthetic", "config.TRAINER.TASK_NAME=self_supervision_task"]
+    )
     with pytest.raises(ValueError, match=r"DEVICE_AUGMENTATION needs config.TRAINER.TASK_NAME=convit_ssl_task"):
         validate(config)
-    _, config = compose(["config=test/convit_ssl/ssl/simclr_micro_synthetic",
-                         "config.DATA.TRAIN.COLLATE_FUNCTION=siamese_collator"])
+    _, config = compose(
+        ["config=test/convit_ssl/ssl/simclr_micro_synthetic", "config.DATA.TRAIN.COLLATE_FUNCTION=siamese_collator"]
+    )
     with pytest.raises(ValueError, match=r"collator 'siamese_collator' is not supported"):
         validate(config)
 
 
-MULTICROP = [{"name": "ImgPilToMultiCrop", "total_num_crops": 6, "size_crops": [112, 48], "num_crops": [2, 4],
-              "crop_scales": [[0.4, 1], [0.05, 0.4]]}, {"name": "RandomHorizontalFlip", "p": 0.5}]
-DEIT = [{"name": "RandomResizedCrop", "size": 112, "interpolation": 3}, {"name": "RandomHorizontalFlip"},
-        {"name": "RandAugment", "magnitude": 9, "magnitude_std": 0.5, "increasing_severity": True}]
+MULTICROP = [
+    {
+        "name": "ImgPilToMultiCrop",
+        "total_num_crops": 6,
+        "size_crops": [112, 48],
+        "num_crops": [2, 4],
+        "crop_scales": [[0.4, 1], [0.05, 0.4]],
+    },
+    {"name": "RandomHorizontalFlip", "p": 0.5},
+]
+DEIT = [
+    {"name": "RandomResizedCrop", "size": 112, "interpolation": 3},
+    {"name": "RandomHorizontalFlip"},
+    {"name": "RandAugment", "magnitude": 9, "magnitude_std": 0.5, "increasing_severity": True},
+]
 
 
 @pytest.mark.parametrize("head, crops", [(MULTICROP, 6), (DEIT, 1)], ids=["dino", "deit"])
@@ -156,8 +175,13 @@ def test_each_batch_of_one_iteration_gets_its_own_parameters():
     assert len(wrapped) == 3 and wrapped.count([]) == 0  # list.count: an attribute of the wrapped loader
     first, second, _ = [b["data"][0] for b in wrapped]
     assert not torch.equal(first, second)
-    again = next(iter(D.DeviceAugmentedLoader([{"data": [images.clone()]}], plan, "default_collate",
-                                              torch.device("cpu"), lambda: iteration[0], 0, 0)))
+    again = next(
+        iter(
+            D.DeviceAugmentedLoader(
+                [{"data": [images.clone()]}], plan, "default_collate", torch.device("cpu"), lambda: iteration[0], 0, 0
+            )
+        )
+    )
     assert torch.equal(again["data"][0], first)
 
 
@@ -214,7 +238,7 @@ def test_erasing_fills_its_box_with_noise_only():
     out = augment.apply(images, params)
     for k, (top, left, h, w) in enumerate(params[0]["box"].tolist()):
         inside = torch.zeros(32, 32, dtype=torch.bool)
-        inside[top:top + h, left:left + w] = True
+        inside[top : top + h, left : left + w] = True
         assert torch.all(out[k][:, ~inside] == 128 / 255)
         noise = out[k][:, inside]
         assert noise.numel() > 30 and abs(float(noise.mean())) < 0.5 and 0.6 < float(noise.std()) < 1.4
@@ -227,11 +251,24 @@ def test_mixup_on_the_device_equals_vissls_collator():
     from torch.utils.data import default_collate
     from vissl.data.collators.cutmixup_collator import cutmixup_collator
 
-    params = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5, "mode": "batch",
-              "correct_lam": True, "label_smoothing": 0.1, "num_classes": 5}
+    params = {
+        "mixup_alpha": 0.8,
+        "cutmix_alpha": 1.0,
+        "prob": 1.0,
+        "switch_prob": 0.5,
+        "mode": "batch",
+        "correct_lam": True,
+        "label_smoothing": 0.1,
+        "num_classes": 5,
+    }
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
-    samples = lambda to: [{"data": [to(images[i])], "label": [i % 5], "data_valid": [1], "data_idx": [i]}  # noqa
-                          for i in range(6)]
+
+    def samples(to):
+        return [
+            {"data": [to(images[i])], "label": [i % 5], "data_valid": [1], "data_idx": [i]}  # noqa
+            for i in range(6)
+        ]
+
     augment = P.PhotometricAugment([], (0,) * 3, (1,) * 3)
     for seed in range(6):  # mixup and cutmix both drawn
         np.random.seed(seed), torch.manual_seed(seed)
@@ -250,15 +287,21 @@ def test_crops_and_normalisation_alone_train_the_same_weights_either_way(digits,
     training end with the same trunk, bit for bit (the crops are the same
     pixels, and the device path draws nothing from the global generator that
     the crops and the model share)."""
-    base = ["config=pretrain/dino/dino_convit_demo_digits_32", f"config.DATA.TRAIN.DATA_PATHS=[{digits / 'train'}]",
-            f"config.DATA.TRAIN.LABEL_PATHS=[{digits / 'train'}]", "config.OPTIMIZER.num_epochs=1",
-            "config.DATA.TRAIN.DATA_LIMIT=192", "config.LOSS.dino_loss.teacher_temp_warmup_iters=1",
-            "config.LOG_FREQUENCY=1"]
+    base = [
+        "config=pretrain/dino/dino_convit_demo_digits_32",
+        f"config.DATA.TRAIN.DATA_PATHS=[{digits / 'train'}]",
+        f"config.DATA.TRAIN.LABEL_PATHS=[{digits / 'train'}]",
+        "config.OPTIMIZER.num_epochs=1",
+        "config.DATA.TRAIN.DATA_LIMIT=192",
+        "config.LOSS.dino_loss.teacher_temp_warmup_iters=1",
+        "config.LOG_FREQUENCY=1",
+    ]
     trunks, losses = {}, {}
     for key in ("true", "false"):
         folder = tmp_path / key
-        run_engine([*base, f"config.DATA.TRAIN.DEVICE_AUGMENTATION={key}", f"config.CHECKPOINT.DIR={folder}"],
-                   cwd=tmp_path)
+        run_engine(
+            [*base, f"config.DATA.TRAIN.DEVICE_AUGMENTATION={key}", f"config.CHECKPOINT.DIR={folder}"], cwd=tmp_path
+        )
         losses[key] = run_folder.losses(folder)
         used = "DEVICE_AUGMENTATION: the loader makes 2 uint8 crops an image; on the cpu device: normalisation"
         assert (used in (folder / "log.txt").read_text()) == (key == "true")

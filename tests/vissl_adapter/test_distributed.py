@@ -27,40 +27,50 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import pytest
 import torch
-from helpers import RUN_SCRIPT, WarmProcess, folder_overrides, free_port, start_warm
 
 from convit_ssl.checkpoints import run_folder
+from helpers import RUN_SCRIPT, WarmProcess, folder_overrides, free_port, start_warm
 
-Process = Union[subprocess.Popen, WarmProcess]  # a launch: a command, or a fork of the warm Python
+Process = subprocess.Popen | WarmProcess  # a launch: a command, or a fork of the warm Python
 
 pytestmark = pytest.mark.slow
 
 SSL_DIR = "test/convit_ssl/ssl"
 
 
-def full_image_crops(sizes: Sequence[int], resize: Optional[int] = None) -> str:
+def full_image_crops(sizes: Sequence[int], resize: int | None = None) -> str:
     """The TRANSFORMS override: len(sizes) whole-image views at those sizes (each
     resized to `resize` if given, so that a smaller view is a blurred copy of the
     first, deterministically), normalised."""
     uniq = sorted(set(sizes), reverse=True)
-    crops = (f"{{name:ImgPilToMultiCrop,total_num_crops:{len(sizes)},size_crops:[{','.join(map(str, uniq))}],"
-             f"num_crops:[{','.join(str(list(sizes).count(s)) for s in uniq)}],"
-             f"crop_scales:[{','.join('[1,1]' for _ in uniq)}]}}")
-    steps = [crops, *([f"{{name:Resize,size:{resize}}}"] if resize else []), "{name:ToTensor}",
-             "{name:Normalize,mean:[0.5,0.5,0.5],std:[0.25,0.25,0.25]}"]
+    crops = (
+        f"{{name:ImgPilToMultiCrop,total_num_crops:{len(sizes)},size_crops:[{','.join(map(str, uniq))}],"
+        f"num_crops:[{','.join(str(list(sizes).count(s)) for s in uniq)}],"
+        f"crop_scales:[{','.join('[1,1]' for _ in uniq)}]}}"
+    )
+    steps = [
+        crops,
+        *([f"{{name:Resize,size:{resize}}}"] if resize else []),
+        "{name:ToTensor}",
+        "{name:Normalize,mean:[0.5,0.5,0.5],std:[0.25,0.25,0.25]}",
+    ]
     return f"config.DATA.TRAIN.TRANSFORMS=[{','.join(steps)}]"
 
 
-NO_BN_BARLOW_HEAD = ("config.MODEL.HEAD.PARAMS=["
-                     + ",".join("[mlp,{dims:[%d,256],use_relu:true,use_bn:false,use_bias:false,skip_last_layer_relu_bn:false}]" % d
-                                for d in (48, 256))
-                     + ",[mlp,{dims:[256,256],use_bias:false}]]")
+NO_BN_BARLOW_HEAD = (
+    "config.MODEL.HEAD.PARAMS=["
+    + ",".join(
+        f"[mlp,{{dims:[{d},256],use_relu:true,use_bn:false,use_bias:false,skip_last_layer_relu_bn:false}}]"
+        for d in (48, 256)
+    )
+    + ",[mlp,{dims:[256,256],use_bias:false}]]"
+)
 NO_BN_SWAV_HEAD = "config.MODEL.HEAD.PARAMS=[[swav_head,{dims:[48,2048,128],use_bn:false,num_clusters:[3000]}]]"
 
 # Two different views, deterministically: the image at 32 px, and at 24 px resized
@@ -68,15 +78,22 @@ NO_BN_SWAV_HEAD = "config.MODEL.HEAD.PARAMS=[[swav_head,{dims:[48,2048,128],use_
 # rounding decides them: Barlow Twins' diagonal, MoCo's positives).
 TWO_VIEWS = full_image_crops([32, 24], resize=32)
 # method -> overrides of its tiny twin that make its inputs deterministic
-SSL_TWINS: Dict[str, List[str]] = {
+SSL_TWINS: dict[str, list[str]] = {
     "simclr": [f"config={SSL_DIR}/simclr_micro_synthetic", TWO_VIEWS],
     "moco": [f"config={SSL_DIR}/moco_micro_synthetic", TWO_VIEWS],
-    "barlow_twins": [f"config={SSL_DIR}/barlow_twins_micro_synthetic", TWO_VIEWS, NO_BN_BARLOW_HEAD,
-                     "config.OPTIMIZER.weight_decay=0"],  # see BARLOW_TWINS_ON_N
+    "barlow_twins": [
+        f"config={SSL_DIR}/barlow_twins_micro_synthetic",
+        TWO_VIEWS,
+        NO_BN_BARLOW_HEAD,
+        "config.OPTIMIZER.weight_decay=0",
+    ],  # see BARLOW_TWINS_ON_N
     "swav": [f"config={SSL_DIR}/swav_micro_synthetic", full_image_crops([32] * 2 + [16] * 6), NO_BN_SWAV_HEAD],
     "dino": [f"config={SSL_DIR}/dino_micro_synthetic", full_image_crops([32] * 2 + [16] * 10)],
-    "deepclusterv2": [f"config={SSL_DIR}/deepclusterv2_micro_synthetic", TWO_VIEWS,
-                      "config.LOSS.deepclusterv2_loss.num_clusters=[6,6,6]"],  # <= rank 0's 6 samples
+    "deepclusterv2": [
+        f"config={SSL_DIR}/deepclusterv2_micro_synthetic",
+        TWO_VIEWS,
+        "config.LOSS.deepclusterv2_loss.num_clusters=[6,6,6]",
+    ],  # <= rank 0's 6 samples
 }
 # Barlow Twins' gradient on N processes is 1/N of the gradient on one (VISSL's
 # loss, like the official code, all-reduces the cross-correlation in place, which
@@ -91,21 +108,29 @@ NO_DROP_PATH = "config.MODEL.TRUNK.CONVIT_SSL.DROP_PATH_RATE=0"
 # Barlow Twins' weights, by up to 3.7e-4, after 3 steps at lr 1e-3). SGD's step
 # is the gradient times the lr, so the weights compare the gradients themselves:
 # SGD with momentum at a constant lr 0.01.
-SGD = ["config.OPTIMIZER.name=sgd", "config.OPTIMIZER.momentum=0.9",
-       "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale=false",
-       "config.OPTIMIZER.param_schedulers.lr.name=constant", "config.OPTIMIZER.param_schedulers.lr.value=0.01"]
+SGD = [
+    "config.OPTIMIZER.name=sgd",
+    "config.OPTIMIZER.momentum=0.9",
+    "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.auto_scale=false",
+    "config.OPTIMIZER.param_schedulers.lr.name=constant",
+    "config.OPTIMIZER.param_schedulers.lr.value=0.01",
+]
 
 
-def supervised_twin(digits: Path) -> List[str]:
+def supervised_twin(digits: Path) -> list[str]:
     """The supervised recipe twin (repeated augmentation, label smoothing, AdamW
     groups, warm-up + cosine) on 32 digits, 4 epochs with a checkpoint after each
     (auto-resume on, as in the recipe), deterministic inputs."""
     return [
-        "config=test/convit_ssl/recipe/supervised_recipe_micro_folder", *folder_overrides(digits),
-        "config.TEST_MODEL=False", "config.DATA.TRAIN.DATA_LIMIT=32", "config.OPTIMIZER.num_epochs=4",
+        "config=test/convit_ssl/recipe/supervised_recipe_micro_folder",
+        *folder_overrides(digits),
+        "config.TEST_MODEL=False",
+        "config.DATA.TRAIN.DATA_LIMIT=32",
+        "config.OPTIMIZER.num_epochs=4",
         "config.DATA.TRAIN.TRANSFORMS=[{name:Resize,size:32},{name:ToTensor},"
         "{name:Normalize,mean:[0.3,0.3,0.3],std:[0.4,0.4,0.4]}]",
-        "config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.prob=0.0", NO_DROP_PATH,
+        "config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.prob=0.0",
+        NO_DROP_PATH,
         # the recipe's lr (5e-4 at batch 512) at the twin's batch of 8, so that weights move
         "config.OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_lr_batch_size=8",
     ]
@@ -116,12 +141,21 @@ def supervised_twin(digits: Path) -> List[str]:
 # ----------------------------------------------------------------------------
 
 
-def launch(overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs: int = 1,
-           host: str = "127.0.0.1", prefix: Sequence[Sequence[str]] = ()) -> List[Process]:
+def launch(
+    overrides: Sequence[str],
+    checkpoint_dir: Path,
+    nodes: int = 1,
+    procs: int = 1,
+    host: str = "127.0.0.1",
+    prefix: Sequence[Sequence[str]] = (),
+) -> list[Process]:
     """Start `nodes` commands (`node_id=K` each, a tcp rendezvous on `host`), each
     of `procs` processes. `prefix[k]` goes before node k's command (`ip netns exec ...`)."""
-    world = [f"config.DISTRIBUTED.NUM_NODES={nodes}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
-             f"config.CHECKPOINT.DIR={checkpoint_dir}"]
+    world = [
+        f"config.DISTRIBUTED.NUM_NODES={nodes}",
+        f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}",
+        f"config.CHECKPOINT.DIR={checkpoint_dir}",
+    ]
     if nodes > 1:
         world += ["config.DISTRIBUTED.INIT_METHOD=tcp", f"config.DISTRIBUTED.RUN_ID={host}:{free_port()}"]
     started = []
@@ -132,13 +166,19 @@ def launch(overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs
             started.append(start_warm(arguments, checkpoint_dir.parent, log))
             continue
         with open(log, "w") as out:  # the child keeps it
-            started.append(subprocess.Popen([*prefix[node], sys.executable, *arguments], cwd=checkpoint_dir.parent,
-                                            stdout=out, stderr=subprocess.STDOUT,
-                                            env=dict(os.environ, PYTHONWARNINGS="ignore")))
+            started.append(
+                subprocess.Popen(
+                    [*prefix[node], sys.executable, *arguments],
+                    cwd=checkpoint_dir.parent,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                )
+            )
     return started
 
 
-def wait(started: List[Process], timeout: float) -> List[int]:
+def wait(started: list[Process], timeout: float) -> list[int]:
     deadline = time.time() + timeout
     try:
         return [p.wait(timeout=max(1.0, deadline - time.time())) for p in started]
@@ -151,9 +191,9 @@ def wait(started: List[Process], timeout: float) -> List[int]:
 
 @dataclass
 class Run:
-    losses: List[float]             # per iteration, as VISSL logs them (all-reduced over ranks, 5 digits)
-    weights: Dict[str, torch.Tensor]
-    loss_state: Dict[str, torch.Tensor]
+    losses: list[float]  # per iteration, as VISSL logs them (all-reduced over ranks, 5 digits)
+    weights: dict[str, torch.Tensor]
+    loss_state: dict[str, torch.Tensor]
     seconds: float
 
 
@@ -166,18 +206,20 @@ def read_run(checkpoint_dir: Path, seconds: float = math.nan) -> Run:
     return Run(run_folder.losses(checkpoint_dir), weights, state["loss"], seconds)
 
 
-def train(overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs: int = 1,
-          timeout: float = 300, **kwargs) -> Run:
+def train(
+    overrides: Sequence[str], checkpoint_dir: Path, nodes: int = 1, procs: int = 1, timeout: float = 300, **kwargs
+) -> Run:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     codes = wait(launch(overrides, checkpoint_dir, nodes, procs, **kwargs), timeout)
-    logs = "".join((checkpoint_dir.parent / f"{checkpoint_dir.name}.node{k}.log").read_text()[-4000:]
-                   for k in range(nodes))
+    logs = "".join(
+        (checkpoint_dir.parent / f"{checkpoint_dir.name}.node{k}.log").read_text()[-4000:] for k in range(nodes)
+    )
     assert codes == [0] * nodes, logs
     return read_run(checkpoint_dir, time.time() - start)
 
 
-def max_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
@@ -196,13 +238,17 @@ def _batch(batch: int) -> str:
 # turns rounding-level gradients into whole steps where a gradient is near zero:
 # before the recipe kept its 1e-6 warm-up start, 6 of 95082 weights differed by up
 # to 9e-5, hence its looser bound.
-LOSS_TOLERANCE = {"default": 5e-5,      # relative
-                  # Barlow Twins' loss sums 65536 squared correlations: measured 3.8e-5 (2 threads), 6.9e-5 (1)
-                  "barlow_twins": 2e-4}
-ADAMW_TOLERANCE = (2e-4, 1e-3)   # largest element difference; fraction above 1e-6
-SGD_TOLERANCE = {"default": (1e-5, 0.0),
-                 # its loss sums 65536 squared correlations: the largest rounding (measured 3.0e-5, 2.8 %)
-                 "barlow_twins": (1e-4, 0.05)}
+LOSS_TOLERANCE = {
+    "default": 5e-5,  # relative
+    # Barlow Twins' loss sums 65536 squared correlations: measured 3.8e-5 (2 threads), 6.9e-5 (1)
+    "barlow_twins": 2e-4,
+}
+ADAMW_TOLERANCE = (2e-4, 1e-3)  # largest element difference; fraction above 1e-6
+SGD_TOLERANCE = {
+    "default": (1e-5, 0.0),
+    # its loss sums 65536 squared correlations: the largest rounding (measured 3.0e-5, 2.8 %)
+    "barlow_twins": (1e-4, 0.05),
+}
 
 
 # Parameters whose gradient is zero analytically, so only rounding moves them, by
@@ -211,7 +257,7 @@ SGD_TOLERANCE = {"default": (1e-5, 0.0),
 ROUNDING_ONLY = (".attn.pos_proj.bias",)
 
 
-def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], tolerance: Tuple[float, float]) -> None:
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tolerance: tuple[float, float]) -> None:
     largest, stray_fraction = tolerance
     assert a.keys() == b.keys()
     compared = [k for k in a if a[k].is_floating_point() and not k.endswith(ROUNDING_ONLY)]
@@ -221,13 +267,13 @@ def assert_same_weights(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], 
     assert differences.max().item() <= largest and stray <= stray_fraction, (differences.max().item(), stray)
 
 
-def assert_same_losses(a: List[float], b: List[float], method: str = "default") -> None:
+def assert_same_losses(a: list[float], b: list[float], method: str = "default") -> None:
     tolerance = LOSS_TOLERANCE.get(method, LOSS_TOLERANCE["default"])
     assert len(a) == len(b) > 0 and all(abs(x - y) <= tolerance * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
 
 
 @pytest.fixture(scope="module")
-def supervised_runs(digits, tmp_path_factory) -> Dict[str, Run]:
+def supervised_runs(digits, tmp_path_factory) -> dict[str, Run]:
     """The supervised recipe twin at global batch 8: 1 x 8, 1 node x 2 x 4, 2 nodes x 1 x 4."""
     root = tmp_path_factory.mktemp("supervised")
     overrides = supervised_twin(digits)
@@ -333,7 +379,7 @@ class Namespaces:
         for name in self.names:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
-    def prefix(self, node: int) -> List[str]:
+    def prefix(self, node: int) -> list[str]:
         """Run in namespace `node`; gloo talks over its veth (not its loopback)."""
         return ["ip", "netns", "exec", self.names[node], "env", f"GLOO_SOCKET_IFNAME={self.devices[node]}"]
 
@@ -355,8 +401,13 @@ def namespaces():
 def test_two_hosts_equal_one_node_of_two_processes(supervised_runs, namespaces, digits, tmp_path):
     """Node 0 in one namespace, node 1 in the other, node 0's address as the rendezvous."""
     overrides = [*supervised_twin(digits), _batch(4)]
-    run = train(overrides, tmp_path / "ck", nodes=2, host=namespaces.addresses[0],
-                prefix=[namespaces.prefix(0), namespaces.prefix(1)])
+    run = train(
+        overrides,
+        tmp_path / "ck",
+        nodes=2,
+        host=namespaces.addresses[0],
+        prefix=[namespaces.prefix(0), namespaces.prefix(1)],
+    )
     log = (tmp_path / "ck.node1.log").read_text()
     assert namespaces.addresses[0] in log  # node 1 reached node 0 over the veth pair
     assert run.losses == supervised_runs["1x2"].losses
@@ -367,12 +418,13 @@ def test_two_hosts_equal_one_node_of_two_processes(supervised_runs, namespaces, 
 # 3. A lost rank: the job ends, no checkpoint is damaged, relaunching resumes.
 # ----------------------------------------------------------------------------
 
-def _children(pid: int) -> List[int]:
+
+def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
-def _rank_processes(launcher: Process) -> List[int]:
+def _rank_processes(launcher: Process) -> list[int]:
     """The ranks torch.multiprocessing started under a launcher (spawned or
     forked: helpers.start_warm), not its resource tracker."""
     ranks = []
@@ -386,7 +438,7 @@ def _rank_processes(launcher: Process) -> List[int]:
     return sorted(ranks)
 
 
-def _wait_for_checkpoint(checkpoint_dir: Path, name: str, started: List[Process], timeout: float = 240) -> None:
+def _wait_for_checkpoint(checkpoint_dir: Path, name: str, started: list[Process], timeout: float = 240) -> None:
     """Until `name` exists: the run is then at the start of the next epoch."""
     deadline = time.time() + timeout
     while not (checkpoint_dir / name).exists():
@@ -395,7 +447,7 @@ def _wait_for_checkpoint(checkpoint_dir: Path, name: str, started: List[Process]
         time.sleep(0.02)
 
 
-def _all_checkpoints_load(checkpoint_dir: Path) -> List[str]:
+def _all_checkpoints_load(checkpoint_dir: Path) -> list[str]:
     names = sorted(p.name for p in checkpoint_dir.glob("*.torch"))
     for name in names:
         torch.load(checkpoint_dir / name, map_location="cpu", weights_only=False)
@@ -428,7 +480,9 @@ def test_killed_rank_ends_the_job_and_relaunch_resumes(procs, supervised_runs, d
     resumed = train(overrides, checkpoint_dir, procs=procs)
     log = (tmp_path / "ck.node0.log").read_text()
     # VISSL's own line (vissl/utils/checkpoint.py:625) names the checkpoint it resumed from
-    assert re.search(rf"Resume from file: {re.escape(str(checkpoint_dir))}/(checkpoint|model_phase\d+)\.torch", log), log[-3000:]
+    assert re.search(rf"Resume from file: {re.escape(str(checkpoint_dir))}/(checkpoint|model_phase\d+)\.torch", log), (
+        log[-3000:]
+    )
     assert "Starting phase 0 [train]" not in log  # phase 0 was not trained again
     assert max_difference(resumed.weights, uninterrupted.weights) == 0.0
 

@@ -32,8 +32,14 @@ def supervised_folder_run(tmp_path_factory, digits) -> Path:
     """One supervised run on the digits folder, shared by the eval tests."""
     work = tmp_path_factory.mktemp("supervised")
     checkpoint_dir = work / "ck"
-    run_engine(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(digits),
-                f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=work)
+    run_engine(
+        [
+            "config=test/convit_ssl/supervised_micro_folder",
+            *folder_overrides(digits),
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=work,
+    )
     return checkpoint_dir
 
 
@@ -60,12 +66,20 @@ def test_unreadable_images_are_counted_per_epoch(digits, tmp_path):
     for name in ("broken_a.png", "broken_b.png"):
         (tmp_path / "train" / "0" / name).write_bytes(b"not a png")
     checkpoint_dir = tmp_path / "ck"
-    proc = run_engine(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(tmp_path),
-                       "config.DATA.TRAIN.DATA_LIMIT=-1", "config.DATA.TEST.DATA_LIMIT=-1",
-                       f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    proc = run_engine(
+        [
+            "config=test/convit_ssl/supervised_micro_folder",
+            *folder_overrides(tmp_path),
+            "config.DATA.TRAIN.DATA_LIMIT=-1",
+            "config.DATA.TEST.DATA_LIMIT=-1",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=tmp_path,
+    )
     # the val split read every image: no record for it
     assert run_folder.unreadable_images(checkpoint_dir) == [
-        {"phase_idx": 0, "train_phase_idx": 0, "split": "train", "unreadable": 2, "images": 12}]
+        {"phase_idx": 0, "train_phase_idx": 0, "split": "train", "unreadable": 2, "images": 12}
+    ]
     assert "phase 0 (train): 2 of 12 images could not be read" in proc.stdout  # and the user is told
     assert (checkpoint_dir / "model_final_checkpoint_phase0.torch").is_file()
 
@@ -73,9 +87,15 @@ def test_unreadable_images_are_counted_per_epoch(digits, tmp_path):
 def test_linear_eval_from_checkpoint(supervised_folder_run, digits, tmp_path):
     pretrained = supervised_folder_run / "model_final_checkpoint_phase0.torch"
     checkpoint_dir = tmp_path / "ck"
-    run_engine(["config=test/convit_ssl/linear_eval_micro_folder", *folder_overrides(digits),
-                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
-                       f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    run_engine(
+        [
+            "config=test/convit_ssl/linear_eval_micro_folder",
+            *folder_overrides(digits),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=tmp_path,
+    )
     test_records = [r for r in run_folder.metrics(checkpoint_dir) if "test_accuracy_list_meter" in r]
     assert len(test_records[-1]["test_accuracy_list_meter"]["top_1"]) == 4  # one probe per feature
     # The trunk stayed frozen: its weights equal the pretrained ones (under feature-eval's prefix).
@@ -89,9 +109,15 @@ def test_linear_eval_from_checkpoint(supervised_folder_run, digits, tmp_path):
 def test_finetune_from_checkpoint(supervised_folder_run, digits, tmp_path):
     pretrained = supervised_folder_run / "model_final_checkpoint_phase0.torch"
     checkpoint_dir = tmp_path / "ck"
-    proc = run_engine(["config=test/convit_ssl/finetune_micro_folder", *folder_overrides(digits),
-                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
-                       f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    proc = run_engine(
+        [
+            "config=test/convit_ssl/finetune_micro_folder",
+            *folder_overrides(digits),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=tmp_path,
+    )
     loaded = re.findall(r"Loaded: trunk\.(\S+)", proc.stdout)
     assert sorted(loaded) == sorted(_micro_reference().state_dict())  # the whole trunk, by name
     assert re.search(r"Ignored layer:\s+heads\.0", proc.stdout)  # the old head is skipped
@@ -109,9 +135,15 @@ def test_finetune_at_new_resolution(supervised_folder_run, digits, tmp_path):
     the position embedding is resampled (4x4 -> 6x6) when the run starts."""
     pretrained = supervised_folder_run / "model_final_checkpoint_phase0.torch"
     checkpoint_dir = tmp_path / "ck"
-    run_engine(["config=test/convit_ssl/finetune_micro_folder_48px", *folder_overrides(digits),
-                f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
-                f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    run_engine(
+        [
+            "config=test/convit_ssl/finetune_micro_folder_48px",
+            *folder_overrides(digits),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={pretrained}",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=tmp_path,
+    )
     after = _trunk(checkpoint_dir / "model_final_checkpoint_phase0.torch")
     assert after["pos_embed"].shape == (1, 36, 48)
     assert_started_from_resampled(after["pos_embed"], _trunk(pretrained)["pos_embed"])

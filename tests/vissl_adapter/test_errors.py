@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from helpers import folder_overrides, run_engine
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
+from helpers import folder_overrides, run_engine
 
 MICRO = "config=test/convit_ssl/supervised_micro_synthetic"
 TRUNK = "config.MODEL.TRUNK.CONVIT_SSL"
@@ -21,14 +21,17 @@ def _check(*overrides):
     validate(config)
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    ([f"+{TRUNK}.FOO=1"], ValueError, r"unknown key\(s\) \['FOO'\] in MODEL\.TRUNK\.CONVIT_SSL"),
-    ([f"{TRUNK}.WIDTH=50"], ValueError, r"width 50 is not divisible by num_heads 4"),
-    ([f"{TRUNK}.IMAGE_SIZE=30"], ValueError, r"image size 30x30 is not divisible by the patch size 8"),
-    ([f"{TRUNK}.DEPTH=abc"], ValueError, r"DEPTH = 'abc' has type str; expected int"),
-    ([f"{TRUNK}.ARCH=convit_huge"], KeyError, r"unknown architecture 'convit_huge'; available: convit_base"),
-    ([f"{TRUNK}.NUM_GPSA_LAYERS=3"], ValueError, r"num_gpsa_layers must be in 0\.\.2"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ([f"+{TRUNK}.FOO=1"], ValueError, r"unknown key\(s\) \['FOO'\] in MODEL\.TRUNK\.CONVIT_SSL"),
+        ([f"{TRUNK}.WIDTH=50"], ValueError, r"width 50 is not divisible by num_heads 4"),
+        ([f"{TRUNK}.IMAGE_SIZE=30"], ValueError, r"image size 30x30 is not divisible by the patch size 8"),
+        ([f"{TRUNK}.DEPTH=abc"], ValueError, r"DEPTH = 'abc' has type str; expected int"),
+        ([f"{TRUNK}.ARCH=convit_huge"], KeyError, r"unknown architecture 'convit_huge'; available: convit_base"),
+        ([f"{TRUNK}.NUM_GPSA_LAYERS=3"], ValueError, r"num_gpsa_layers must be in 0\.\.2"),
+    ],
+)
 def test_bad_trunk_config(overrides, error, match):
     with pytest.raises(error, match=match):
         _check(*overrides)
@@ -37,13 +40,18 @@ def test_bad_trunk_config(overrides, error, match):
 def test_unknown_feature_name():
     ops = "config.MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[[lastFOO,[Identity,[]]]]"
     with pytest.raises(ValueError, match=r"unknown feature name 'lastFOO'; valid names: lastCLS"):
-        _check("config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=true",
-               "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY=true", ops)
+        _check(
+            "config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=true",
+            "config.MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY=true",
+            ops,
+        )
 
 
 def test_missing_data_folder(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match=r"dataset 'folder_train' \(disk_folder\): data folder .*nope.* does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=r"dataset 'folder_train' \(disk_folder\): data folder .*nope.* does not exist"
+    ):
         _, config = compose(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(missing)])
         validate(config)
 
@@ -66,32 +74,52 @@ def test_script_reports_before_spawning(tmp_path):
     """Through the real entry point: exit 2, one line (no traceback, no library
     warnings), nothing written."""
     checkpoint_dir = tmp_path / "ck"
-    proc = run_engine([MICRO, f"{TRUNK}.WIDTH=50", f"config.CHECKPOINT.DIR={checkpoint_dir}"],
-                      cwd=tmp_path, check=False, timeout=120)
+    proc = run_engine(
+        [MICRO, f"{TRUNK}.WIDTH=50", f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path, check=False, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stdout.strip().splitlines() == [
-        "convit-ssl run: error: MODEL.TRUNK.CONVIT_SSL: width 50 is not divisible by num_heads 4"]
+        "convit-ssl run: error: MODEL.TRUNK.CONVIT_SSL: width 50 is not divisible by num_heads 4"
+    ]
     assert not checkpoint_dir.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "config=test/convit_ssl/no_such_config"], "convit-ssl run: error: In 'defaults': Could not find"),
-    (["run", MICRO, "config.OPTIMIZER.no_such_key=1"],
-     "convit-ssl run: error: Could not override 'config.OPTIMIZER.no_such_key'. To append to your config use +"),
-    (["demo", "--data", "/no/such/folder"], "convit-ssl demo: error: --data /no/such/folder: expected"),
-], ids=["unknown-config", "unknown-key", "demo-data"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "config=test/convit_ssl/no_such_config"], "convit-ssl run: error: In 'defaults': Could not find"),
+        (
+            ["run", MICRO, "config.OPTIMIZER.no_such_key=1"],
+            "convit-ssl run: error: Could not override 'config.OPTIMIZER.no_such_key'. To append to your config use +",
+        ),
+        (["demo", "--data", "/no/such/folder"], "convit-ssl demo: error: --data /no/such/folder: expected"),
+    ],
+    ids=["unknown-config", "unknown-key", "demo-data"],
+)
 def test_every_command_reports_a_user_error_in_one_line(argv, message, tmp_path):
     """`convit-ssl <cmd>: error: ...` and exit 2 (convert, analyze and the
     benchmarks are checked in their own tests); CONVIT_SSL_TRACEBACK=1 shows the traceback."""
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)  # the command itself keeps library warnings quiet
-    proc = subprocess.run([sys.executable, "-m", "convit_ssl.cli", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "convit_ssl.cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(message), proc.stderr
     if argv[0] == "run" and "no_such_config" in argv[1]:
-        loud = subprocess.run([sys.executable, "-m", "convit_ssl.cli", *argv], cwd=tmp_path,
-                              env=dict(env, CONVIT_SSL_TRACEBACK="1"), capture_output=True, text=True, timeout=120)
+        loud = subprocess.run(
+            [sys.executable, "-m", "convit_ssl.cli", *argv],
+            cwd=tmp_path,
+            env=dict(env, CONVIT_SSL_TRACEBACK="1"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert loud.returncode != 0 and "Traceback (most recent call last)" in loud.stderr
 
 
@@ -103,10 +131,17 @@ def test_dataset_catalog_resolves_and_checks_paths(digits, tmp_path):
     from vissl.data.dataset_catalog import VisslDatasetCatalog, register_datasets
 
     catalog = tmp_path / "catalog.json"
-    catalog.write_text(json.dumps({
-        "folder_train": {"train": [str(digits / "train"), str(digits / "train")], "val": ["", ""]},
-        "folder_val": {"train": ["", ""], "val": [str(tmp_path / "missing_val"), str(tmp_path / "missing_val")]},
-    }))
+    catalog.write_text(
+        json.dumps(
+            {
+                "folder_train": {"train": [str(digits / "train"), str(digits / "train")], "val": ["", ""]},
+                "folder_val": {
+                    "train": ["", ""],
+                    "val": [str(tmp_path / "missing_val"), str(tmp_path / "missing_val")],
+                },
+            }
+        )
+    )
     register_datasets(str(catalog))
     try:
         _, config = compose(["config=test/convit_ssl/supervised_micro_folder"])
@@ -121,8 +156,13 @@ def test_dataset_catalog_resolves_and_checks_paths(digits, tmp_path):
 def test_data_paths_without_label_paths(digits):
     """VISSL would look the labels up in the catalog and fail inside the rank: caught before."""
     train = digits / "train"
-    _, config = compose(["config=test/convit_ssl/supervised_micro_folder", "config.TEST_MODEL=false",
-                         f"config.DATA.TRAIN.DATA_PATHS=[{train}]"])
+    _, config = compose(
+        [
+            "config=test/convit_ssl/supervised_micro_folder",
+            "config.TEST_MODEL=false",
+            f"config.DATA.TRAIN.DATA_PATHS=[{train}]",
+        ]
+    )
     with pytest.raises(ValueError, match=r"LABEL_PATHS is empty and \['folder_train'\] is not in the dataset catalog"):
         validate(config)
 
@@ -160,8 +200,11 @@ def test_empty_class_folder_among_full_ones(digits, tmp_path):
 
 
 def test_train_and_val_with_different_classes(digits, tmp_path):
-    root = _copy_digits(digits, tmp_path, split_classes={"train": [str(i) for i in range(10)],
-                                                           "val": [str(i) for i in range(1, 10)] + ["x"]})
+    root = _copy_digits(
+        digits,
+        tmp_path,
+        split_classes={"train": [str(i) for i in range(10)], "val": [str(i) for i in range(1, 10)] + ["x"]},
+    )
     (root / "val" / "x").mkdir()
     import shutil
 
@@ -172,7 +215,9 @@ def test_train_and_val_with_different_classes(digits, tmp_path):
 
 def test_head_outputs_differ_from_the_classes(digits, tmp_path):
     root = _copy_digits(digits, tmp_path, classes=[str(i) for i in range(7)])
-    with pytest.raises(ValueError, match=r"HEAD.PARAMS\[0\] \(mlp\) has 10 outputs but the training labels have 7 classes"):
+    with pytest.raises(
+        ValueError, match=r"HEAD.PARAMS\[0\] \(mlp\) has 10 outputs but the training labels have 7 classes"
+    ):
         _check_folder(root)
     _check_folder(root, "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[48,7]}]]")
 
@@ -180,9 +225,16 @@ def test_head_outputs_differ_from_the_classes(digits, tmp_path):
 def test_mixup_classes_differ_from_the_labels(digits):
     from helpers import folder_overrides as folders
 
-    _, config = compose(["config=test/convit_ssl/recipe/supervised_recipe_micro_folder", *folders(digits),
-                         "config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.num_classes=1000"])
-    with pytest.raises(ValueError, match=r"COLLATE_FUNCTION_PARAMS.num_classes is 1000 but the training labels have 10"):
+    _, config = compose(
+        [
+            "config=test/convit_ssl/recipe/supervised_recipe_micro_folder",
+            *folders(digits),
+            "config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS.num_classes=1000",
+        ]
+    )
+    with pytest.raises(
+        ValueError, match=r"COLLATE_FUNCTION_PARAMS.num_classes is 1000 but the training labels have 10"
+    ):
         validate(config)
 
 
@@ -197,11 +249,20 @@ def test_missing_filelist(digits_filelists, tmp_path):
     from helpers import filelist_overrides
 
     base = ["config=test/convit_ssl/benchmark/linear_eval_micro_folder_in1k"]
-    _, config = compose([*base, *filelist_overrides(digits_filelists, "labels"),
-                         "config.DATA.TRAIN.DATA_SOURCES=[disk_filelist]", "config.DATA.TRAIN.LABEL_SOURCES=[disk_filelist]",
-                         "config.DATA.TEST.DATA_SOURCES=[disk_filelist]", "config.DATA.TEST.LABEL_SOURCES=[disk_filelist]",
-                         f"config.DATA.TRAIN.LABEL_PATHS=[{tmp_path / 'missing_labels.npy'}]"])
-    with pytest.raises(FileNotFoundError, match=r"labels of .* \(disk_filelist\): label file .*missing_labels.npy.* does not exist"):
+    _, config = compose(
+        [
+            *base,
+            *filelist_overrides(digits_filelists, "labels"),
+            "config.DATA.TRAIN.DATA_SOURCES=[disk_filelist]",
+            "config.DATA.TRAIN.LABEL_SOURCES=[disk_filelist]",
+            "config.DATA.TEST.DATA_SOURCES=[disk_filelist]",
+            "config.DATA.TEST.LABEL_SOURCES=[disk_filelist]",
+            f"config.DATA.TRAIN.LABEL_PATHS=[{tmp_path / 'missing_labels.npy'}]",
+        ]
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"labels of .* \(disk_filelist\): label file .*missing_labels.npy.* does not exist"
+    ):
         validate(config)
 
 

@@ -18,11 +18,11 @@ from PIL import Image
 from sklearn.neighbors import KNeighborsClassifier
 from torchvision import transforms
 
-from helpers import REPO, filelist_overrides, folder_overrides, run_tool
 from convit_ssl.evaluation import knn_accuracy, knn_scores
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.trunk import named_features
+from helpers import REPO, filelist_overrides, folder_overrides, run_tool
 
 MICRO = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2, num_classes=0)
 KNN_TWIN = "config=test/convit_ssl/benchmark/knn_micro_folder_in1k"
@@ -32,8 +32,9 @@ CONFIG_DIR = REPO / "configs" / "config"
 
 def _sklearn_knn_top1(train_x, train_y, test_x, test_y, k=20, temperature=0.07) -> float:
     """DINO's weighted kNN as scikit-learn computes it: cosine distance d, weight exp((1 - d) / T)."""
-    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
-                               weights=lambda d: np.exp((1 - d) / temperature))
+    clf = KNeighborsClassifier(
+        n_neighbors=k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / temperature)
+    )
     clf.fit(train_x, train_y)
     return float((clf.predict(test_x) == test_y).mean() * 100)
 
@@ -59,11 +60,14 @@ def test_knn_scores_are_the_weighted_votes():
     torch.testing.assert_close(scores, torch.tensor([[np.exp(2.0), np.exp(0.70710678 / 0.5)]], dtype=torch.float32))
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: knn_scores(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, 5)), "feature widths differ"),
-    (lambda: knn_scores(torch.zeros(3, 4), torch.zeros(2), torch.zeros(2, 4)), "2 train labels for 3"),
-    (lambda: knn_scores(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, 4), k=0), "k must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: knn_scores(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, 5)), "feature widths differ"),
+        (lambda: knn_scores(torch.zeros(3, 4), torch.zeros(2), torch.zeros(2, 4)), "2 train labels for 3"),
+        (lambda: knn_scores(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, 4), k=0), "k must be >= 1"),
+    ],
+)
 def test_knn_input_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -97,9 +101,16 @@ def _features(folder: Path, split: str, feature: str, ranks: int = 1):
 @pytest.fixture(scope="module")
 def knn_run(micro_checkpoint, digits, tmp_path_factory):
     work = tmp_path_factory.mktemp("knn")
-    proc = run_tool("nearest_neighbor_test", [KNN_TWIN, *folder_overrides(digits),
-                                              f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
-                                              f"config.CHECKPOINT.DIR={work / 'ck'}"], cwd=work)
+    proc = run_tool(
+        "nearest_neighbor_test",
+        [
+            KNN_TWIN,
+            *folder_overrides(digits),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
+            f"config.CHECKPOINT.DIR={work / 'ck'}",
+        ],
+        cwd=work,
+    )
     return work / "ck", proc.stdout
 
 
@@ -111,8 +122,9 @@ def test_extraction_on_cpu_is_the_trunk_forward(knn_run, micro_checkpoint, digit
     paths = sorted((digits / "val").glob("*/*.png"))  # torchvision ImageFolder order
     assert inds.tolist() == list(range(len(paths)))
     assert targets.tolist() == [int(p.parent.name) for p in paths]
-    prepare = transforms.Compose([transforms.Resize(32), transforms.ToTensor(),
-                                  transforms.Normalize([0.3] * 3, [0.4] * 3)])
+    prepare = transforms.Compose(
+        [transforms.Resize(32), transforms.ToTensor(), transforms.Normalize([0.3] * 3, [0.4] * 3)]
+    )
     chosen = [0, 100, 358]
     images = torch.stack([prepare(Image.open(paths[i]).convert("RGB")) for i in chosen])
     with torch.no_grad():
@@ -136,9 +148,17 @@ def test_knn_benchmark_equals_sklearn(knn_run):
 @pytest.mark.slow
 def test_knn_benchmark_two_processes_agree(knn_run, micro_checkpoint, digits, tmp_path):
     """2 ranks each extract half of each split; the merged result is the 1-process one."""
-    run_tool("nearest_neighbor_test", [KNN_TWIN, *folder_overrides(digits), "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
-                                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
-                                       f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"], cwd=tmp_path)
+    run_tool(
+        "nearest_neighbor_test",
+        [
+            KNN_TWIN,
+            *folder_overrides(digits),
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
+            f"config.CHECKPOINT.DIR={tmp_path / 'ck'}",
+        ],
+        cwd=tmp_path,
+    )
     two, one = (json.loads((f / "knn_results.json").read_text()) for f in (tmp_path / "ck", knn_run[0]))
     assert {f: r["top1"] for f, r in two["features"].items()} == {f: r["top1"] for f, r in one["features"].items()}
     feats2, _, inds2 = _features(tmp_path / "ck", "train", "lastCLS", ranks=2)
@@ -155,9 +175,16 @@ def test_svm_benchmark_voc07_layout(micro_checkpoint, digits_filelists, tmp_path
     from sklearn.metrics import average_precision_score
 
     folder = tmp_path / "ck"
-    proc = run_tool("train_svm", [SVM_TWIN, *filelist_overrides(digits_filelists, "voc_labels"),
-                                  f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
-                                  f"config.CHECKPOINT.DIR={folder}"], cwd=tmp_path)
+    proc = run_tool(
+        "train_svm",
+        [
+            SVM_TWIN,
+            *filelist_overrides(digits_filelists, "voc_labels"),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
+            f"config.CHECKPOINT.DIR={folder}",
+        ],
+        cwd=tmp_path,
+    )
     results = json.loads((folder / "svm_results.json").read_text())["features"]
     assert set(results) == {"lastCLS", "concatCLS2"}
     test_x, _, _ = _features(folder, "test", "lastCLS")
@@ -179,10 +206,16 @@ def test_svm_benchmark_voc07_layout(micro_checkpoint, digits_filelists, tmp_path
 def test_low_shot_benchmark(layout, labels, micro_checkpoint, digits_filelists, tmp_path):
     """Low-shot SVMs for every k and sample; more shots give a higher mean mAP."""
     folder = tmp_path / "ck"
-    run_tool("train_svm_low_shot", [f"config=test/convit_ssl/benchmark/low_shot_micro_filelist_{layout}",
-                                    *filelist_overrides(digits_filelists, labels),
-                                    f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
-                                    f"config.CHECKPOINT.DIR={folder}"], cwd=tmp_path)
+    run_tool(
+        "train_svm_low_shot",
+        [
+            f"config=test/convit_ssl/benchmark/low_shot_micro_filelist_{layout}",
+            *filelist_overrides(digits_filelists, labels),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={micro_checkpoint[0]}",
+            f"config.CHECKPOINT.DIR={folder}",
+        ],
+        cwd=tmp_path,
+    )
     results = json.loads((folder / "low_shot_results.json").read_text())
     assert results["sample_inds"] == [1, 2]
     small, large = results["k_values"]
@@ -198,8 +231,10 @@ def test_low_shot_benchmark(layout, labels, micro_checkpoint, digits_filelists, 
 
 # -------------------------------------------------------- configs, errors
 def test_shipped_knn_configs_compose_and_validate_their_model():
-    names = sorted(p.relative_to(CONFIG_DIR).with_suffix("") for p in
-                   (CONFIG_DIR / "benchmark" / "nearest_neighbor").glob("*/eval_convit_small_knn_*.yaml"))
+    names = sorted(
+        p.relative_to(CONFIG_DIR).with_suffix("")
+        for p in (CONFIG_DIR / "benchmark" / "nearest_neighbor").glob("*/eval_convit_small_knn_*.yaml")
+    )
     assert len(names) == 10  # every linear-eval dataset with a train / val split (not VOC07: multi-label)
     for name in names:
         _, config = compose([f"config={name}"])
@@ -207,26 +242,32 @@ def test_shipped_knn_configs_compose_and_validate_their_model():
         assert config.MODEL.TRUNK.CONVIT_SSL.ARCH == "convit_small"
         assert config.MODEL.FEATURE_EVAL_SETTINGS.EXTRACT_TRUNK_FEATURES_ONLY  # trunk features, not a head's output
         assert config.DATA.TRAIN.TRANSFORMS == config.DATA.TEST.TRANSFORMS, name  # no augmentation
-    for name in ("low_shot_transfer/voc07/eval_convit_small_low_shot_svm_voc07_224",
-                 "low_shot_transfer/places205/eval_convit_small_low_shot_svm_places205_224"):
+    for name in (
+        "low_shot_transfer/voc07/eval_convit_small_low_shot_svm_voc07_224",
+        "low_shot_transfer/places205/eval_convit_small_low_shot_svm_places205_224",
+    ):
         _, config = compose([f"config=benchmark/{name}"])
         assert config.SVM.low_shot.sample_inds == [1, 2, 3, 4, 5]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convit_ssl.cli", *args], cwd=cwd, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "convit_ssl.cli", *args], cwd=cwd, text=True, capture_output=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("command, overrides, message", [
-    ("knn", ["config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=false"], "EVAL_MODE_ON must be true"),
-    ("knn", ["config.TEST_MODEL=false"], "needs a TEST split"),
-    ("svm", ["config.DATA.TRAIN.DATA_PATHS=[/no/such/folder]"], "data folder '/no/such/folder' does not exist"),
-])
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        ("knn", ["config.MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=false"], "EVAL_MODE_ON must be true"),
+        ("knn", ["config.TEST_MODEL=false"], "needs a TEST split"),
+        ("svm", ["config.DATA.TRAIN.DATA_PATHS=[/no/such/folder]"], "data folder '/no/such/folder' does not exist"),
+    ],
+)
 def test_benchmark_user_errors(command, overrides, message, digits, tmp_path):
-    proc = _cli(command, KNN_TWIN, *folder_overrides(digits), *overrides, f"config.CHECKPOINT.DIR={tmp_path}",
-                cwd=tmp_path)
+    proc = _cli(
+        command, KNN_TWIN, *folder_overrides(digits), *overrides, f"config.CHECKPOINT.DIR={tmp_path}", cwd=tmp_path
+    )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr.splitlines()[-1]
     assert not list(tmp_path.glob("*.npy"))  # refused before anything ran
-

@@ -11,7 +11,6 @@ import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List
 
 import numpy as np
 import pytest
@@ -21,31 +20,41 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 from torchvision import transforms
 
-from helpers import folder_overrides, run_engine
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.knn_hook import RECORD_FILE, ConViTKnnHook, knn_settings
-from convit_ssl.vissl.validate import validate
 from convit_ssl.vissl.trunk import named_features
+from convit_ssl.vissl.validate import validate
+from helpers import folder_overrides, run_engine
 
 FOLDER = "config=test/convit_ssl/supervised_micro_folder"
 MICRO = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2, num_classes=0)
 BANK, QUERIES = 300, 120  # MAX_TRAIN_IMAGES / MAX_VAL_IMAGES of the runs below
 
 
-def _records(checkpoint_dir: Path) -> List[dict]:
+def _records(checkpoint_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (checkpoint_dir / RECORD_FILE).read_text().splitlines()]
 
 
 def _trunk(checkpoint: Path) -> dict:
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["classy_state_dict"]["base_model"]["model"]["trunk"]
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["classy_state_dict"]["base_model"]["model"][
+        "trunk"
+    ]
 
 
-def _run(digits: Path, checkpoint_dir: Path, *extra: str) -> List[str]:
-    return [FOLDER, "+config/convit_ssl/hooks=knn", *folder_overrides(digits), "config.OPTIMIZER.num_epochs=2",
-            f"config.HOOKS.CONVIT_KNN.MAX_TRAIN_IMAGES={BANK}", f"config.HOOKS.CONVIT_KNN.MAX_VAL_IMAGES={QUERIES}",
-            "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true", f"config.CHECKPOINT.DIR={checkpoint_dir}", *extra]
+def _run(digits: Path, checkpoint_dir: Path, *extra: str) -> list[str]:
+    return [
+        FOLDER,
+        "+config/convit_ssl/hooks=knn",
+        *folder_overrides(digits),
+        "config.OPTIMIZER.num_epochs=2",
+        f"config.HOOKS.CONVIT_KNN.MAX_TRAIN_IMAGES={BANK}",
+        f"config.HOOKS.CONVIT_KNN.MAX_VAL_IMAGES={QUERIES}",
+        "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true",
+        f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        *extra,
+    ]
 
 
 def _independent_knn(trunk: dict, digits: Path) -> float:
@@ -54,8 +63,14 @@ def _independent_knn(trunk: dict, digits: Path) -> float:
     model = create_model("convit_tiny", **MICRO)
     model.load_state_dict(trunk)
     model.eval()
-    prepare = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor(),
-                                  transforms.Normalize([0.3] * 3, [0.4] * 3)])
+    prepare = transforms.Compose(
+        [
+            transforms.Resize(32),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize([0.3] * 3, [0.4] * 3),
+        ]
+    )
 
     def features(split: str, limit: int):
         paths = sorted((digits / split).glob("*/*.png"))
@@ -66,20 +81,24 @@ def _independent_knn(trunk: dict, digits: Path) -> float:
         return out, np.array([int(paths[i].parent.name) for i in chosen])
 
     (bank, bank_y), (queries, query_y) = features("train", BANK), features("val", QUERIES)
-    clf = KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute",
-                               weights=lambda d: np.exp((1 - d) / 0.07)).fit(bank, bank_y)
+    clf = KNeighborsClassifier(
+        n_neighbors=20, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07)
+    ).fit(bank, bank_y)
     return float((clf.predict(queries) == query_y).mean() * 100)
 
 
 # ------------------------------------------------------------------- config
-@pytest.mark.parametrize("override, message", [
-    ("+config.HOOKS.CONVIT_KNN.TOPKK=5", r"unknown key\(s\) \['TOPKK'\] in config.HOOKS.CONVIT_KNN"),
-    ("config.HOOKS.CONVIT_KNN.FEATURE=lastFOO", "CONVIT_KNN.FEATURE: .*lastFOO"),
-    ("config.HOOKS.CONVIT_KNN.TEACHER=true", "TEACHER=true needs a loss with a momentum teacher"),
-    ("config.HOOKS.CONVIT_KNN.TOPK=0", "TOPK must be an integer >= 1, got 0"),
-    ("config.HOOKS.CONVIT_KNN.TEMPERATURE=-1", "TEMPERATURE must be a number > 0"),
-    ("config.HOOKS.CONVIT_KNN.TRAIN_PATHS=/a", "TRAIN_PATHS must be a list of folders"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+config.HOOKS.CONVIT_KNN.TOPKK=5", r"unknown key\(s\) \['TOPKK'\] in config.HOOKS.CONVIT_KNN"),
+        ("config.HOOKS.CONVIT_KNN.FEATURE=lastFOO", "CONVIT_KNN.FEATURE: .*lastFOO"),
+        ("config.HOOKS.CONVIT_KNN.TEACHER=true", "TEACHER=true needs a loss with a momentum teacher"),
+        ("config.HOOKS.CONVIT_KNN.TOPK=0", "TOPK must be an integer >= 1, got 0"),
+        ("config.HOOKS.CONVIT_KNN.TEMPERATURE=-1", "TEMPERATURE must be a number > 0"),
+        ("config.HOOKS.CONVIT_KNN.TRAIN_PATHS=/a", "TRAIN_PATHS must be a list of folders"),
+    ],
+)
 def test_bad_config_is_refused_before_launch(override, message, digits):
     _, config = compose([FOLDER, "+config/convit_ssl/hooks=knn", *folder_overrides(digits), override])
     with pytest.raises(ValueError, match=message):
@@ -87,8 +106,14 @@ def test_bad_config_is_refused_before_launch(override, message, digits):
 
 
 def test_all_triggers_off_is_refused(digits):
-    _, config = compose([FOLDER, "+config/convit_ssl/hooks=knn", "config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS=0",
-                         "config.HOOKS.CONVIT_KNN.AT_START=false"])
+    _, config = compose(
+        [
+            FOLDER,
+            "+config/convit_ssl/hooks=knn",
+            "config.HOOKS.CONVIT_KNN.FREQUENCY_EPOCHS=0",
+            "config.HOOKS.CONVIT_KNN.AT_START=false",
+        ]
+    )
     with pytest.raises(ValueError, match="are all off"):
         knn_settings(config)
 
@@ -98,7 +123,9 @@ def test_defaults_and_off_switch():
     settings = knn_settings(config)
     assert (settings.k, settings.temperature, settings.feature, settings.frequency_epochs) == (20, 0.07, "lastCLS", 1)
     assert knn_settings(compose([FOLDER])[1]) is None
-    assert knn_settings(compose([FOLDER, "+config/convit_ssl/hooks=knn", "config.HOOKS.CONVIT_KNN.USE=false"])[1]) is None
+    assert (
+        knn_settings(compose([FOLDER, "+config/convit_ssl/hooks=knn", "config.HOOKS.CONVIT_KNN.USE=false"])[1]) is None
+    )
 
 
 def test_hook_leaves_training_state_alone(digits, tmp_path):
@@ -112,8 +139,7 @@ def test_hook_leaves_training_state_alone(digits, tmp_path):
     for p in base.parameters():
         p.grad = torch.randn_like(p)
     grads = {name: p.grad.clone() for name, p in base.named_parameters()}
-    task = SimpleNamespace(base_model=base, config=config, iteration=0, train=True, train_phase_idx=-1,
-                           loss=None)
+    task = SimpleNamespace(base_model=base, config=config, iteration=0, train=True, train_phase_idx=-1, loss=None)
     hook = ConViTKnnHook(knn_settings(config), str(tmp_path / RECORD_FILE), str(tmp_path / "metrics.json"))
     rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     hook.on_start(task)  # AT_START: one record
@@ -142,8 +168,9 @@ def test_records_equal_an_independent_knn_of_the_checkpoints(epoch_run, digits):
     assert all((r["num_train"], r["num_val"], r["k"], r["feature"]) == (BANK, QUERIES, 20, "lastCLS") for r in records)
     # the epoch-0 record was taken before the epoch-0 checkpoint, the last one before the final checkpoint
     for record, checkpoint in ((records[1], "model_phase0.torch"), (records[2], "model_final_checkpoint_phase1.torch")):
-        assert record["student"]["top1"] == pytest.approx(_independent_knn(_trunk(epoch_run / checkpoint), digits),
-                                                          abs=1e-4)
+        assert record["student"]["top1"] == pytest.approx(
+            _independent_knn(_trunk(epoch_run / checkpoint), digits), abs=1e-4
+        )
         assert record["student"]["top5"] >= record["student"]["top1"]
 
 
@@ -152,7 +179,9 @@ def test_metrics_json_and_tensorboard(epoch_run):
 
     records = _records(epoch_run)
     knn_lines = [m for m in run_folder.metrics(epoch_run) if "knn" in m]
-    assert [(m["iteration"], m["knn"]) for m in knn_lines] == [(r["iteration"], {"student": r["student"]}) for r in records]
+    assert [(m["iteration"], m["knn"]) for m in knn_lines] == [
+        (r["iteration"], {"student": r["student"]}) for r in records
+    ]
     events = EventAccumulator(str(epoch_run / "tb_logs"))
     events.Reload()
     top1 = events.Scalars("knn/student/top1")
@@ -205,11 +234,19 @@ def test_dino_teacher_is_measured(digits, tmp_path):
     """DINO's twin on synthetic images, monitored on the digits: the momentum
     teacher is measured once it exists (after the first forward), beside the student."""
     checkpoint_dir = tmp_path / "ck"
-    run_engine(["config=test/convit_ssl/ssl/dino_micro_synthetic", "+config/convit_ssl/hooks=knn",
-                f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{digits / 'train'}]",
-                f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{digits / 'val'}]", "config.HOOKS.CONVIT_KNN.TEACHER=true",
-                "config.HOOKS.CONVIT_KNN.MAX_TRAIN_IMAGES=200", "config.HOOKS.CONVIT_KNN.MAX_VAL_IMAGES=100",
-                f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    run_engine(
+        [
+            "config=test/convit_ssl/ssl/dino_micro_synthetic",
+            "+config/convit_ssl/hooks=knn",
+            f"config.HOOKS.CONVIT_KNN.TRAIN_PATHS=[{digits / 'train'}]",
+            f"config.HOOKS.CONVIT_KNN.VAL_PATHS=[{digits / 'val'}]",
+            "config.HOOKS.CONVIT_KNN.TEACHER=true",
+            "config.HOOKS.CONVIT_KNN.MAX_TRAIN_IMAGES=200",
+            "config.HOOKS.CONVIT_KNN.MAX_VAL_IMAGES=100",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=tmp_path,
+    )
     start, end = _records(checkpoint_dir)
     assert set(start) >= {"student"} and "teacher" not in start  # DINO builds the teacher at the first forward
     assert set(end) >= {"student", "teacher"} and 0 < end["teacher"]["top1"] <= 100

@@ -16,7 +16,6 @@ from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.launcher import ConViTSlurmJob, launch_on_slurm
 from convit_ssl.vissl.validate import validate
 
-
 SCRIPT = """
 import sys
 from convit_ssl.cli import main
@@ -35,16 +34,33 @@ def test_two_ranks_with_data_workers_set_themselves_up(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    probe = subprocess.run([sys.executable, "-c", "import sys, convit_ssl.cli; "
-                            "print(sorted({'convit_ssl.vissl', 'vissl'} & set(sys.modules)))"],
-                           env=env, capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, convit_ssl.cli; print(sorted({'convit_ssl.vissl', 'vissl'} & set(sys.modules)))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip() == "[]"
     checkpoint_dir = tmp_path / "ck"
     proc = subprocess.run(
-        [sys.executable, str(script), "config=test/convit_ssl/supervised_micro_synthetic",
-         "config.DISTRIBUTED.NUM_PROC_PER_NODE=2", "config.DATA.NUM_DATALOADER_WORKERS=1",
-         f"config.CHECKPOINT.DIR={checkpoint_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(script),
+            "config=test/convit_ssl/supervised_micro_synthetic",
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+            "config.DATA.NUM_DATALOADER_WORKERS=1",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = run_folder.final_checkpoint(checkpoint_dir)
@@ -72,8 +88,9 @@ def test_slurm_job_imports_convit_ssl_when_unpickled():
         "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
         "print(type(job).__name__, 'convit_ssl' in MODEL_TRUNKS_REGISTRY, job.config.MODEL.TRUNK.NAME)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=payload, capture_output=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert proc.stdout.decode().split() == ["ConViTSlurmJob", "True", "convit_ssl"]
     # On requeue the job resubmits itself as the same class.
@@ -97,13 +114,21 @@ def test_slurm_settings_pass_through(tmp_path, monkeypatch):
             return type("Job", (), {"job_id": "42"})()
 
     monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
-    _, config = compose([
-        "config=test/convit_ssl/supervised_micro_synthetic", "config.SLURM.USE_SLURM=true",
-        "config.SLURM.PARTITION=learnfair", "config.SLURM.NAME=convit", "config.SLURM.TIME_HOURS=3",
-        "config.SLURM.TIME_MINUTES=30", "config.SLURM.MEM_GB=100", "config.SLURM.CONSTRAINT=volta32gb",
-        "config.DISTRIBUTED.NUM_NODES=2", "config.DISTRIBUTED.NUM_PROC_PER_NODE=8",
-        f"config.SLURM.LOG_FOLDER={tmp_path}/slurm",
-    ])
+    _, config = compose(
+        [
+            "config=test/convit_ssl/supervised_micro_synthetic",
+            "config.SLURM.USE_SLURM=true",
+            "config.SLURM.PARTITION=learnfair",
+            "config.SLURM.NAME=convit",
+            "config.SLURM.TIME_HOURS=3",
+            "config.SLURM.TIME_MINUTES=30",
+            "config.SLURM.MEM_GB=100",
+            "config.SLURM.CONSTRAINT=volta32gb",
+            "config.DISTRIBUTED.NUM_NODES=2",
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=8",
+            f"config.SLURM.LOG_FOLDER={tmp_path}/slurm",
+        ]
+    )
     launch_on_slurm(config, "train")
     assert seen["slurm_partition"] == "learnfair" and seen["name"] == "convit"
     assert seen["timeout_min"] == 210 and seen["mem_gb"] == 100 and seen["slurm_constraint"] == "volta32gb"
@@ -113,7 +138,12 @@ def test_slurm_settings_pass_through(tmp_path, monkeypatch):
 
 
 def test_slurm_needs_a_partition(tmp_path):
-    _, config = compose(["config=test/convit_ssl/supervised_micro_synthetic", "config.SLURM.USE_SLURM=true",
-                         f"config.SLURM.LOG_FOLDER={tmp_path}"])
+    _, config = compose(
+        [
+            "config=test/convit_ssl/supervised_micro_synthetic",
+            "config.SLURM.USE_SLURM=true",
+            f"config.SLURM.LOG_FOLDER={tmp_path}",
+        ]
+    )
     with pytest.raises(ValueError, match="config.SLURM.PARTITION must be set"):
         validate(config)

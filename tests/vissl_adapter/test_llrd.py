@@ -70,7 +70,7 @@ def test_layer_decay_rates_survive_the_schedule():
         # what VISSL's TensorBoard hook logs: one float, the schedule's value
         assert optimizer.options_view.lr == pytest.approx(schedule(where))
     patch = next(g for g in optimizer.param_groups if g["layer_id"] == 0)
-    assert patch["lr"] == pytest.approx(schedule(0.9) * 0.65 ** 4)
+    assert patch["lr"] == pytest.approx(schedule(0.9) * 0.65**4)
 
     # Resuming: a new task builds the same groups, so the checkpointed optimizer state loads.
     _, resumed = _llrd_task()
@@ -90,8 +90,9 @@ def test_layer_decay_combines_with_repeated_augmentation():
     """One task, every option independent: the shipped llrd override plus repeated augmentation."""
     from convit_ssl.vissl.validate import validate_task
 
-    _, config = compose([f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd",
-                         "+config.DATA.TRAIN.REPEATED_AUGMENTATIONS=2"])
+    _, config = compose(
+        [f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd", "+config.DATA.TRAIN.REPEATED_AUGMENTATIONS=2"]
+    )
     assert config.TRAINER.TASK_NAME == "convit_ssl_task" and config.OPTIMIZER.layer_decay == 0.65
     validate_task(config)
     llrd.validate_layer_decay(config)

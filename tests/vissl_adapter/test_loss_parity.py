@@ -14,17 +14,18 @@ No training here: each test is one to a few loss evaluations."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import free_port
 from lightly.loss import BarlowTwinsLoss, DINOLoss, NTXentLoss, SwaVLoss
 from lightly.loss.swav_loss import sinkhorn
 
 from convit_ssl.vissl import patches
 from convit_ssl.vissl.configs import compose
+from helpers import free_port
 
 # fp32, the same operations in another order: a few units in the last place, summed over a batch
 RTOL, ATOL = 1e-5, 1e-6
@@ -36,7 +37,7 @@ def small(method: str) -> str:
     return f"pretrain/{folder}/{method}_convit_demo_digits_32"
 
 
-def _built(config_name: str, loss: str) -> Tuple[Any, Any]:
+def _built(config_name: str, loss: str) -> tuple[Any, Any]:
     """(the composed config, VISSL's loss built from its loss block as the trainer builds it)."""
     from classy_vision.losses import build_loss
 
@@ -67,7 +68,9 @@ def _leaf(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
 
 
-def _value_and_grad(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _value_and_grad(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().clone().requires_grad_()
     loss = loss_fn(x)
     (grad,) = torch.autograd.grad(loss, x)
@@ -114,7 +117,7 @@ def test_moco_equals_lightly_ntxent_with_a_memory_bank():
         keys.append(key)
         vissl_loss.key = key  # what VISSL's MoCoHook puts there: the key encoder's normalised output
         ours, ours_grad = _value_and_grad(lambda q: vissl_loss(q, None), query)
-        theirs, theirs_grad = _value_and_grad(lambda q: lightly_loss(q, key), query)
+        theirs, theirs_grad = _value_and_grad(lambda q: lightly_loss(q, key), query)  # noqa: B023  (called here)
         _assert_close(ours, theirs)
         _assert_close(ours_grad, theirs_grad)
         _assert_close(vissl_loss.queue, lightly_loss.memory_bank.bank.T)
@@ -128,7 +131,7 @@ def test_moco_equals_lightly_ntxent_with_a_memory_bank():
 SWAV_CONFIGS = {"small-scale": small("swav"), "ImageNet recipe": "pretrain/swav/swav_convit_small_in1k_224_300ep"}
 
 
-def _swav_inputs(config: Any, seed: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+def _swav_inputs(config: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(embeddings of every crop, normalised prototypes, images per crop, global crops):
     VISSL's swav_head scores are the cosines of the two (no bias)."""
     block = config.LOSS.swav_loss
@@ -147,7 +150,7 @@ def _swav_run(config: Any, vissl_loss: Any, hard: bool) -> None:
 
     block = config.LOSS.swav_loss
     embeddings, prototypes, batch, global_crops = _swav_inputs(config, seed=0)
-    codes: List[torch.Tensor] = []
+    codes: list[torch.Tensor] = []
     upstream = vissl_module.distributed_sinkhornknopp
 
     def recording(**kwargs: Any) -> torch.Tensor:
@@ -162,9 +165,11 @@ def _swav_run(config: Any, vissl_loss: Any, hard: bool) -> None:
     vissl_module.distributed_sinkhornknopp, lightly_module.sinkhorn = recording, lightly_codes
     try:
         ours, ours_grad = _value_and_grad(
-            lambda e: vissl_loss([e, F.normalize(e, dim=1) @ prototypes.T], None), embeddings)
-        lightly_loss = SwaVLoss(temperature=block.temperature, sinkhorn_iterations=block.num_iters,
-                                sinkhorn_epsilon=block.epsilon)
+            lambda e: vissl_loss([e, F.normalize(e, dim=1) @ prototypes.T], None), embeddings
+        )
+        lightly_loss = SwaVLoss(
+            temperature=block.temperature, sinkhorn_iterations=block.num_iters, sinkhorn_epsilon=block.epsilon
+        )
 
         def theirs_fn(e: torch.Tensor) -> torch.Tensor:
             crops = (F.normalize(e, dim=1) @ prototypes.T).split(batch)
@@ -179,8 +184,9 @@ def _swav_run(config: Any, vissl_loss: Any, hard: bool) -> None:
     scores = (F.normalize(embeddings, dim=1) @ prototypes.T).detach()
     assert len(codes) == len(block.crops_for_assign) == global_crops == 2
     for code, crop in zip(codes, block.crops_for_assign):
-        expected = lightly_codes(scores[crop * batch:(crop + 1) * batch], iterations=block.num_iters,
-                                 epsilon=block.epsilon)
+        expected = lightly_codes(
+            scores[crop * batch : (crop + 1) * batch], iterations=block.num_iters, epsilon=block.epsilon
+        )
         _assert_close(code, expected)
         _assert_close(code.sum(dim=1), torch.ones(batch))  # one code per image
         assert code.argmax(dim=1).unique().numel() > batch // 4  # spread over the prototypes, not collapsed
@@ -216,15 +222,18 @@ def test_dino_equals_lightly_dino_loss_and_centre():
     block = config.LOSS.dino_loss
     batch, dim, crops = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA, block.output_dim, block.num_crops
     teacher_temp = block.teacher_temp_min
-    lightly_loss = DINOLoss(output_dim=dim, teacher_temp=teacher_temp, student_temp=block.student_temp,
-                            center_momentum=block.ema_center)
+    lightly_loss = DINOLoss(
+        output_dim=dim, teacher_temp=teacher_temp, student_temp=block.student_temp, center_momentum=block.ema_center
+    )
     for step in range(3):
         teacher = torch.randn(crops * batch, dim, generator=torch.Generator().manual_seed(100 + step)) * 2 + 0.5
         student = _leaf(crops * batch, dim, seed=step, scale=2.0)
         vissl_loss.teacher_output, vissl_loss.teacher_temp = teacher, teacher_temp  # what DINOHook sets
         ours, ours_grad = _value_and_grad(lambda s: vissl_loss([s]), student)
         theirs, theirs_grad = _value_and_grad(
-            lambda s: lightly_loss(list(teacher.chunk(crops)), list(s.chunk(crops)), teacher_temp=teacher_temp), student)
+            lambda s: lightly_loss(list(teacher.chunk(crops)), list(s.chunk(crops)), teacher_temp=teacher_temp),  # noqa: B023
+            student,
+        )
         _assert_close(ours, theirs)
         _assert_close(ours_grad, theirs_grad)
         _assert_close(vissl_loss.center, lightly_loss.center.reshape(1, dim))
@@ -273,13 +282,15 @@ def test_barlow_twins_standardises_both_views_together():
     n, dim = config.DATA.TRAIN.BATCHSIZE_PER_REPLICA, block.embedding_dim
     lightly_loss = BarlowTwinsLoss(lambda_param=block.lambda_)
 
-    def check(views: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def check(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(VISSL's loss, scale_loss x lightly's), each checked against its float64 objective."""
         ours, ours_grad = _value_and_grad(lambda x: vissl_loss(x, None), views)
         theirs, theirs_grad = _value_and_grad(lambda x: block.scale_loss * lightly_loss(*x.split(n)), views)
         for value, grad, joint in ((ours, ours_grad, True), (theirs, theirs_grad, False)):
             reference, reference_grad = _value_and_grad(
-                lambda x: block.scale_loss * _barlow_twins(*x.double().split(n), block.lambda_, joint=joint), views)
+                lambda x: block.scale_loss * _barlow_twins(*x.double().split(n), block.lambda_, joint=joint),  # noqa: B023
+                views,
+            )
             _assert_close(value.double(), reference, rtol=1e-5, atol=0)
             _assert_close(grad, reference_grad, rtol=1e-4, atol=1e-4 * reference_grad.abs().max().item())
         return ours, theirs
@@ -296,7 +307,7 @@ def test_barlow_twins_standardises_both_views_together():
 
 
 # ---------------------------------------------------------------------------- DeepCluster-v2
-def _official_kmeans(bank: torch.Tensor, centroids: torch.Tensor, iterations: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _official_kmeans(bank: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical k-means as main_deepclusterv2.py:cluster_memory runs it on one process:
     `iterations` rounds of (assign each embedding to its most similar centroid; move
     every centroid that got members to their mean; normalise all), then a last assignment.
@@ -328,10 +339,15 @@ def test_deepclusterv2_equals_the_official_algorithm():
     order = torch.randperm(block.num_train_samples, generator=generator)[:size]
     embed = torch.randn(crops, block.num_train_samples, dim, generator=generator)
     embed += 2 * torch.randn(100, dim, generator=generator)[torch.arange(block.num_train_samples) % 100]  # 100 blobs
-    loader = [{"data_idx": [idx.repeat(crops)], "data": [[torch.stack([torch.full_like(idx, c), idx], dim=1) for c in range(crops)]]}
-              for idx in order.split(batch)]
+    loader = [
+        {
+            "data_idx": [idx.repeat(crops)],
+            "data": [[torch.stack([torch.full_like(idx, c), idx], dim=1) for c in range(crops)]],
+        }
+        for idx in order.split(batch)
+    ]
 
-    def model(inputs: torch.Tensor) -> List[torch.Tensor]:  # (crop, image index) -> that crop's embedding
+    def model(inputs: torch.Tensor) -> list[torch.Tensor]:  # (crop, image index) -> that crop's embedding
         return [embed[inputs[:, 0], inputs[:, 1]]]
 
     vissl_loss.init_memory(loader, model)
@@ -358,8 +374,10 @@ def test_deepclusterv2_equals_the_official_algorithm():
     output = _leaf(crops * batch, dim, seed=3)
 
     def official(out: torch.Tensor) -> torch.Tensor:
-        scores = [F.normalize(out, dim=1) @ getattr(vissl_loss, f"centroids{i}").T / block.temperature
-                  for i in range(len(block.num_clusters))]
+        scores = [
+            F.normalize(out, dim=1) @ getattr(vissl_loss, f"centroids{i}").T / block.temperature
+            for i in range(len(block.num_clusters))
+        ]
         return sum(F.cross_entropy(s, vissl_loss.assignments[i][idx]) for i, s in enumerate(scores)) / len(scores)
 
     theirs, theirs_grad = _value_and_grad(official, output)
@@ -367,5 +385,7 @@ def test_deepclusterv2_equals_the_official_algorithm():
     _assert_close(ours, theirs)
     _assert_close(ours_grad, theirs_grad)
     # ... and the step's embeddings enter the memory bank, detached, where the pass starts.
-    _assert_close(vissl_loss.local_memory_embeddings[:, :batch], F.normalize(output, dim=1).detach().view(crops, batch, dim))
+    _assert_close(
+        vissl_loss.local_memory_embeddings[:, :batch], F.normalize(output, dim=1).detach().view(crops, batch, dim)
+    )
     assert not vissl_loss.local_memory_embeddings.requires_grad

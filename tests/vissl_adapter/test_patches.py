@@ -16,15 +16,23 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO
 from convit_ssl.vissl import patches
+from helpers import REPO
 
-VISSL_PATCHES = ["atomic save_checkpoint", "RandAugment posterize(0 bits)",
-                 "DINOHook teacher without stochastic depth", "DeepClusterV2Loss on the task's device",
-                 "warm-up start kept on request", "MoCo queue shared by every rank", "disk images read once, as 8-bit RGB",
-                 "feature extraction on the task's device", "ranks and data workers set up as their parent",
-                 "resume from a preemption checkpoint", "no full garbage collection per phase without loader workers",
-                 "SVM average precision as a scalar"]
+VISSL_PATCHES = [
+    "atomic save_checkpoint",
+    "RandAugment posterize(0 bits)",
+    "DINOHook teacher without stochastic depth",
+    "DeepClusterV2Loss on the task's device",
+    "warm-up start kept on request",
+    "MoCo queue shared by every rank",
+    "disk images read once, as 8-bit RGB",
+    "feature extraction on the task's device",
+    "ranks and data workers set up as their parent",
+    "resume from a preemption checkpoint",
+    "no full garbage collection per phase without loader workers",
+    "SVM average precision as a scalar",
+]
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:
@@ -178,14 +186,16 @@ def test_pure_pytorch_import_loads_no_vissl_and_changes_nothing():
 def test_importing_the_vissl_package_sets_vissl_up():
     """...and leaves scikit-learn unloaded until the low-shot benchmark asks for
     VISSL's low-shot trainer (patches.low_shot_trainer), patched."""
-    code = ("import convit_ssl.vissl, sys\n"
-            "from convit_ssl.vissl import patches, upstream\n"
-            "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
-            "from classy_vision.tasks import TASK_REGISTRY\n"
-            "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n"
-            "print('sklearn' in sys.modules)\n"
-            "SVMLowShotTrainer = patches.low_shot_trainer()\n"
-            "print('sklearn' in sys.modules, SVMLowShotTrainer.test is upstream.low_shot_test)\n")
+    code = (
+        "import convit_ssl.vissl, sys\n"
+        "from convit_ssl.vissl import patches, upstream\n"
+        "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
+        "from classy_vision.tasks import TASK_REGISTRY\n"
+        "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n"
+        "print('sklearn' in sys.modules)\n"
+        "SVMLowShotTrainer = patches.low_shot_trainer()\n"
+        "print('sklearn' in sys.modules, SVMLowShotTrainer.test is upstream.low_shot_test)\n"
+    )
     lines = _fresh(code).stdout.strip().splitlines()
     assert set(VISSL_PATCHES) <= set(eval(lines[-4])) and lines[-3] == "True True"
     assert lines[-2:] == ["False", "True True"]
@@ -287,4 +297,5 @@ def test_a_phase_change_collects_garbage_only_for_loader_workers(workers, monkey
 
 class _Config(dict):
     """VISSL's AttrDict: keys as items and as attributes."""
+
     __getattr__ = dict.__getitem__

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import folder_overrides, run_engine
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.subsets import subset_indices
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.validate import validate
+from helpers import folder_overrides, run_engine
 
 RECIPE_TWIN = "config=test/convit_ssl/recipe/supervised_recipe_micro_folder"
 
@@ -29,18 +29,24 @@ def test_first_per_class_takes_the_first_images_of_each_class():
 
 def test_random_per_class_is_seeded_and_balanced():
     labels = np.repeat(np.arange(5), 40)
-    a, b = subset_indices(labels, 0.25, "random_per_class", seed=3), subset_indices(labels, 0.25, "random_per_class", seed=3)
+    a, b = (
+        subset_indices(labels, 0.25, "random_per_class", seed=3),
+        subset_indices(labels, 0.25, "random_per_class", seed=3),
+    )
     c = subset_indices(labels, 0.25, "random_per_class", seed=4)
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
     assert np.bincount(labels[a]).tolist() == [10] * 5
     assert len(set(a.tolist())) == len(a)
 
 
-@pytest.mark.parametrize("fraction, mode, match", [
-    (0.0, "first_per_class", r"fraction must be in \(0, 1\]"),
-    (1.5, "first_per_class", r"fraction must be in \(0, 1\]"),
-    (0.5, "stratified", r"mode 'stratified' is not one of first_per_class, random_per_class"),
-])
+@pytest.mark.parametrize(
+    "fraction, mode, match",
+    [
+        (0.0, "first_per_class", r"fraction must be in \(0, 1\]"),
+        (1.5, "first_per_class", r"fraction must be in \(0, 1\]"),
+        (0.5, "stratified", r"mode 'stratified' is not one of first_per_class, random_per_class"),
+    ],
+)
 def test_subset_bad_input(fraction, mode, match):
     with pytest.raises(ValueError, match=match):
         subset_indices([0, 1], fraction, mode)
@@ -109,24 +115,34 @@ def test_recipe_weight_decay_groups():
     from vissl.models import build_model
     from vissl.optimizers.optimizer_helper import get_optimizer_param_groups
 
-    _, config = compose(["config=pretrain/supervised/supervised_convit_tiny_in1k_224_300ep",
-                         "config.MODEL.TRUNK.CONVIT_SSL.DEPTH=3", "config.MODEL.TRUNK.CONVIT_SSL.NUM_GPSA_LAYERS=2"])
+    _, config = compose(
+        [
+            "config=pretrain/supervised/supervised_convit_tiny_in1k_224_300ep",
+            "config.MODEL.TRUNK.CONVIT_SSL.DEPTH=3",
+            "config.MODEL.TRUNK.CONVIT_SSL.NUM_GPSA_LAYERS=2",
+        ]
+    )
     model = build_model(config.MODEL, config.OPTIMIZER)
     groups = get_optimizer_param_groups(model, config.MODEL, config.OPTIMIZER, {"lr": 1.0, "lr_head": 1.0})
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     names = dict(model.named_parameters())
     assert set(decay) == {id(p) for p in names.values()}  # every parameter in exactly one group
     for name, param in names.items():
-        no_decay = (name.endswith(".bias") or ".norm" in name or name.startswith("trunk.norm.")
-                    or name.split(".")[-1] in {"pos_embed", "cls_token", "gating_param"})
+        no_decay = (
+            name.endswith(".bias")
+            or ".norm" in name
+            or name.startswith("trunk.norm.")
+            or name.split(".")[-1] in {"pos_embed", "cls_token", "gating_param"}
+        )
         assert decay[id(param)] == (0.0 if no_decay else 0.05), name
     assert decay[id(names["trunk.blocks.0.attn.pos_proj.weight"])] == 0.05
 
 
 # ------------------------------------------------------------ lr schedule
 def _lr_schedule(recipe, nodes, procs):
-    _, config = compose([f"config={recipe}", f"config.DISTRIBUTED.NUM_NODES={nodes}",
-                         f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}"])
+    _, config = compose(
+        [f"config={recipe}", f"config.DISTRIBUTED.NUM_NODES={nodes}", f"config.DISTRIBUTED.NUM_PROC_PER_NODE={procs}"]
+    )
     return config.OPTIMIZER.param_schedulers.lr
 
 
@@ -148,12 +164,16 @@ def test_recipe_warms_up_from_1e6_however_the_gpus_are_split():
 def test_vissl_warmup_rule_stays_for_other_schedules():
     """Without keep_warmup_start (the self-supervised recipes, which say so), VISSL's rule applies."""
     lr = _lr_schedule("pretrain/simclr/simclr_convit_small_in1k_224_300ep", 2, 8)
-    assert lr["schedulers"][0]["start_value"] == pytest.approx(0.0005 * 8 * 64 / 512)  # one node's lr, not the 0.0 written
+    assert lr["schedulers"][0]["start_value"] == pytest.approx(
+        0.0005 * 8 * 64 / 512
+    )  # one node's lr, not the 0.0 written
 
 
 # ------------------------------------------------------------ engine twins
 def test_recipe_twin_runs(digits, tmp_path):
-    proc = run_engine([RECIPE_TWIN, *folder_overrides(digits), f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"], cwd=tmp_path)
+    proc = run_engine(
+        [RECIPE_TWIN, *folder_overrides(digits), f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"], cwd=tmp_path
+    )
     assert "repeated augmentation x3" in proc.stdout
     assert (tmp_path / "ck" / "model_final_checkpoint_phase0.torch").is_file()
     losses = run_folder.losses(tmp_path / "ck")
@@ -161,8 +181,14 @@ def test_recipe_twin_runs(digits, tmp_path):
 
 
 def test_subset_twin_trains_on_the_subset(digits, tmp_path):
-    proc = run_engine(["config=test/convit_ssl/recipe/supervised_subset_micro_folder", *folder_overrides(digits),
-                       f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"], cwd=tmp_path)
+    proc = run_engine(
+        [
+            "config=test/convit_ssl/recipe/supervised_subset_micro_folder",
+            *folder_overrides(digits),
+            f"config.CHECKPOINT.DIR={tmp_path / 'ck'}",
+        ],
+        cwd=tmp_path,
+    )
     # digits train split: 1438 images, 10 classes of 142-146: int(n_c * 0.1) = 14 each, minus one
     assert re.search(r"convit_ssl sampler: 139 of 1438 images", proc.stdout)  # the user is told
     assert (tmp_path / "ck" / "model_final_checkpoint_phase1.torch").is_file()

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import run_engine
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.vissl import patches
 from convit_ssl.vissl.configs import compose
+from helpers import run_engine
 
 # twin name -> its ImageNet recipe
 RECIPES = {
@@ -31,6 +31,7 @@ RECIPES = {
 TWIN_DIR = "test/convit_ssl/ssl"
 # VISSL's swav_head (DINO's head) uses torch.nn.utils.weight_norm, deprecated in torch 2.
 WEIGHT_NORM_WARNING = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+
 
 def _config(name: str) -> Any:
     return compose([f"config={name}"])[1]
@@ -46,7 +47,7 @@ def _check_dino(state: dict[str, Any], stdout: str) -> None:
     assert "'num_crops': 12" in stdout
     student = state["base_model"]["model"]
     prefix = "momentum_teacher."
-    teacher = {k[len(prefix):]: v for k, v in state["loss"].items() if k.startswith(prefix)}
+    teacher = {k[len(prefix) :]: v for k, v in state["loss"].items() if k.startswith(prefix)}
     assert set(teacher) == {f"trunk.{k}" for k in student["trunk"]} | {f"heads.{k}" for k in student["heads"]}
     assert not torch.equal(teacher["trunk.pos_embed"], student["trunk"]["pos_embed"])  # an average, not a copy
     assert torch.isfinite(state["loss"]["center"]).all()
@@ -106,7 +107,9 @@ def twin_run(tmp_path_factory):
 
 
 def _final(checkpoint_dir, twin: str):
-    return checkpoint_dir / f"model_final_checkpoint_phase{_config(f'{TWIN_DIR}/{twin}').OPTIMIZER.num_epochs - 1}.torch"
+    return (
+        checkpoint_dir / f"model_final_checkpoint_phase{_config(f'{TWIN_DIR}/{twin}').OPTIMIZER.num_epochs - 1}.torch"
+    )
 
 
 @pytest.mark.parametrize("twin", sorted(RECIPES))
@@ -133,12 +136,13 @@ def _networks(final, where: str):
     """(teacher trunk, student trunk) of a twin's checkpoint, read from VISSL's own layout."""
     state = torch.load(final, map_location="cpu", weights_only=True)["classy_state_dict"]
     prefix = f"{where}.trunk."
-    teacher = {k[len(prefix):]: v for k, v in state["loss"].items() if k.startswith(prefix)}
+    teacher = {k[len(prefix) :]: v for k, v in state["loss"].items() if k.startswith(prefix)}
     return teacher, state["base_model"]["model"]["trunk"]
 
 
-@pytest.mark.parametrize("twin, where", [("dino_micro_synthetic", "momentum_teacher"),
-                                         ("moco_micro_synthetic", "moco_encoder")])
+@pytest.mark.parametrize(
+    "twin, where", [("dino_micro_synthetic", "momentum_teacher"), ("moco_micro_synthetic", "moco_encoder")]
+)
 def test_converter_reads_the_momentum_teacher(twin, where, twin_run, tmp_path):
     from convit_ssl.checkpoints.convert import ConvertConfig
     from convit_ssl.cli.convert import run
@@ -148,8 +152,10 @@ def test_converter_reads_the_momentum_teacher(twin, where, twin_run, tmp_path):
     assert any(not torch.equal(teacher[k], student[k]) for k in student)  # an average of the students, not a copy
     for network, expected in (("teacher", teacher), ("student", student)):
         out = tmp_path / f"{network}.pth"
-        report = run(ConvertConfig(input=str(final), output=str(out), target_format="timm", keep_head=False,
-                                       network=network), log=lambda _: None)
+        report = run(
+            ConvertConfig(input=str(final), output=str(out), target_format="timm", keep_head=False, network=network),
+            log=lambda _: None,
+        )
         converted = torch.load(out, weights_only=True)
         assert set(converted) == set(expected) and all(torch.equal(converted[k], expected[k]) for k in expected)
         assert ("the momentum teacher (network=teacher)" in report["notes"]) == (network == "teacher")
@@ -160,9 +166,15 @@ def test_linear_evaluation_of_the_dino_teacher(twin_run, tmp_path):
     final = _final(twin_run("dino_micro_synthetic")[0], "dino_micro_synthetic")
     teacher, _ = _networks(final, "momentum_teacher")
     checkpoint_dir = tmp_path / "ck"
-    proc = run_engine(["config=test/convit_ssl/linear_eval_micro_synthetic",
-                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final}", "config.MODEL.WEIGHTS_INIT.NETWORK=teacher",
-                       f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
+    proc = run_engine(
+        [
+            "config=test/convit_ssl/linear_eval_micro_synthetic",
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final}",
+            "config.MODEL.WEIGHTS_INIT.NETWORK=teacher",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        cwd=tmp_path,
+    )
     assert "the momentum teacher (MODEL.WEIGHTS_INIT.NETWORK=teacher)" in proc.stdout
     probe = torch.load(checkpoint_dir / "model_final_checkpoint_phase0.torch", weights_only=True)
     trunk = probe["classy_state_dict"]["base_model"]["model"]["trunk"]
@@ -172,18 +184,27 @@ def test_linear_evaluation_of_the_dino_teacher(twin_run, tmp_path):
 
 def test_teacher_of_a_run_without_one_is_refused_before_launch(twin_run, tmp_path):
     final = _final(twin_run("simclr_micro_synthetic")[0], "simclr_micro_synthetic")
-    proc = run_engine(["config=test/convit_ssl/finetune_micro_synthetic", f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final}",
-                       "config.MODEL.WEIGHTS_INIT.NETWORK=teacher", f"config.CHECKPOINT.DIR={tmp_path / 'ck'}"],
-                      cwd=tmp_path, check=False)
+    proc = run_engine(
+        [
+            "config=test/convit_ssl/finetune_micro_synthetic",
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={final}",
+            "config.MODEL.WEIGHTS_INIT.NETWORK=teacher",
+            f"config.CHECKPOINT.DIR={tmp_path / 'ck'}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "has no momentum teacher" in proc.stdout and "Use network=student" in proc.stdout
     assert not (tmp_path / "ck" / "weights_init").exists()
 
 
 def test_shipped_benchmark_configs_name_the_network_they_load():
-    for name in ("benchmark/linear_image_classification/convit_ssl/linear_convit_small_base",
-                 "benchmark/fulltune/convit_ssl/finetune_convit_small_base",
-                 "benchmark/nearest_neighbor/convit_ssl/knn_convit_small_base"):
+    for name in (
+        "benchmark/linear_image_classification/convit_ssl/linear_convit_small_base",
+        "benchmark/fulltune/convit_ssl/finetune_convit_small_base",
+        "benchmark/nearest_neighbor/convit_ssl/knn_convit_small_base",
+    ):
         assert _config(name).MODEL.WEIGHTS_INIT.NETWORK == "student", name
 
 
@@ -194,15 +215,24 @@ def test_shipped_benchmark_configs_name_the_network_they_load():
 # What a twin may change beyond test/convit_ssl/ssl/micro_cpu.yaml: sizes only.
 SIZE_KEYS = {"size", "size_crops", "dims", "num_clusters", "in_channels"}
 TWIN_ONLY = {
-    "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP",          # iteration counts (checked below)
-    "LOSS.barlow_twins_loss.embedding_dim",       # = the shrunk projector's width
+    "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP",  # iteration counts (checked below)
+    "LOSS.barlow_twins_loss.embedding_dim",  # = the shrunk projector's width
     "LOSS.deepclusterv2_loss.num_train_samples",  # = DATA_LIMIT
-    "LOSS.deepclusterv2_loss.num_clusters",       # <= DATA_LIMIT
+    "LOSS.deepclusterv2_loss.num_clusters",  # <= DATA_LIMIT
     "OPTIMIZER.num_epochs",
 }
 # Loss settings VISSL infers from the batch, the world size, the crops and the head.
-INFERRED_LOSS_KEYS = {"num_crops", "output_dim", "output_dir", "num_prototypes", "embedding_dim",
-                      "BATCHSIZE_PER_REPLICA", "effective_batch_size", "world_size", "local_queue_length"}
+INFERRED_LOSS_KEYS = {
+    "num_crops",
+    "output_dim",
+    "output_dir",
+    "num_prototypes",
+    "embedding_dim",
+    "BATCHSIZE_PER_REPLICA",
+    "effective_batch_size",
+    "world_size",
+    "local_queue_length",
+}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -216,12 +246,14 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _without_sizes(items: list[Any]) -> list[Any]:
     """Transforms or heads with their size arguments removed."""
+
     def strip(item):
         if isinstance(item, dict):
             return {k: strip(v) for k, v in item.items() if k not in SIZE_KEYS}
         if isinstance(item, (list, tuple)):
             return [strip(v) for v in item]
         return item
+
     return strip(items)
 
 
@@ -271,8 +303,14 @@ def test_dino_step_puts_two_resolutions_through_the_trunk():
     config = _config(f"{TWIN_DIR}/dino_micro_synthetic")
     transform = get_transform(config.DATA.TRAIN.TRANSFORMS)
     samples = [
-        transform({"data": [SyntheticImageDataset.generate_image(seed=i, crop_size=64)],
-                   "label": [i], "data_valid": [1], "data_idx": [i]})
+        transform(
+            {
+                "data": [SyntheticImageDataset.generate_image(seed=i, crop_size=64)],
+                "label": [i],
+                "data_valid": [1],
+                "data_idx": [i],
+            }
+        )
         for i in range(3)
     ]
     collate = get_collator(config.DATA.TRAIN.COLLATE_FUNCTION, config.DATA.TRAIN.COLLATE_FUNCTION_PARAMS)
@@ -302,8 +340,12 @@ def test_dino_teacher_has_no_stochastic_depth():
     config = _config(f"{TWIN_DIR}/dino_micro_synthetic")
     student = build_model(config.MODEL, config.OPTIMIZER)
     assert any(isinstance(m, DropPath) for m in student.modules())
-    task = SimpleNamespace(config=config, model=student, device=torch.device("cpu"),
-                           loss=SimpleNamespace(momentum_teacher=None, checkpoint=None))
+    task = SimpleNamespace(
+        config=config,
+        model=student,
+        device=torch.device("cpu"),
+        loss=SimpleNamespace(momentum_teacher=None, checkpoint=None),
+    )
     DINOHook()._build_momentum_network(task)
     teacher = task.loss.momentum_teacher
     assert not any(isinstance(m, DropPath) for m in teacher.modules())
@@ -314,11 +356,18 @@ def test_dino_teacher_has_no_stochastic_depth():
 def test_dino_head_with_batchnorm_runs_on_cpu(tmp_path):
     """VISSL's DINOHook converted the teacher to SyncBatchNorm unconditionally
     (dino_hooks.py:66-68), which refuses CPU tensors; the patched hook converts on GPUs only."""
-    head = ("config.MODEL.HEAD.PARAMS=[[swav_head,{dims:[48,256,256,64],use_bn:true,activation_name:GELU,"
-            "num_clusters:[1024],use_weight_norm_prototypes:true,return_embeddings:false}]]")
+    head = (
+        "config.MODEL.HEAD.PARAMS=[[swav_head,{dims:[48,256,256,64],use_bn:true,activation_name:GELU,"
+        "num_clusters:[1024],use_weight_norm_prototypes:true,return_embeddings:false}]]"
+    )
     checkpoint_dir = tmp_path / "ck"
-    run_engine([f"config={TWIN_DIR}/dino_micro_synthetic", head, f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path)
-    state = torch.load(checkpoint_dir / "model_final_checkpoint_phase0.torch", map_location="cpu",
-                       weights_only=False)["classy_state_dict"]
-    teacher_bn = [k for k in state["loss"] if k.startswith("momentum_teacher.heads.0.projection_head") and "running_mean" in k]
+    run_engine(
+        [f"config={TWIN_DIR}/dino_micro_synthetic", head, f"config.CHECKPOINT.DIR={checkpoint_dir}"], cwd=tmp_path
+    )
+    state = torch.load(checkpoint_dir / "model_final_checkpoint_phase0.torch", map_location="cpu", weights_only=False)[
+        "classy_state_dict"
+    ]
+    teacher_bn = [
+        k for k in state["loss"] if k.startswith("momentum_teacher.heads.0.projection_head") and "running_mean" in k
+    ]
     assert teacher_bn, sorted(state["loss"])[:20]  # the teacher's head has BatchNorm layers, and it trained

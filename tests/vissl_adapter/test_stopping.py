@@ -12,28 +12,34 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Tuple
 
 import pytest
 import torch
-from helpers import start_warm
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
 from convit_ssl.vissl.launcher import ConViTSlurmJob
+from helpers import start_warm
 
 # 2000 synthetic images at 4 a step: hundreds of steps, far more than a test waits for
-LONG_RUN = ["config=test/convit_ssl/supervised_micro_synthetic", "config.DATA.TRAIN.DATA_LIMIT=2000",
-            "config.TRAINER.TASK_NAME=convit_ssl_task"]
+LONG_RUN = [
+    "config=test/convit_ssl/supervised_micro_synthetic",
+    "config.DATA.TRAIN.DATA_LIMIT=2000",
+    "config.TRAINER.TASK_NAME=convit_ssl_task",
+]
 
 
-def session_processes(sid: int) -> List[str]:
+def session_processes(sid: int) -> list[str]:
     """The live (not zombie) processes of session `sid`: 'pid state command'."""
     out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
     rows = [line.split(None, 3) for line in out.splitlines()]
-    return [f"{r[0]} {r[2]} {r[3] if len(r) > 3 else ''}" for r in rows
-            if len(r) >= 3 and r[1] == str(sid) and not r[2].startswith("Z")]
+    return [
+        f"{r[0]} {r[2]} {r[3] if len(r) > 3 else ''}"
+        for r in rows
+        if len(r) >= 3 and r[1] == str(sid) and not r[2].startswith("Z")
+    ]
 
 
 def wait_for_steps(checkpoint_dir: Path, steps: int, process, timeout: float = 240) -> None:
@@ -55,13 +61,20 @@ def until_gone(sid: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def start_command(argv: List[str], cwd: Path) -> subprocess.Popen:
+def start_command(argv: list[str], cwd: Path) -> subprocess.Popen:
     """`python ARGV` as a user starts it, in a session of its own (to list what it started)."""
-    return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=dict(os.environ, PYTHONWARNINGS="ignore"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
-def sigterm_when(ready: Callable[[], None], process: subprocess.Popen, twice: bool = False) -> Tuple[str, float]:
+def sigterm_when(ready: Callable[[], None], process: subprocess.Popen, twice: bool = False) -> tuple[str, float]:
     """After `ready()`, SIGTERM to `process` alone (`twice`: again 50 ms later);
     returns its stderr and the seconds until no process of its session is left."""
     try:
@@ -84,7 +97,7 @@ def iteration_checkpoint(checkpoint_dir: Path) -> Path:
     target = Path(os.path.realpath(checkpoint_dir / "checkpoint.torch"))
     assert target.name.startswith("model_iteration"), target.name
     state = torch.load(target, map_location="cpu", weights_only=False)
-    assert state["iteration"] == int(target.name[len("model_iteration"):-len(".torch")])
+    assert state["iteration"] == int(target.name[len("model_iteration") : -len(".torch")])
     return target
 
 
@@ -93,8 +106,17 @@ def test_sigterm_to_the_launcher_stops_two_ranks_after_a_checkpoint(tmp_path):
     SIGTERM to the launcher alone, then a second one while the ranks save:
     everything ends, exit 143, one line, a loadable checkpoint of the iteration."""
     checkpoint_dir = tmp_path / "ck"
-    process = start_command(["-m", "convit_ssl.cli", "run", *LONG_RUN, "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
-                             f"config.CHECKPOINT.DIR={checkpoint_dir}"], tmp_path)
+    process = start_command(
+        [
+            "-m",
+            "convit_ssl.cli",
+            "run",
+            *LONG_RUN,
+            "config.DISTRIBUTED.NUM_PROC_PER_NODE=2",
+            f"config.CHECKPOINT.DIR={checkpoint_dir}",
+        ],
+        tmp_path,
+    )
     # the second SIGTERM changes nothing: the ranks are saving
     stderr, gone = sigterm_when(lambda: wait_for_steps(checkpoint_dir, 2, process), process, twice=True)
     print(f"2 ranks: exit {process.returncode}, everything gone {gone:.2f} s after SIGTERM")
@@ -126,7 +148,7 @@ def test_sigint_to_the_group_stops_one_process_and_the_relaunch_resumes(tmp_path
     print(f"1 process: exit {code}, everything gone {gone:.2f} s after SIGINT")
     assert code == 128 + signal.SIGINT and gone < 10
     target = iteration_checkpoint(checkpoint_dir)
-    stopped_at = int(target.name[len("model_iteration"):-len(".torch")])
+    stopped_at = int(target.name[len("model_iteration") : -len(".torch")])
     assert 3 <= stopped_at < 100
     assert len(run_folder.losses(checkpoint_dir)) == stopped_at
 
@@ -168,8 +190,10 @@ def test_sigterm_to_the_demo_stops_its_stages(tmp_path):
     stderr, gone = sigterm_when(both_stages_training, process)
     print(f"demo stages: exit {process.returncode}, everything gone {gone:.2f} s after SIGTERM")
     assert process.returncode == 128 + signal.SIGTERM and gone < 15
-    assert stderr.strip().splitlines()[-1] == ("stopped by SIGTERM: stopped the stages first, second; the same "
-                                               "command resumes them (finished stages are reused)")
+    assert stderr.strip().splitlines()[-1] == (
+        "stopped by SIGTERM: stopped the stages first, second; the same "
+        "command resumes them (finished stages are reused)"
+    )
     for stage in ("first", "second"):
         iteration_checkpoint(tmp_path / stage)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from convit_ssl.checkpoints import run_folder
-from helpers import REPO, assert_started_from_resampled, folder_overrides, run_engine
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.trunk import named_features, validate_trunk_config
+from helpers import REPO, assert_started_from_resampled, folder_overrides, run_engine
 
 CONFIG_DIR = REPO / "configs" / "config"
 LINEAR = "benchmark/linear_image_classification"
@@ -52,8 +52,14 @@ LINEAR_CONFIGS = {
 SVM_CONFIGS = {"voc07": "eval_convit_small_svm_voc07_224"}
 FINETUNE_CONFIGS = {
     (folder, size): f"finetune_convit_small_{short}_{size}"
-    for folder, short in [("cifar10", "cifar10"), ("cifar100", "cifar100"), ("oxford_flowers", "flowers102"),
-                          ("stanford_cars", "cars"), ("oxford_pets", "pets"), ("inaturalist18", "inat18")]
+    for folder, short in [
+        ("cifar10", "cifar10"),
+        ("cifar100", "cifar100"),
+        ("oxford_flowers", "flowers102"),
+        ("stanford_cars", "cars"),
+        ("oxford_pets", "pets"),
+        ("inaturalist18", "inat18"),
+    ]
     for size in (224, 384)
 }
 PROBE_FEATURES = ["lastCLS", "concatCLS4", "lastPOOL"]
@@ -62,8 +68,11 @@ PROBE_FEATURES = ["lastCLS", "concatCLS4", "lastPOOL"]
 def _shipped(family: str) -> set:
     """Benchmark configs of a family, without the shared pieces in convit_ssl/."""
     root = CONFIG_DIR / family
-    return {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in root.rglob("*.yaml")
-            if "convit_ssl" not in p.relative_to(root).parts}
+    return {
+        str(p.relative_to(CONFIG_DIR).with_suffix(""))
+        for p in root.rglob("*.yaml")
+        if "convit_ssl" not in p.relative_to(root).parts
+    }
 
 
 def _feature_widths(config) -> list:
@@ -83,6 +92,7 @@ def _check_data(config, folder: str) -> None:
 
 
 # ---------------------------------------------------------------- the table
+
 
 def test_every_benchmark_config_is_in_the_table():
     listed = {f"{LINEAR}/{d}/{n}" for d, n in {**LINEAR_CONFIGS, **SVM_CONFIGS}.items()}
@@ -137,21 +147,34 @@ def test_finetune_head_resolution_and_classes(folder, size):
     trunk = config.MODEL.TRUNK.CONVIT_SSL
     assert (trunk.ARCH, trunk.IMAGE_SIZE, trunk.PATCH_SIZE) == ("convit_small", size, 16)
     assert validate_trunk_config(config.MODEL).width == WIDTH
-    crops = {t["name"]: t["size"] for split in ("TRAIN", "TEST") for t in config.DATA[split].TRANSFORMS
-             if t["name"] in ("RandomResizedCrop", "CenterCrop")}
+    crops = {
+        t["name"]: t["size"]
+        for split in ("TRAIN", "TEST")
+        for t in config.DATA[split].TRANSFORMS
+        if t["name"] in ("RandomResizedCrop", "CenterCrop")
+    }
     assert crops == {"RandomResizedCrop": size, "CenterCrop": size}
     _check_data(config, folder)
-    assert config.OPTIMIZER.get("layer_decay") is None  # LLRD is an option (convit_ssl/llrd.yaml)
+    assert (
+        config.OPTIMIZER.get("layer_decay") is None
+    )  # LLRD is an option (configs/config/benchmark/fulltune/convit_ssl/llrd.yaml)
 
 
 # ---------------------------------------------------------- twins, end to end
+
 
 @pytest.fixture(scope="module")
 def supervised_checkpoint(tmp_path_factory, digits) -> Path:
     """One supervised_micro_folder run (32 px) whose checkpoint every twin starts from."""
     work = tmp_path_factory.mktemp("bench_supervised")
-    run_engine(["config=test/convit_ssl/supervised_micro_folder", *folder_overrides(digits),
-                f"config.CHECKPOINT.DIR={work / 'ck'}"], cwd=work)
+    run_engine(
+        [
+            "config=test/convit_ssl/supervised_micro_folder",
+            *folder_overrides(digits),
+            f"config.CHECKPOINT.DIR={work / 'ck'}",
+        ],
+        cwd=work,
+    )
     return work / "ck" / "model_final_checkpoint_phase0.torch"
 
 
@@ -162,25 +185,42 @@ def _model_state(checkpoint: Path) -> dict:
 
 def test_linear_eval_twin(tmp_path, digits, supervised_checkpoint):
     ck = tmp_path / "ck"
-    run_engine([f"config={TWINS}/linear_eval_micro_folder_in1k", *folder_overrides(digits),
-                f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
-                f"config.CHECKPOINT.DIR={ck}"], cwd=tmp_path)
+    run_engine(
+        [
+            f"config={TWINS}/linear_eval_micro_folder_in1k",
+            *folder_overrides(digits),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
+            f"config.CHECKPOINT.DIR={ck}",
+        ],
+        cwd=tmp_path,
+    )
     assert set(run_folder.final_accuracies(ck)["test"]) == {"lastCLS", "concatCLS3", "lastPOOL"}
     # The trunk stayed frozen at the supervised weights (feature-eval keys carry `base_model.`).
     before = _model_state(supervised_checkpoint)["trunk"]
-    after = {k.removeprefix("base_model."): v for k, v in _model_state(ck / "model_final_checkpoint_phase0.torch")["trunk"].items()}
+    after = {
+        k.removeprefix("base_model."): v
+        for k, v in _model_state(ck / "model_final_checkpoint_phase0.torch")["trunk"].items()
+    }
     assert set(after) == set(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_finetune_twin_at_a_new_resolution(tmp_path, digits, supervised_checkpoint):
     ck = tmp_path / "ck"
-    run_engine([f"config={TWINS}/finetune_micro_folder_cifar100_384", *folder_overrides(digits),
-                f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
-                f"config.CHECKPOINT.DIR={ck}"], cwd=tmp_path)
+    run_engine(
+        [
+            f"config={TWINS}/finetune_micro_folder_cifar100_384",
+            *folder_overrides(digits),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
+            f"config.CHECKPOINT.DIR={ck}",
+        ],
+        cwd=tmp_path,
+    )
     model = _model_state(ck / "model_final_checkpoint_phase0.torch")
     assert model["trunk"]["pos_embed"].shape == (1, 36, 48)
-    assert_started_from_resampled(model["trunk"]["pos_embed"], _model_state(supervised_checkpoint)["trunk"]["pos_embed"])
+    assert_started_from_resampled(
+        model["trunk"]["pos_embed"], _model_state(supervised_checkpoint)["trunk"]["pos_embed"]
+    )
     assert model["heads"]["0.clf.0.weight"].shape == (10, 48)
     before = _model_state(supervised_checkpoint)["trunk"]
     assert not torch.equal(model["trunk"]["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])
@@ -190,9 +230,16 @@ def test_finetune_twin_at_a_new_resolution(tmp_path, digits, supervised_checkpoi
 def test_finetune_twin_with_layer_decay(tmp_path, digits, supervised_checkpoint):
     """The LLRD twin through tools/run_distributed_engines.py."""
     ck = tmp_path / "ck"
-    proc = run_engine([f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd", *folder_overrides(digits),
-                       f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
-                       f"config.CHECKPOINT.DIR={ck}"], cwd=tmp_path, check=False)
+    proc = run_engine(
+        [
+            f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd",
+            *folder_overrides(digits),
+            f"config.MODEL.WEIGHTS_INIT.PARAMS_FILE={supervised_checkpoint}",
+            f"config.CHECKPOINT.DIR={ck}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert re.search(r"layer-wise lr decay 0\.65: \d+ param groups", proc.stdout)
     state = torch.load(ck / "model_final_checkpoint_phase0.torch", map_location="cpu", weights_only=True)

@@ -16,17 +16,37 @@ def test_named_features_shapes_and_values(feature_model):
     model = feature_model
     width, grid, batch = 192, (4, 6), 2
     x = torch.randn(batch, 3, 32, 48, generator=torch.Generator().manual_seed(2))
-    names = ["lastCLS", "blkCLS0", "blkCLS1", "blkCLS2", "concatCLS2", "concatCLS3", "lastPOOL", "blkPOOL0",
-             "blkPOOL2", "concatPOOL2", "lastBLK", "lastMAP"]
+    names = [
+        "lastCLS",
+        "blkCLS0",
+        "blkCLS1",
+        "blkCLS2",
+        "concatCLS2",
+        "concatCLS3",
+        "lastPOOL",
+        "blkPOOL0",
+        "blkPOOL2",
+        "concatPOOL2",
+        "lastBLK",
+        "lastMAP",
+    ]
     with torch.no_grad():
         feats = dict(zip(names, named_features(model, x, names)))
         tokens = model.forward_features(x)
     shapes = {n: tuple(f.shape) for n, f in feats.items()}
     assert shapes == {
-        "lastCLS": (batch, width), "blkCLS0": (batch, width), "blkCLS1": (batch, width), "blkCLS2": (batch, width),
-        "concatCLS2": (batch, 2 * width), "concatCLS3": (batch, 3 * width), "lastPOOL": (batch, width),
-        "blkPOOL0": (batch, width), "blkPOOL2": (batch, width), "concatPOOL2": (batch, 2 * width),
-        "lastBLK": (batch, 1 + 24, width), "lastMAP": (batch, width, *grid),
+        "lastCLS": (batch, width),
+        "blkCLS0": (batch, width),
+        "blkCLS1": (batch, width),
+        "blkCLS2": (batch, width),
+        "concatCLS2": (batch, 2 * width),
+        "concatCLS3": (batch, 3 * width),
+        "lastPOOL": (batch, width),
+        "blkPOOL0": (batch, width),
+        "blkPOOL2": (batch, width),
+        "concatPOOL2": (batch, 2 * width),
+        "lastBLK": (batch, 1 + 24, width),
+        "lastMAP": (batch, width, *grid),
     }
     raw = block_outputs(model, x)
     normed = {i: model.norm(t) for i, t in raw.items()}
