@@ -344,7 +344,7 @@ def _vissl(command: str, overrides: list[str], folder: Path) -> dict[str, Any]:
     if returncode != 0:
         record["error"] = output[-2000:]
         return record
-    if (folder / "stdout.json").is_file():
+    if (folder / run_folder.STDOUT).is_file():
         losses = run_folder.losses(folder)
         record["losses"] = [losses[0], losses[-1]] if losses else []
         record["finite"] = bool(losses) and all(math.isfinite(v) for v in losses)

@@ -13,13 +13,12 @@ the VISSL analysis hook)::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from convit_ssl.analysis.collect import GPSA_KIND, MHSA_KIND
-from convit_ssl.files import PathLike
+from convit_ssl.files import PathLike, read_json_lines
 
 
 @dataclass
@@ -80,20 +79,9 @@ def read_training_log(path: PathLike) -> TrainingLog:
             if not path.exists()
             else f"training log {str(path)!r} is not a file"
         )
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records, truncated = [], None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        last = number == len(lines)  # only the final piece can lack a newline
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if last:
-                truncated = number
-                continue
-            raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
+    read = read_json_lines(path)
+    records, truncated = [], read.truncated_line
+    for number, record in zip(read.line_numbers, read.records):
         try:
             records.append(check_record(record))
         except ValueError as e:

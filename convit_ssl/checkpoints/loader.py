@@ -53,7 +53,7 @@ def read_source(path: PathLike) -> Source:
     final = run_folder.final_checkpoint(folder)
     if final is not None:
         return Source(load_checkpoint(final), None, [f"VISSL run folder: its final checkpoint {final.name}"])
-    latest = folder / "checkpoint.torch"
+    latest = folder / run_folder.CHECKPOINT_LINK
     if latest.is_symlink() or latest.is_file():
         return Source(load_checkpoint(latest), None, [f"VISSL run folder: checkpoint.torch -> {latest.resolve().name}"])
     present = sorted(p.name for p in folder.iterdir())[:10]

@@ -15,11 +15,20 @@ Layout (VISSL 0.1.6, vissl/utils/checkpoint.py and hooks/log_hooks.py)::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
+from convit_ssl.files import read_json_lines
+
+# Every file a VISSL run writes that convit_ssl reads or adds: the one place they are spelled.
+CHECKPOINT_LINK = "checkpoint.torch"  # VISSL: a link to the latest checkpoint
+STDOUT = "stdout.json"  # VISSL: one record per logged iteration
+METRICS = "metrics.json"  # VISSL: one record per phase (and convit_ssl's kNN and unreadable-image records)
+LOG = "log.txt"  # VISSL: the run's log
+TRAIN_CONFIG = "train_config.yaml"  # VISSL: the composed config
+KNN_RECORDS = "convit_knn.jsonl"  # convit_ssl.vissl.knn_hook
+ANALYSIS_RECORDS = "convit_analysis.jsonl"  # convit_ssl.vissl.analysis_hook
 FINAL_PATTERN = "model_final_checkpoint_phase*.torch"
 _PHASE = re.compile(r"phase(\d+)\.torch$")
 
@@ -51,12 +60,12 @@ def require_final_checkpoint(folder: os.PathLike) -> Path:
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(path).records
 
 
 def losses(folder: os.PathLike) -> list[float]:
     """The training losses VISSL logged, in order (empty if it logged none)."""
-    path = Path(folder) / "stdout.json"
+    path = Path(folder) / STDOUT
     if not path.is_file():
         return []
     return [float(r["loss"]) for r in _records(path) if r.get("loss") is not None]
@@ -65,7 +74,7 @@ def losses(folder: os.PathLike) -> list[float]:
 def metrics(folder: os.PathLike) -> list[dict]:
     """Every record of the run's metrics.json, in order (VISSL's meters, convit_ssl's kNN and
     unreadable-image records)."""
-    return _records(Path(folder) / "metrics.json")
+    return _records(Path(folder) / METRICS)
 
 
 def final_accuracies(folder: os.PathLike) -> dict[str, dict[str, float]]:

@@ -57,13 +57,14 @@ import torch
 from vissl.utils.checkpoint import get_checkpoint_folder
 
 from convit_ssl.analysis import analyze
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import held_out_split, load_held_out_images
 from convit_ssl.vissl.hook_utils import BlockKeys, MonitorHook, is_primary, preserved_rng, read_block
 from convit_ssl.vissl.trunk import find_convit
 
 CONFIG_BLOCK = "CONVIT_ANALYSIS"
-RECORD_FILE = "convit_analysis.jsonl"
+RECORD_FILE = run_folder.ANALYSIS_RECORDS
 # key -> (default, accepted type, condition, what the condition says)
 CONFIG_KEYS: BlockKeys = {
     "USE": (False, bool, lambda v: True, "true or false"),

@@ -20,6 +20,7 @@ from torch import nn
 from vissl.utils.checkpoint import get_checkpoint_folder
 
 from convit_ssl.analysis.collect import evaluating
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.files import atomic_write_text
 from convit_ssl.vissl.trunk import TRUNK_NAME
 
@@ -87,7 +88,7 @@ def is_primary() -> bool:
 
 def metrics_file(config: Any) -> str:
     """VISSL's metrics.json of a run (one JSON object per line, in its checkpoint folder)."""
-    return os.path.join(get_checkpoint_folder(config), "metrics.json")
+    return os.path.join(get_checkpoint_folder(config), run_folder.METRICS)
 
 
 class JsonLines:

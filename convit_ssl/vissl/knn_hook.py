@@ -49,7 +49,6 @@ bank and queries must use the same classes.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -63,7 +62,9 @@ from classy_vision.generic.distributed_util import get_rank, get_world_size
 from vissl.data import build_dataset
 from vissl.utils.checkpoint import get_checkpoint_folder
 
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.evaluation import knn_accuracy
+from convit_ssl.files import read_json_lines
 from convit_ssl.models.convit import ConViT
 from convit_ssl.vissl.hook_images import eval_transforms
 from convit_ssl.vissl.hook_utils import (
@@ -79,7 +80,7 @@ from convit_ssl.vissl.hook_utils import (
 from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names, validate_trunk_config
 
 CONFIG_BLOCK = "CONVIT_KNN"
-RECORD_FILE = "convit_knn.jsonl"
+RECORD_FILE = run_folder.KNN_RECORDS
 TEACHER_ATTRIBUTES = {"dino_loss": "momentum_teacher", "moco_loss": "moco_encoder"}
 _positive = (lambda v: v >= 1, "an integer >= 1")
 CONFIG_KEYS: BlockKeys = {
@@ -166,8 +167,7 @@ def record_frequency(num_epochs: int) -> int:
 
 def read_records(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """The monitor's records of a run, in order (its checkpoint folder's RECORD_FILE)."""
-    with open(os.path.join(folder, RECORD_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_json_lines(os.path.join(folder, RECORD_FILE)).records
 
 
 # ------------------------------------------------------------------ the data
@@ -271,7 +271,7 @@ class ConViTKnnHook(MonitorHook):
     def __init__(self, settings: KnnSettings, output_path: str, metrics_path: str, tb_writer: Any = None) -> None:
         super().__init__(output_path, "ConViT kNN", tb_writer, settings.frequency_iters, settings.frequency_epochs)
         self.settings = settings
-        self.metrics = JsonLines(metrics_path, "metrics.json")
+        self.metrics = JsonLines(metrics_path, run_folder.METRICS)
         self.bank: LabelledImages | None = None
         self.queries: LabelledImages | None = None
 

@@ -28,6 +28,7 @@ from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distribu
 from vissl.utils.hydra_config import save_attrdict_to_disk
 from vissl.utils.io import makedir
 
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.hooks import hook_generator
@@ -117,7 +118,7 @@ def prepare(overrides: Sequence[str]) -> tuple[Any, Any]:
 
 def _stopped_detail(config: Any) -> str:
     """Where a stopped run's work is: the checkpoint `checkpoint.torch` points at."""
-    link = os.path.join(get_checkpoint_folder(config), "checkpoint.torch")
+    link = os.path.join(get_checkpoint_folder(config), run_folder.CHECKPOINT_LINK)
     if not os.path.exists(link):
         return "no checkpoint written yet"
     return f"the relaunched command resumes from {os.path.realpath(link)}"

@@ -25,9 +25,10 @@ import torch.distributed as dist
 from classy_vision.hooks.classy_hook import ClassyHook
 from vissl.hooks import LogLossMetricsCheckpointHook
 
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.processes import STOP_SIGNALS, Stopped
 
-SYMLINK = "checkpoint.torch"
+SYMLINK = run_folder.CHECKPOINT_LINK
 
 
 class StopHook(ClassyHook):

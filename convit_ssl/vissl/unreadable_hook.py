@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from classy_vision.hooks.classy_hook import ClassyHook
 
+from convit_ssl.checkpoints import run_folder
 from convit_ssl.vissl.hook_utils import JsonLines, is_primary
 
 
@@ -43,7 +44,7 @@ class UnreadableImagesHook(ClassyHook):
 
     def __init__(self, metrics_path: str) -> None:
         super().__init__()
-        self.metrics = JsonLines(metrics_path, "metrics.json")
+        self.metrics = JsonLines(metrics_path, run_folder.METRICS)
         self.invalid = self.seen = 0
 
     def on_phase_start(self, task: Any) -> None:

@@ -40,3 +40,24 @@ def test_losses_and_accuracies_as_numbers(tmp_path):
         "test": {"lastCLS": 61.5, "concatPOOL2": 64.0},
     }
     assert run_folder.losses(tmp_path / "missing") == []
+
+
+def test_a_line_cut_by_a_killed_writer_is_skipped_with_a_warning_by_every_reader(tmp_path, caplog):
+    """metrics.json, stdout.json and the kNN monitor's records, their last line cut
+    (no newline, not JSON): each reader returns the whole records before it."""
+    from convit_ssl.vissl.knn_hook import read_records
+
+    whole = [{"iteration": 1, "loss": 2.5, "train_accuracy_list_meter": {"top_1": {"0": 40.0}}}]
+    for name in (run_folder.METRICS, run_folder.STDOUT, run_folder.KNN_RECORDS):
+        (tmp_path / name).write_text(json.dumps(whole[0]) + "\n" + '{"iteration": 2, "lo')
+    with caplog.at_level("WARNING"):
+        assert run_folder.metrics(tmp_path) == whole
+        assert run_folder.losses(tmp_path) == [2.5]
+        assert read_records(tmp_path) == whole
+    assert caplog.text.count("skipped the incomplete last line 2") == 3
+
+
+def test_a_bad_line_before_the_last_is_an_error_naming_it(tmp_path):
+    (tmp_path / run_folder.METRICS).write_text('{"iteration": 1}\n{"iter\n{"iteration": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.json, line 2: not valid JSON"):
+        run_folder.metrics(tmp_path)
