@@ -43,6 +43,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,7 +52,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "tools" / "gpu_wheels.txt"
 sys.path.insert(0, str(REPO))  # the working tree, installed or not
-sys.path.insert(0, str(REPO / "tools"))
 
 # max |a - b| / max(1, max |b|): fp32 through different kernels (TF32 off for the check), bf16 autocast
 TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2}
@@ -216,8 +216,7 @@ def numbers(device: str, quick: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ 3. speed and memory
 def speed(device: str, quick: bool) -> dict[str, Any]:
-    import benchmark
-
+    """tools/benchmark.py in a child process (its --json output), with the issue's targets."""
     args = SimpleNamespace(
         device=device,
         batch=2 if quick else 128,
@@ -232,8 +231,17 @@ def speed(device: str, quick: bool) -> dict[str, Any]:
     )
     archs = ["convit_tiny"] if quick else ["convit_tiny", "convit_small"]
     out: dict[str, Any] = {"settings": vars(args)}
+    options = [
+        x for key, value in vars(args).items() if key != "modes" for x in (f"--{key.replace('_', '-')}", str(value))
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        numbers = Path(folder) / "speed.json"
+        command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--arch", *archs, "--modes", *args.modes]
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # installed or not
+        subprocess.run([*command, *options, "--json", str(numbers)], check=True, env={**os.environ, "PYTHONPATH": path})
+        measured = json.loads(numbers.read_text())["results"]
     for arch in archs:
-        record = benchmark.bench_arch(arch, args)
+        record = measured[arch]
         bf16 = record["ratios"]["bf16"]
         memory = record.get("memory_vs_timm_convit", {}).get("ours")
         record["targets"] = {

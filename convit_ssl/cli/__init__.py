@@ -141,7 +141,7 @@ def _run(argv: list[str]) -> int:
         "--data", default=None, help="folder with train/<class>/* and val/<class>/* (default: scikit-learn digits)"
     )
     demo.add_argument("--epochs", type=int, default=None, help="supervised epochs (default: the config's)")
-    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 18)")
+    demo.add_argument("--ssl-epochs", type=int, default=None, help="self-supervised (SimCLR) epochs (default: 20)")
     demo.add_argument(
         "--probe-epochs",
         type=int,

@@ -20,7 +20,6 @@ sweep resumes where it stopped.
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from matplotlib.figure import Figure
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.experiments.overrides import ARCHS, arch_overrides, data_overrides
+from convit_ssl.experiments.seeds import spread
 from convit_ssl.experiments.stages import Stage, run_stages
 from convit_ssl.files import atomic_write_text, is_image
 from convit_ssl.vissl.configs import compose
@@ -149,15 +149,6 @@ def read_run(folder: Path, arch: str, seed: int, plan: Schedule, batch_size: int
     }
 
 
-def _spread(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 2),
-        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-        "min": round(min(values), 2),
-        "max": round(max(values), 2),
-    }
-
-
 def verdict(convit: Sequence[float], deit: Sequence[float]) -> str:
     """Stated only where the seeds separate: every ConViT seed above every DeiT seed, or the reverse."""
     if len(convit) < 2 or len(deit) < 2:
@@ -179,7 +170,7 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for fraction in sorted(by):
         row: dict[str, Any] = {"fraction": fraction, "images": next(iter(by[fraction].values()))[0]["images"]}
         for arch, group in sorted(by[fraction].items()):
-            row[arch] = {"seeds": sorted(r["seed"] for r in group), "top1": _spread([r["top1"] for r in group])}
+            row[arch] = {"seeds": sorted(r["seed"] for r in group), "top1": spread([r["top1"] for r in group])}
         if "convit" in row and "deit" in row:
             top1 = {arch: {r["seed"]: r["top1"] for r in by[fraction][arch]} for arch in ("convit", "deit")}
             row["gap"] = round(row["convit"]["top1"]["mean"] - row["deit"]["top1"]["mean"], 2)

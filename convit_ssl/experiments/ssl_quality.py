@@ -1,4 +1,4 @@
-"""`tools/ssl_quality.py`: does each self-supervised method learn, at small scale?
+"""Does each self-supervised method learn, at small scale? (`tools/ssl_quality.py`)
 
 For each method (and architecture and seed) it runs, as real VISSL jobs on
 the CPU, each in its own process:
@@ -31,24 +31,20 @@ interrupted sweep resumes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import statistics
-import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from convit_ssl.checkpoints import run_folder
-from convit_ssl.data.digits import train_val_folders
 from convit_ssl.experiments.overrides import ARCHS, data_overrides, knn_overrides, train_overrides
+from convit_ssl.experiments.seeds import spread
 from convit_ssl.experiments.stages import run_stage
 from convit_ssl.files import atomic_write_text
 from convit_ssl.processes import Stopped
-from convit_ssl.vissl.configs import SSL_METHODS, num_epochs, small_scale_config
+from convit_ssl.vissl.configs import num_epochs, small_scale_config
 from convit_ssl.vissl.knn_hook import read_records, record_frequency
 
 TEACHERS = {"dino", "moco"}
@@ -140,15 +136,6 @@ def run_one(
     }
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 2),
-        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-        "min": round(min(values), 2),
-        "max": round(max(values), 2),
-    }
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per method and arch, over seeds: kNN top-1 random / pretrained / gain, linear lastCLS gain."""
     out: dict[str, Any] = {}
@@ -161,18 +148,18 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             lin = [r["linear_top1"] for r in group if r["linear_top1"]]
             summary.setdefault(method, {})[arch] = {
                 "seeds": sorted(r["seed"] for r in group),
-                "knn_random_init": _spread([k["random_init"] for k in knn]),
-                "knn_pretrained": _spread([k["pretrained"] for k in knn]),
-                "knn_gain": _spread([k["pretrained"] - k["random_init"] for k in knn]),
+                "knn_random_init": spread([k["random_init"] for k in knn]),
+                "knn_pretrained": spread([k["pretrained"] for k in knn]),
+                "knn_gain": spread([k["pretrained"] - k["random_init"] for k in knn]),
                 **(
                     {
-                        "linear_lastCLS_random_init": _spread([x["random_init"]["lastCLS"] for x in lin]),
-                        "linear_lastCLS_pretrained": _spread([x["pretrained"]["lastCLS"] for x in lin]),
+                        "linear_lastCLS_random_init": spread([x["random_init"]["lastCLS"] for x in lin]),
+                        "linear_lastCLS_pretrained": spread([x["pretrained"]["lastCLS"] for x in lin]),
                     }
                     if lin
                     else {}
                 ),
-                "pretrain_seconds": _spread([r["pretrain_seconds"] for r in group]),
+                "pretrain_seconds": spread([r["pretrain_seconds"] for r in group]),
             }
     return summary
 
@@ -235,48 +222,21 @@ def _write(path: Path, results: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tools/ssl_quality.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--method", nargs="+", default=["all"], help=f"one or more of {', '.join(SSL_METHODS)}, or all")
-    parser.add_argument("--arch", nargs="+", default=["convit"], choices=sorted(ARCHS), help="convit and/or deit")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: each config's)")
-    parser.add_argument("--data", default=None, help="train/<class>/*, val/<class>/* (default: the digits)")
-    parser.add_argument("--no-linear", action="store_true", help="kNN only: skip the linear probes")
-    parser.add_argument(
-        "--override",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Hydra overrides of the pretraining runs, e.g. a narrower trunk for a quick check "
-        "(with --no-linear: the probes' configs expect the default trunk)",
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--table", action="store_true", help="print the markdown tables of <out>/results.json; run nothing"
-    )
-    args = parser.parse_args(argv)
-    if args.table:
-        path = Path(args.out) / "results.json"
-        if not path.is_file():
-            parser.error(f"--table: {path} does not exist")
-        print(markdown_tables(json.loads(path.read_text())))
-        return 0
-    if any(o.startswith(("config.MODEL.TRUNK", "config.MODEL.HEAD")) for o in args.override) and not args.no_linear:
-        parser.error(
-            "--override of the trunk or head needs --no-linear: the linear probes' configs expect the default trunk"
-        )
-    methods = list(SSL_METHODS) if args.method == ["all"] else args.method
-    for method in methods:
-        small_scale_config(method)  # unknown names fail here, before any run
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        train, val = train_val_folders(args.data, out)
-    except ValueError as e:
-        parser.error(str(e))
+def sweep(
+    out: Path,
+    train: Path,
+    val: Path,
+    methods: Sequence[str],
+    archs: Sequence[str],
+    seeds: Sequence[int],
+    epochs: int | None = None,
+    linear: bool = True,
+    overrides: Sequence[str] = (),
+    header: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run every (method, arch, seed) not yet in ``out/results.json``, one after
+    another, writing the results after each (with `header`'s keys: command, date).
+    A stop signal saves the results so far and raises `Stopped`."""
     path = out / "results.json"
     results = (
         json.loads(path.read_text())
@@ -288,12 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "random_init_linear": {},
         }
     )
-    results["command"] = " ".join(["tools/ssl_quality.py", *(argv if argv is not None else sys.argv[1:])])
-    results["date"] = time.strftime("%Y-%m-%d")
+    results.update(header or {})
     done = {(r["method"], r["arch"], r["seed"]) for r in results["runs"]}
     for method in methods:
-        for arch in args.arch:
-            for seed in args.seeds:
+        for arch in archs:
+            for seed in seeds:
                 if (method, arch, seed) in done:
                     print(f"== {method} / {arch} / seed {seed}: in {path} already, skipped")
                     continue
@@ -306,23 +265,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         train,
                         val,
                         results["random_init_linear"],
-                        args.epochs,
-                        linear=not args.no_linear,
-                        overrides=args.override,
+                        epochs,
+                        linear=linear,
+                        overrides=overrides,
                     )
-                except Stopped as e:
+                except Stopped:
                     _write(path, results)
-                    print(f"ssl_quality: {e}; the same command resumes it (finished runs are skipped)", file=sys.stderr)
-                    return e.exit_code
+                    raise
                 results["runs"].append(run)
                 _write(path, results)
-                knn = run["knn_top1"]
-                probes = run["linear_top1"]
+                knn, probes = run["knn_top1"], run["linear_top1"]
                 linear_line = (
-                    (
-                        f"; linear lastCLS {probes['random_init']['lastCLS']:.1f}% -> "
-                        f"{probes['pretrained']['lastCLS']:.1f}%"
-                    )
+                    f"; linear lastCLS {probes['random_init']['lastCLS']:.1f}% -> {probes['pretrained']['lastCLS']:.1f}%"
                     if probes
                     else ""
                 )
@@ -332,5 +286,4 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
     _write(path, results)
-    print(f"results: {path}")
-    return 0
+    return results
