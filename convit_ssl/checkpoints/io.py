@@ -59,10 +59,18 @@ def load_checkpoint(path: PathLike) -> Any:
         )
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    kind = _file_kind(path)
+    if kind is not None:  # not a checkpoint at all: say what it is, before any unpickling
+        raise CheckpointError(f"{str(path)!r} is not a torch checkpoint: {kind}")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # a pickle, but not of objects: damaged, not unsafe
+            raise CheckpointError(
+                f"{str(path)!r} ({path.stat().st_size} bytes) is not a readable torch checkpoint (truncated or "
+                f"corrupt?): {next((line.strip() for line in str(e).splitlines() if 'Unsupported' in line), _first_line(e))}"
+            ) from e
         reason = _first_line(e)
         raise CheckpointError(
             f"refused to load {str(path)!r}: it holds pickled objects other than tensors, numbers, strings, "
@@ -76,6 +84,32 @@ def load_checkpoint(path: PathLike) -> Any:
         raise CheckpointError(
             f"{str(path)!r} ({size} bytes) is not a readable torch checkpoint (truncated or corrupt?): {_first_line(e)}"
         ) from e
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+PICKLE_PROTOCOL = 0x80  # the first byte of a pickle of protocol 2 or later (torch's legacy format)
+
+
+def _file_kind(path: Path) -> str | None:
+    """What a file that cannot be a torch checkpoint is (empty, text, other bytes),
+    or None for a zip archive or a pickle, which torch.load has to judge."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(ZIP_MAGIC) or head[0] == PICKLE_PROTOCOL:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"it is a text file (it begins {first!r})"
+    return (
+        f"its first bytes ({head[:8].hex(' ')}) are neither a zip archive (torch.save) nor a pickle "
+        f"({path.stat().st_size} bytes)"
+    )
 
 
 def _load_safetensors(file: Path) -> Any:

@@ -143,3 +143,34 @@ def test_bad_sources_are_named(tmp_path, sources):
         convit_ssl.load_model(sources["timm file"], fmt="onnx")
     with pytest.raises(CheckpointError, match="network=teacher needs a VISSL checkpoint"):
         convit_ssl.load_model(sources["timm file"], network="teacher")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"is not a torch checkpoint: the file is empty \(0 bytes\)"),
+        (b"model: convit\nlr: 0.1\n", r"is not a torch checkpoint: it is a text file \(it begins 'model: convit'\)"),
+        (bytes(range(7, 247)), r"is not a torch checkpoint: its first bytes \(07 08 09 0a 0b 0c 0d 0e\) are neither"),
+        (
+            "truncated",
+            r"\(\d+ bytes\) is not a readable torch checkpoint \(truncated or corrupt\?\): PytorchStreamReader",
+        ),
+        (
+            b"\x80\x02" + b"\xff" * 50,
+            r"is not a readable torch checkpoint \(truncated or corrupt\?\): Unsupported operand",
+        ),
+    ],
+    ids=["empty", "text", "random bytes", "truncated zip", "damaged pickle"],
+)
+def test_a_file_that_is_not_a_checkpoint_is_called_what_it_is(content, message, tmp_path):
+    """One line that names what the file is; the unsafe-load advice only for a real pickle of other objects."""
+    from convit_ssl.checkpoints.io import CheckpointError, load_checkpoint
+
+    path = tmp_path / "weights.pth"
+    if content == "truncated":
+        torch.save({"w": torch.zeros(64)}, path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
