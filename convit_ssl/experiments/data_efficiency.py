@@ -133,7 +133,7 @@ def read_run(folder: Path, arch: str, seed: int, plan: Schedule, batch_size: int
     if not tests or tests[-1][0] != plan.iterations:
         raise RuntimeError(
             f"{folder}: the last test is not at iteration {plan.iterations}: "
-            f"{[t[0] for t in tests]}; see {folder / 'log.txt'}"
+            f"{[t[0] for t in tests]}; see {folder / run_folder.LOG}"
         )
     return {
         "arch": arch,
