@@ -55,7 +55,7 @@ def require_final_checkpoint(folder: os.PathLike) -> Path:
     """`final_checkpoint`, or FileNotFoundError naming the folder and its log."""
     final = final_checkpoint(folder)
     if final is None:
-        raise FileNotFoundError(f"no final checkpoint ({FINAL_PATTERN}) in {folder}; see {Path(folder) / 'log.txt'}")
+        raise FileNotFoundError(f"no final checkpoint ({FINAL_PATTERN}) in {folder}; see {Path(folder) / LOG}")
     return final
 
 
