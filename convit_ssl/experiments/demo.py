@@ -182,7 +182,7 @@ def run_demo(
         *knn_overrides(train, val, min(SSL_KNN_EVERY, ssl_run_epochs)),
     ]
 
-    linear_config = compose([f"config={LINEAR_CONFIG}", *common])[1]
+    linear_config = compose([f"config={LINEAR_CONFIG}", *data_overrides(train, val)])[1]
     probe_plan = _schedule(
         sizes,
         float(linear_config.DATA.TRAIN.SUBSET.FRACTION),
@@ -192,7 +192,7 @@ def run_demo(
     )
     linear = [
         f"config={LINEAR_CONFIG}",
-        *common,
+        *data_overrides(train, val),
         *_head_overrides(classes, linear=True),
         f"config.OPTIMIZER.num_epochs={probe_plan.epochs}",
         f"config.TEST_EVERY_NUM_EPOCH={probe_plan.test_every}",
