@@ -4,7 +4,7 @@ PIL's `convert("RGB")` clips 16-bit and 32-bit integer images to 0..255, so a
 16-bit PNG or TIFF scan becomes almost all white; here their values are scaled
 to 8 bits first (value >> 8). Alpha (RGBA, LA, transparent palettes) is dropped,
 as PIL, torchvision and timm drop it. VISSL's image datasets read through this
-(convit_ssl.vissl.patches, "disk images read once, as 8-bit RGB"), and so do the analyses.
+(convit_ssl.vissl.compat.patches, "disk images read once, as 8-bit RGB"), and so do the analyses.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A command that starts processes (the launcher its ranks, the demo its stages)
 runs them inside `forward_stop_signals(children)`. SIGTERM, SIGINT or SIGUSR1
 to the command, alone or to its process group, is passed on to each child
 (which stops in its own way: a training rank saves a checkpoint of the
-iteration it is at, `convit_ssl.vissl.stop_hook`); children still alive
+iteration it is at, `convit_ssl.vissl.run.stop`); children still alive
 `grace` seconds after the first signal are killed, at once on a second
 SIGINT (Ctrl-C twice); a later SIGTERM or SIGUSR1 (SLURM's time limit after
 its `--signal` warning) is passed on and kills nothing. The command then raises `Stopped`, which

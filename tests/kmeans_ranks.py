@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from convit_ssl.vissl import upstream
+from convit_ssl.vissl.compat import upstream
 from helpers import free_port  # tests/ is on the warm child's sys.path, as on its parent's
 
 

@@ -23,7 +23,7 @@ from convit_ssl.checkpoints.convert import ConvertConfig
 from convit_ssl.checkpoints.io import CheckpointError
 from convit_ssl.checkpoints.vissl_convit import VISSL_CONVIT_NORM_EPS, vissl_convit_to_timm
 from convit_ssl.cli.convert import load_config, run
-from convit_ssl.vissl.trunk import named_features
+from convit_ssl.vissl.model.trunk import named_features
 from helpers import REPO
 
 TOOL = REPO / "tools" / "convert_checkpoint.py"

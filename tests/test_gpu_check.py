@@ -42,7 +42,7 @@ for module, dists in importlib.metadata.packages_distributions().items():
 sys.path.insert(0, sys.argv[1])
 import gpu_check, benchmark
 import convit_ssl.vissl, timm, timm.models.convit, timm.models.vision_transformer
-from convit_ssl.vissl import benchmarks, hooks, knn_hook, analysis_hook, launcher, device_augment
+import convit_ssl.vissl.benchmarks, convit_ssl.vissl.run.launcher, convit_ssl.vissl.training.device_augment
 import kornia
 from vissl.trainer import trainer_main
 from vissl.models import build_model

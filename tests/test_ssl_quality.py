@@ -13,7 +13,7 @@ import pytest
 
 from convit_ssl.experiments import ssl_quality
 from convit_ssl.vissl.configs import SSL_METHODS, compose, small_scale_config
-from convit_ssl.vissl.knn_hook import record_frequency
+from convit_ssl.vissl.hooks.knn import record_frequency
 from helpers import REPO
 
 # SimCLR's small-scale config for 10 epochs (110 iterations), seed 0, with a narrower, shallower

@@ -42,8 +42,8 @@ from PIL import Image
 
 import convit_ssl.vissl  # noqa: F401  (patches + registration, before VISSL is imported)
 from convit_ssl.files import atomic_write_text  # noqa: I001
-from convit_ssl.vissl import device_augment
 from convit_ssl.vissl.configs import SSL_METHODS, compose
+from convit_ssl.vissl.training import device_augment
 
 RECIPES = {
     "supervised (DeiT recipe)": "pretrain/supervised/supervised_convit_small_in1k_224_300ep",

@@ -264,8 +264,8 @@ def augment_cost(device: str, quick: bool) -> dict[str, Any]:
     """ms per image of each SSL recipe's device part (crops drawn at random, uint8, on the device)."""
     import torch
 
-    from convit_ssl.vissl import device_augment
     from convit_ssl.vissl.configs import SSL_METHODS, compose
+    from convit_ssl.vissl.training import device_augment
 
     images, reps = (4, 1) if quick else (64, 10)
     out: dict[str, Any] = {"images": images}

@@ -27,7 +27,7 @@ from convit_ssl.checkpoints.loader import load_model
 from convit_ssl.data.subsets import subset_indices
 from convit_ssl.files import is_image
 from convit_ssl.images import open_image
-from convit_ssl.vissl.trunk import named_features
+from convit_ssl.vissl.model.trunk import named_features
 
 
 def load_folder(folder: Path, size: int, mean, std):

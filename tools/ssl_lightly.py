@@ -45,7 +45,7 @@ import convit_ssl.vissl  # noqa: F401  (VISSL's compatibility patches before VIS
 from convit_ssl.data.digits import train_val_folders
 from convit_ssl.files import atomic_write_text
 from convit_ssl.vissl.configs import compose, small_scale_config
-from convit_ssl.vissl.knn_hook import record_frequency
+from convit_ssl.vissl.hooks.knn import record_frequency
 
 METHODS = ("simclr", "moco", "swav", "dino", "barlow_twins")
 
@@ -267,7 +267,7 @@ def build_trunk(config: Any) -> nn.Module:
     """The trunk VISSL's trainer builds for `config` on rank 0: seeded as VISSL seeds, then built."""
     from vissl.utils.misc import set_seeds
 
-    from convit_ssl.vissl.trunk import ConViTSSLTrunk
+    from convit_ssl.vissl.model.trunk import ConViTSSLTrunk
 
     set_seeds(config, 0)
     return ConViTSSLTrunk(config.MODEL, "convit_ssl")
@@ -295,7 +295,7 @@ def run_one(method: str, seed: int, train: Path, val: Path, overrides: Sequence[
     from vissl.data import build_dataset
 
     from convit_ssl.evaluation.knn import knn_accuracy
-    from convit_ssl.vissl.knn_hook import LabelledImages, extract_features
+    from convit_ssl.vissl.hooks.knn import LabelledImages, extract_features
 
     set_cpu_device()
     config = compose(

@@ -11,7 +11,7 @@ step is a function of what the previous returned (`Loaded`, `Target`,
 own implementation (timm's for timm and vit files, convit_ssl's trunk with
 VISSL's head layout for vissl files) and the written object strictly loaded into
 the target's; a vissl_convit file runs in VISSL's built-in trunk, which the
-caller passes (`vissl_convit_trunk=convit_ssl.vissl.builtin_convit.build_vissl_convit`).
+caller passes (`vissl_convit_trunk=convit_ssl.vissl.model.builtin_convit.build_vissl_convit`).
 A timm or vit target whose `output` ends in `/` is written as a hub folder,
 verified by `timm.create_model("local-dir:...")`.
 """
@@ -212,7 +212,7 @@ def source_model(
         if vissl_convit_trunk is None:
             raise CheckpointError(
                 "verifying vissl_convit weights runs them in VISSL's built-in convit trunk: pass "
-                "vissl_convit_trunk=convit_ssl.vissl.builtin_convit.build_vissl_convit (it imports "
+                "vissl_convit_trunk=convit_ssl.vissl.model.builtin_convit.build_vissl_convit (it imports "
                 "VISSL), or verify=false"
             )
         trunk: Forward = vissl_convit_trunk(obj, kwargs)

@@ -6,7 +6,7 @@ The heads are rebuilt unfolded (BatchNorm, then the linear layer), so they
 check `formats.vissl_head_to_linear`'s fold by computing the function another
 way; tests/test_convert.py checks them against VISSL's own
 `mlp` and `eval_mlp` modules. VISSL's built-in convit trunk has no stand-in:
-it needs VISSL (`convit_ssl.vissl.builtin_convit`).
+it needs VISSL (`convit_ssl.vissl.model.builtin_convit`).
 """
 
 from __future__ import annotations

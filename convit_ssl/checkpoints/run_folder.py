@@ -27,8 +27,8 @@ STDOUT = "stdout.json"  # VISSL: one record per logged iteration
 METRICS = "metrics.json"  # VISSL: one record per phase (and convit_ssl's kNN and unreadable-image records)
 LOG = "log.txt"  # VISSL: the run's log
 TRAIN_CONFIG = "train_config.yaml"  # VISSL: the composed config
-KNN_RECORDS = "convit_knn.jsonl"  # convit_ssl.vissl.knn_hook
-ANALYSIS_RECORDS = "convit_analysis.jsonl"  # convit_ssl.vissl.analysis_hook
+KNN_RECORDS = "convit_knn.jsonl"  # convit_ssl.vissl.hooks.knn
+ANALYSIS_RECORDS = "convit_analysis.jsonl"  # convit_ssl.vissl.hooks.analysis
 FINAL_PATTERN = "model_final_checkpoint_phase*.torch"
 _PHASE = re.compile(r"phase(\d+)\.torch$")
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     if argv and argv[0] == "run":
         # Hydra overrides pass through untouched (argparse would mangle `config=...`).
-        from convit_ssl.vissl import launcher
+        from convit_ssl.vissl.run import launcher
 
         prepared = checked("run", lambda: launcher.prepare(argv[1:]))
         launcher.launch(*prepared)

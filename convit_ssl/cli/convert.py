@@ -55,7 +55,7 @@ def _vissl_builtin_convit(checkpoint: Any, kwargs: dict[str, Any]):
     """VISSL's built-in convit trunk holding `checkpoint`: imports VISSL, so only when a
     vissl_convit file is verified."""
     # start-up: VISSL loads only for VISSL's built-in convit format
-    from convit_ssl.vissl.builtin_convit import build_vissl_convit
+    from convit_ssl.vissl.model.builtin_convit import build_vissl_convit
 
     return build_vissl_convit(checkpoint, kwargs)
 

@@ -46,7 +46,7 @@ from convit_ssl.experiments import data_efficiency
 from convit_ssl.experiments.overrides import data_overrides, knn_overrides, train_overrides
 from convit_ssl.experiments.stages import Stage, run_stages
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.knn_hook import read_records
+from convit_ssl.vissl.hooks.knn import read_records
 
 SUPERVISED_CONFIG = "demo/convit_ssl/digits_supervised"
 LINEAR_CONFIG = "demo/convit_ssl/digits_linear_few_labels"

@@ -33,7 +33,7 @@ def data_overrides(train: os.PathLike, val: os.PathLike) -> list[str]:
 
 
 def knn_overrides(train: os.PathLike, val: os.PathLike, frequency_epochs: int, teacher: bool = False) -> list[str]:
-    """The online kNN monitor (`convit_ssl.vissl.knn_hook`): `train` as the memory
+    """The online kNN monitor (`convit_ssl.vissl.hooks.knn`): `train` as the memory
     bank, `val` as the queries, a record at iteration 0 (the trunk at random
     init) and every `frequency_epochs` epochs; `teacher` also measures the momentum
     teacher (DINO, MoCo)."""

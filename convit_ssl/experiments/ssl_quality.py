@@ -5,7 +5,7 @@ the CPU, each in its own process:
 
 1. pretraining with ``pretrain/<method>/<method>_convit_demo_digits_32`` (the
    ImageNet recipe with only what the small data forces restated) on the
-   digits' train split, with the online kNN monitor (`knn_hook`) switched on:
+   digits' train split, with the online kNN monitor (`convit_ssl.vissl.hooks.knn`) switched on:
    its record at iteration 0 is the kNN top-1 of the very same trunk at random
    init, its last record that of the pretrained trunk (and of the momentum
    teacher for DINO and MoCo), both measured the same way (DINO's kNN: cosine,
@@ -45,7 +45,7 @@ from convit_ssl.experiments.stages import run_stage
 from convit_ssl.files import atomic_write_text
 from convit_ssl.processes import Stopped
 from convit_ssl.vissl.configs import num_epochs, small_scale_config
-from convit_ssl.vissl.knn_hook import read_records, record_frequency
+from convit_ssl.vissl.hooks.knn import read_records, record_frequency
 
 TEACHERS = {"dino", "moco"}
 LINEAR = "config=demo/convit_ssl/digits_linear"

@@ -8,7 +8,7 @@ construction size (the position embedding is resampled to the input grid).
 timm's interface: `forward_features(x)` (normalised tokens), `forward_head`,
 `forward_intermediates(x, indices, norm, output_fmt, ...)`; VISSL's named
 features (lastCLS, concatPOOL2, ...) live in the trunk adapter,
-`convit_ssl.vissl.trunk`.
+`convit_ssl.vissl.model.trunk`.
 """
 
 from __future__ import annotations

@@ -45,11 +45,11 @@ from vissl.utils.extract_features_utils import ExtractedFeaturesLoader
 
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.files import atomic_write_text
+from convit_ssl.vissl.compat.patches import low_shot_trainer
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.launcher import launch_local
-from convit_ssl.vissl.patches import low_shot_trainer
-from convit_ssl.vissl.validate import validate
-from convit_ssl.vissl.weights_init import prepare_weights_init
+from convit_ssl.vissl.model.weights_init import prepare_weights_init
+from convit_ssl.vissl.run.launcher import launch_local
+from convit_ssl.vissl.run.validate import validate
 
 LOG = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ def test_losses_and_accuracies_as_numbers(tmp_path):
 def test_a_line_cut_by_a_killed_writer_is_skipped_with_a_warning_by_every_reader(tmp_path, caplog):
     """metrics.json, stdout.json and the kNN monitor's records, their last line cut
     (no newline, not JSON): each reader returns the whole records before it."""
-    from convit_ssl.vissl.knn_hook import read_records
+    from convit_ssl.vissl.hooks.knn import read_records
 
     whole = [{"iteration": 1, "loss": 2.5, "train_accuracy_list_meter": {"top_1": {"0": 40.0}}}]
     for name in (run_folder.METRICS, run_folder.STDOUT, run_folder.KNN_RECORDS):

@@ -17,7 +17,7 @@ from convit_ssl.checkpoints.vissl_convit import (
     vissl_convit_to_timm,
 )
 from convit_ssl.models import ConViT, create_model
-from convit_ssl.vissl.trunk import named_features
+from convit_ssl.vissl.model.trunk import named_features
 from helpers import LOCALITY_DIM, vissl_builtin_trunk
 
 # (width, heads, qkv_bias, MLP_DIM): the paper's 4x MLP with 9 heads, and an

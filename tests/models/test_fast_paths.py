@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from convit_ssl.models import create_model
-from convit_ssl.vissl.trunk import named_features
+from convit_ssl.vissl.model.trunk import named_features
 
 SMALL = dict(img_size=(32, 48), patch_size=8, depth=4, num_gpsa_layers=2, num_classes=5)
 
@@ -76,7 +76,7 @@ def test_grad_checkpointing_keeps_less_for_backward():
 
 
 def test_vissl_trunk_honours_activation_checkpointing_config():
-    from convit_ssl.vissl.trunk import ConViTSSLTrunk
+    from convit_ssl.vissl.model.trunk import ConViTSSLTrunk
 
     block = {"ARCH": "convit_tiny", "IMAGE_SIZE": 32, "PATCH_SIZE": 8, "DEPTH": 3, "NUM_GPSA_LAYERS": 1}
     off = ConViTSSLTrunk({"TRUNK": {"CONVIT_SSL": block}}, "t")
@@ -172,8 +172,8 @@ def state():
 before = state()
 import convit_ssl.vissl  # noqa: F401
 from convit_ssl.models import create_model
-from convit_ssl.vissl.trunk import named_features
-from convit_ssl.vissl.trunk import ConViTSSLTrunk
+from convit_ssl.vissl.model.trunk import named_features
+from convit_ssl.vissl.model.trunk import ConViTSSLTrunk
 m = create_model("convit_tiny", img_size=32, patch_size=8, depth=3, num_gpsa_layers=2, num_classes=3)
 m(torch.randn(2, 3, 32, 32)).sum().backward()
 with torch.inference_mode():

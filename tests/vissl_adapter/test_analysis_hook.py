@@ -1,4 +1,4 @@
-"""The live ConViT analysis hook (convit_ssl/vissl/analysis_hook.py): its
+"""The live ConViT analysis hook (convit_ssl/vissl/hooks/analysis.py): its
 numbers, its config checks, and real VISSL runs (1 and 2 processes, gloo)
 through tools/run_distributed_engines.py that write the expected records."""
 
@@ -18,7 +18,8 @@ from torch import nn
 
 from convit_ssl.analysis import analyze
 from convit_ssl.models import create_model
-from convit_ssl.vissl.analysis_hook import (
+from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.hooks.analysis import (
     RECORD_FILE,
     AnalysisSettings,
     ConViTAnalysisHook,
@@ -26,11 +27,10 @@ from convit_ssl.vissl.analysis_hook import (
     analysis_settings,
     scalars,
 )
-from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.hook_images import eval_transforms, load_held_out_images
-from convit_ssl.vissl.hooks import hook_generator
-from convit_ssl.vissl.trunk import find_convit
-from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.hooks.images import eval_transforms, load_held_out_images
+from convit_ssl.vissl.model.trunk import find_convit
+from convit_ssl.vissl.run.hooks import hook_generator
+from convit_ssl.vissl.run.validate import validate
 from helpers import folder_overrides, run_engine
 
 ANALYSIS_FOLDER = "config=test/convit_ssl/analysis_hook_micro_folder"
@@ -265,8 +265,8 @@ def test_config_defaults_and_off_switch():
 def test_hook_generator(tmp_path):
     from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
-    from convit_ssl.vissl.stop_hook import StopHook
-    from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
+    from convit_ssl.vissl.hooks.unreadable import UnreadableImagesHook
+    from convit_ssl.vissl.run.stop import StopHook
 
     overrides = [SYNTHETIC, f"config.CHECKPOINT.DIR={tmp_path}", "config.HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD=true"]
     _, config = compose(overrides)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from convit_ssl.vissl.configs import compose, config_root
-from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
+from convit_ssl.vissl.model.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
 from helpers import REPO
 
 CONFIG_DIR = REPO / "configs" / "config"

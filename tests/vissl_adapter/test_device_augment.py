@@ -12,9 +12,9 @@ from PIL import Image
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.data import photometric as P
-from convit_ssl.vissl import device_augment as D
 from convit_ssl.vissl.configs import SSL_METHODS, compose
-from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.run.validate import validate
+from convit_ssl.vissl.training import device_augment as D
 from helpers import run_engine
 
 

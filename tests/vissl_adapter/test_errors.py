@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.run.validate import validate
 from helpers import folder_overrides, run_engine
 
 MICRO = "config=test/convit_ssl/supervised_micro_synthetic"

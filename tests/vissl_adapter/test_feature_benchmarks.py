@@ -21,7 +21,7 @@ from torchvision import transforms
 from convit_ssl.evaluation import knn_accuracy, knn_scores
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.trunk import named_features
+from convit_ssl.vissl.model.trunk import named_features
 from helpers import REPO, filelist_overrides, folder_overrides, run_tool
 
 MICRO = dict(img_size=32, patch_size=8, width=48, depth=3, num_gpsa_layers=2, num_classes=0)

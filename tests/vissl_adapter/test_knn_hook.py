@@ -1,4 +1,4 @@
-"""The online kNN monitor (convit_ssl/vissl/knn_hook.py): its config block, its
+"""The online kNN monitor (convit_ssl/vissl/hooks/knn.py): its config block, its
 numbers against an independent computation (the trunk of the checkpoint
 written at the same iteration, images read with PIL, scikit-learn's kNN), 1
 against 2 processes, no effect on training, auto-resume, TensorBoard and
@@ -23,9 +23,9 @@ from torchvision import transforms
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.models import create_model
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.knn_hook import RECORD_FILE, ConViTKnnHook, knn_settings
-from convit_ssl.vissl.trunk import named_features
-from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.hooks.knn import RECORD_FILE, ConViTKnnHook, knn_settings
+from convit_ssl.vissl.model.trunk import named_features
+from convit_ssl.vissl.run.validate import validate
 from helpers import folder_overrides, run_engine
 
 FOLDER = "config=test/convit_ssl/supervised_micro_folder"

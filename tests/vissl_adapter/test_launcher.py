@@ -13,8 +13,8 @@ import pytest
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.checkpoints.io import load_checkpoint
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.launcher import ConViTSlurmJob, launch_on_slurm
-from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.run.launcher import ConViTSlurmJob, launch_on_slurm
+from convit_ssl.vissl.run.validate import validate
 
 SCRIPT = """
 import sys

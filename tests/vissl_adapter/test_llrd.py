@@ -1,4 +1,4 @@
-"""Layer-wise lr decay (convit_ssl/vissl/llrd.py) in process: every parameter's
+"""Layer-wise lr decay (convit_ssl/vissl/training/llrd.py) in process: every parameter's
 rate against the one its layer should get, through VISSL's schedule, resume and
 convit_ssl's one training task; its config errors."""
 
@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from convit_ssl.vissl import llrd
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.task import ConViTSSLTask
+from convit_ssl.vissl.training import llrd
+from convit_ssl.vissl.training.task import ConViTSSLTask
 
 TWINS = "test/convit_ssl/benchmark"
 
@@ -88,7 +88,7 @@ def test_layer_decay_one_is_vissls_rates():
 
 def test_layer_decay_combines_with_repeated_augmentation():
     """One task, every option independent: the shipped llrd override plus repeated augmentation."""
-    from convit_ssl.vissl.validate import validate_task
+    from convit_ssl.vissl.run.validate import validate_task
 
     _, config = compose(
         [f"config={TWINS}/finetune_micro_folder_cifar100_384_llrd", "+config.DATA.TRAIN.REPEATED_AUGMENTATIONS=2"]

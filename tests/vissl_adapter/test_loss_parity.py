@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lightly.loss import BarlowTwinsLoss, DINOLoss, NTXentLoss, SwaVLoss
 from lightly.loss.swav_loss import sinkhorn
 
-from convit_ssl.vissl import patches
+from convit_ssl.vissl.compat import patches
 from convit_ssl.vissl.configs import compose
 from helpers import free_port
 

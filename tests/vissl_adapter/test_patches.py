@@ -1,4 +1,4 @@
-"""`convit_ssl.vissl.patches`, the one module that changes VISSL and what it
+"""`convit_ssl.vissl.compat.patches`, the one module that changes VISSL and what it
 calls: each patch restores what VISSL uses, is idempotent and a no-op where
 the thing exists; the upstream lines it answers run; docs/STACK.md lists the
 table. And the other side: a PyTorch user's `import convit_ssl` loads no
@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import importlib.metadata
+import importlib.resources
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from convit_ssl.vissl import patches
+from convit_ssl.vissl.compat import patches
 from helpers import REPO
 
 VISSL_PATCHES = [
@@ -60,7 +61,7 @@ def test_a_dataset_pickle_sets_vissl_up_before_loading_its_class():
     dataset = GenericSSLDataset.__new__(GenericSSLDataset)
     dataset.split, dataset.data_paths = "train", [["/data/train"]]
     payload = pickle.dumps(dataset)
-    assert 0 <= payload.find(b"convit_ssl.vissl.patches") < payload.find(b"vissl.data.ssl_dataset")
+    assert 0 <= payload.find(b"convit_ssl.vissl.run.ranks") < payload.find(b"vissl.data.ssl_dataset")
     copy = pickle.loads(payload)
     assert type(copy) is GenericSSLDataset and copy.__dict__ == dataset.__dict__
 
@@ -77,6 +78,24 @@ def test_pkg_resources_standin_calls():
     with pytest.raises(module.DistributionNotFound):
         module.get_distribution("surely-not-installed-package-xyz")
     assert issubclass(module.DistributionNotFound, ImportError)  # VISSL catches ImportError
+
+
+def test_pkg_resources_standin_resources_of_vissl_test_suite(tmp_path, monkeypatch):
+    """The calls VISSL's own tests make: listing the installed config tree, and
+    the folder beside a plain (non-package) test module."""
+    module = patches._pkg_resources_standin()
+    configs_root = importlib.resources.files("configs")
+    assert module.resource_isdir("configs", "config/test")
+    assert not module.resource_isdir("configs", "config/dataset_catalog.json")
+    assert module.resource_listdir("configs", "config/test") == sorted(
+        p.name for p in configs_root.joinpath("config/test").iterdir()
+    )
+    assert module.resource_exists("configs", "config/dataset_catalog.json")
+    assert not module.resource_exists("configs", "config/no_such_file.yaml")
+    (tmp_path / "plain_test_module.py").write_text("X = 1\n")
+    (tmp_path / "test_data").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert module.resource_filename("plain_test_module", "test_data") == str(tmp_path / "test_data")
 
 
 def test_pkg_resources_shim_is_noop_when_present(monkeypatch):
@@ -188,7 +207,7 @@ def test_importing_the_vissl_package_sets_vissl_up():
     VISSL's low-shot trainer (patches.low_shot_trainer), patched."""
     code = (
         "import convit_ssl.vissl, sys\n"
-        "from convit_ssl.vissl import patches, upstream\n"
+        "from convit_ssl.vissl.compat import patches, upstream\n"
         "from vissl.models.trunks import MODEL_TRUNKS_REGISTRY\n"
         "from classy_vision.tasks import TASK_REGISTRY\n"
         "print(patches.applied()); print('convit_ssl' in MODEL_TRUNKS_REGISTRY, 'convit_ssl_task' in TASK_REGISTRY)\n"
@@ -257,7 +276,7 @@ def test_upstream_copies_name_the_lines_they_copy():
 
     import vissl
 
-    from convit_ssl.vissl import upstream
+    from convit_ssl.vissl.compat import upstream
 
     copies = [f for _, f in inspect.getmembers(upstream, inspect.isfunction) if f.__module__ == upstream.__name__]
     assert len(copies) == 8

@@ -13,7 +13,7 @@ import torch
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.data.subsets import subset_indices
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.validate import validate
+from convit_ssl.vissl.run.validate import validate
 from helpers import folder_overrides, run_engine
 
 RECIPE_TWIN = "config=test/convit_ssl/recipe/supervised_recipe_micro_folder"
@@ -65,7 +65,7 @@ def process_group():
 
 
 def _sampler(dataset_size, indices=None, repeats=1, world=1, rank=0, batch=4, seed=0):
-    from convit_ssl.vissl.task import ConViTSampler
+    from convit_ssl.vissl.training.task import ConViTSampler
 
     return ConViTSampler(list(range(dataset_size)), batch, seed, indices, repeats, num_replicas=world, rank=rank)
 

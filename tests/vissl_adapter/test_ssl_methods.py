@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from convit_ssl.checkpoints import run_folder
-from convit_ssl.vissl import patches
+from convit_ssl.vissl.compat import patches
 from convit_ssl.vissl.configs import compose
 from helpers import run_engine
 

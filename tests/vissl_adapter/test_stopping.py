@@ -1,6 +1,6 @@
 """Stopping a run: a stop signal ends every process the command started, within
 seconds, after the ranks have saved a resumable checkpoint of their iteration
-(convit_ssl.processes, convit_ssl.vissl.stop_hook). The bit-identical resume
+(convit_ssl.processes, convit_ssl.vissl.run.stop). The bit-identical resume
 of a preempted 2-process run is in test_distributed.py."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
-from convit_ssl.vissl.launcher import ConViTSlurmJob
+from convit_ssl.vissl.run.launcher import ConViTSlurmJob
 from helpers import start_warm
 
 # 2000 synthetic images at 4 a step: hundreds of steps, far more than a test waits for
@@ -267,7 +267,7 @@ def test_a_signal_during_the_checkpoint_write_changes_nothing(tmp_path):
     arrives in the middle of writing a checkpoint is only recorded: the write
     completes and the file loads; the run stops at the end of its step."""
     from convit_ssl.checkpoints.io import atomic_torch_save
-    from convit_ssl.vissl.stop_hook import StopHook
+    from convit_ssl.vissl.run.stop import StopHook
 
     path = tmp_path / "model_iteration7.torch"
     atomic_torch_save({"iteration": 6}, path)

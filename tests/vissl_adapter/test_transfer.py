@@ -13,7 +13,7 @@ import torch
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.trunk import named_features, validate_trunk_config
+from convit_ssl.vissl.model.trunk import named_features, validate_trunk_config
 from helpers import REPO, assert_started_from_resampled, folder_overrides, run_engine
 
 CONFIG_DIR = REPO / "configs" / "config"

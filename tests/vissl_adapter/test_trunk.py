@@ -1,4 +1,4 @@
-"""VISSL's named features of the trunk adapter (`convit_ssl.vissl.trunk.named_features`:
+"""VISSL's named features of the trunk adapter (`convit_ssl.vissl.model.trunk.named_features`:
 lastCLS, blkCLS{i}, concatPOOL{n}, lastMAP, ...), against each block's raw
 output captured by forward hooks."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from convit_ssl.models import create_model
-from convit_ssl.vissl.trunk import named_features
+from convit_ssl.vissl.model.trunk import named_features
 from helpers import block_outputs
 
 

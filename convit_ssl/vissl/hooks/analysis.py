@@ -59,9 +59,9 @@ from vissl.utils.checkpoint import get_checkpoint_folder
 from convit_ssl.analysis import analyze
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.models.convit import ConViT
-from convit_ssl.vissl.hook_images import held_out_split, load_held_out_images
-from convit_ssl.vissl.hook_utils import BlockKeys, MonitorHook, is_primary, preserved_rng, read_block
-from convit_ssl.vissl.trunk import find_convit
+from convit_ssl.vissl.hooks.common import BlockKeys, MonitorHook, is_primary, preserved_rng, read_block
+from convit_ssl.vissl.hooks.images import held_out_split, load_held_out_images
+from convit_ssl.vissl.model.trunk import find_convit
 
 CONFIG_BLOCK = "CONVIT_ANALYSIS"
 RECORD_FILE = run_folder.ANALYSIS_RECORDS

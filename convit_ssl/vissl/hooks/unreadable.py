@@ -20,7 +20,7 @@ import torch
 from classy_vision.hooks.classy_hook import ClassyHook
 
 from convit_ssl.checkpoints import run_folder
-from convit_ssl.vissl.hook_utils import JsonLines, is_primary
+from convit_ssl.vissl.hooks.common import JsonLines, is_primary
 
 
 def views_per_image(transforms: Any) -> int:

@@ -1,6 +1,6 @@
 """Upstream methods of VISSL 0.1.6 that convit_ssl replaces whole, each a copy
 of the named upstream lines with the differences listed in its docstring
-("Differs from upstream: ..."); `convit_ssl.vissl.patches` installs them (its
+("Differs from upstream: ..."); `convit_ssl.vissl.compat.patches` installs them (its
 table says why). Everything else is upstream's line for line: they log through
 the root logger as upstream does (VISSL's log handlers sit there).
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from convit_ssl.images import open_image
-from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME
+from convit_ssl.vissl.model.trunk import CONFIG_BLOCK, TRUNK_NAME
 
 
 def build_dino_teacher(self, task: Any) -> None:

@@ -48,7 +48,7 @@ from classy_vision.optim.param_scheduler import ClassyParamScheduler, ConstantPa
 from classy_vision.tasks import TASK_REGISTRY
 from vissl.optimizers import get_optimizer_param_groups
 
-from convit_ssl.vissl.trunk import find_convit
+from convit_ssl.vissl.model.trunk import find_convit
 
 CONFIG_KEY = "layer_decay"  # under config.OPTIMIZER
 

@@ -2,7 +2,7 @@
 ends the run at the end of the iteration it arrives in, with a resumable
 checkpoint of that iteration, written as every checkpoint is (atomically).
 
-`StopHook` (in every run's hooks, `hooks.hook_generator`) records the signal
+`StopHook` (in every run's hooks, `run.hooks.hook_generator`) records the signal
 while the training loop runs; at the end of each step the ranks agree (one
 all-reduce of a number) whether any of them was asked to stop, so that all
 stop after the same iteration. VISSL's checkpoint hook then writes

@@ -28,9 +28,9 @@ from vissl.data import build_dataloader
 from vissl.data.data_helper import StatefulDistributedSampler
 from vissl.trainer.train_task import SelfSupervisionTask
 
-import convit_ssl.vissl.device_augment as device_augment
+import convit_ssl.vissl.training.device_augment as device_augment
 from convit_ssl.data.subsets import subset_indices
-from convit_ssl.vissl.llrd import LayerDecayTaskMixin
+from convit_ssl.vissl.training.llrd import LayerDecayTaskMixin
 
 TASK_NAME = "convit_ssl_task"
 

@@ -7,7 +7,7 @@ worker (the patch "ranks and data workers set up as their parent"), so the
 patches and the trunk registration exist in every rank, whatever `__main__` is.
 A local launch is stoppable (`launch_local`): a stop signal to this process
 reaches the ranks, which save a checkpoint of their iteration and exit
-(`stop_hook`); the launch then raises `convit_ssl.processes.Stopped`.
+(`stop`); the launch then raises `convit_ssl.processes.Stopped`.
 SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
 whose unpickling imports this module, and so `convit_ssl.vissl`, on the
 compute nodes.
@@ -31,9 +31,10 @@ from vissl.utils.io import makedir
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
 from convit_ssl.vissl.configs import compose
-from convit_ssl.vissl.hooks import hook_generator
-from convit_ssl.vissl.validate import validate
-from convit_ssl.vissl.weights_init import prepare_weights_init
+from convit_ssl.vissl.model.weights_init import prepare_weights_init
+from convit_ssl.vissl.run.hooks import hook_generator
+from convit_ssl.vissl.run.ranks import spawns_ranks
+from convit_ssl.vissl.run.validate import validate
 
 
 class ConViTSlurmJob(_ResumableSlurmJob):
@@ -57,7 +58,7 @@ class ConViTSlurmJob(_ResumableSlurmJob):
     def checkpoint(self):
         """Submitit's preemption / time-limit handler (its USR2, `--signal=USR2@90`)
         on the first node: the ranks of this node get SIGUSR1, so all ranks save
-        a checkpoint of the iteration they agree on (`stop_hook`) and exit; then
+        a checkpoint of the iteration they agree on (`stop`) and exit; then
         the job requeues as the same class and resumes from that checkpoint."""
         # optional dependency: submitit, only for SLURM runs
         import submitit
@@ -130,11 +131,10 @@ def launch_local(config: Any, node_id: int, engine_name: str) -> None:
     signal is passed on to them (`convit_ssl.processes.forward_stop_signals`);
     a single process stops where it is, at the end of an iteration while it
     trains. Raises `Stopped` once everything has ended."""
-    spawned = config.DISTRIBUTED.NUM_NODES * config.DISTRIBUTED.NUM_PROC_PER_NODE > 1
-    with forward_stop_signals(multiprocessing.active_children if spawned else None) as stop:
+    with forward_stop_signals(multiprocessing.active_children if spawns_ranks(config) else None) as stop:
         try:
             launch_distributed(cfg=config, node_id=node_id, engine_name=engine_name, hook_generator=hook_generator)
-        except Stopped:  # this process trained and stopped (stop_hook)
+        except Stopped:  # this process trained and stopped (run.stop)
             raise
         except Exception as e:  # torch's ProcessExitedException: a rank killed after the grace period
             if stop.received is None:
@@ -146,7 +146,7 @@ def launch_local(config: Any, node_id: int, engine_name: str) -> None:
 
 def launch(args: Any, config: Any) -> None:
     """Launch a prepared run locally (`launch_local`) or on SLURM, with VISSL's
-    default hooks plus convit_ssl's (`hooks.hook_generator`)."""
+    default hooks plus convit_ssl's (`run.hooks.hook_generator`)."""
     if config.SLURM.USE_SLURM:
         launch_on_slurm(config, args.engine_name)
     else:

@@ -9,7 +9,7 @@ Switched on by the config block (absent = off; every key optional)::
       FREQUENCY_EPOCHS: 1     # after every N training phases (epochs) ...
       FREQUENCY_ITERS: 0      # ... or, when N > 0, after every N training iterations instead
       AT_START: true          # also measure before the first iteration (the baseline of this init)
-      FEATURE: lastCLS        # a convit_ssl trunk feature (see convit_ssl.vissl.trunk.named_features)
+      FEATURE: lastCLS        # a convit_ssl trunk feature (see convit_ssl.vissl.model.trunk.named_features)
       TOPK: 20                # DINO's protocol: cosine similarity, k = 20,
       TEMPERATURE: 0.07       #   votes weighted by exp(similarity / T)
       TEACHER: false          # also the momentum teacher (DINO's or MoCo's loss)
@@ -25,7 +25,7 @@ At each trigger every rank extracts the features of its shard (every
 world-size-th image) of both splits, with the trunk in eval mode under
 no_grad, images transformed without randomness (Resize, CenterCrop to the
 trunk's image size, ToTensor, the split's Normalize; see
-`hook_images.eval_transforms`); the shards are gathered, so the features
+`images.eval_transforms`); the shards are gathered, so the features
 (and the result) are those of 1 process, and rank 0 classifies the queries
 (`convit_ssl.evaluation.knn`) and logs one record::
 
@@ -66,8 +66,7 @@ from convit_ssl.checkpoints import run_folder
 from convit_ssl.evaluation import knn_accuracy
 from convit_ssl.files import read_json_lines
 from convit_ssl.models.convit import ConViT
-from convit_ssl.vissl.hook_images import eval_transforms
-from convit_ssl.vissl.hook_utils import (
+from convit_ssl.vissl.hooks.common import (
     BlockKeys,
     JsonLines,
     MonitorHook,
@@ -77,7 +76,8 @@ from convit_ssl.vissl.hook_utils import (
     preserved_rng,
     read_block,
 )
-from convit_ssl.vissl.trunk import find_convit, named_features, parse_feature_names, validate_trunk_config
+from convit_ssl.vissl.hooks.images import eval_transforms
+from convit_ssl.vissl.model.trunk import find_convit, named_features, parse_feature_names, validate_trunk_config
 
 CONFIG_BLOCK = "CONVIT_KNN"
 RECORD_FILE = run_folder.KNN_RECORDS

@@ -32,7 +32,7 @@ from convit_ssl.checkpoints.io import CheckpointError, atomic_torch_save, load_c
 from convit_ssl.checkpoints.resample import resize_patch_embed
 from convit_ssl.models import ConViT, resample_pos_embed
 from convit_ssl.models.geometry import square_grid
-from convit_ssl.vissl.trunk import CONFIG_BLOCK, TRUNK_NAME, trunk_kwargs
+from convit_ssl.vissl.model.trunk import CONFIG_BLOCK, TRUNK_NAME, trunk_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The hooks of a convit_ssl VISSL run: VISSL's defaults, the count of
-unreadable images (`unreadable_hook`, always), the stop on a signal with a
-checkpoint (`stop_hook`, always), and convit_ssl's analysis
-(`analysis_hook`) and online kNN (`knn_hook`) monitors when their config
-blocks switch them on."""
+unreadable images (`hooks.unreadable`, always), the stop on a signal with a
+checkpoint (`run.stop`, always), and convit_ssl's analysis (`hooks.analysis`)
+and online kNN (`hooks.knn`) monitors when their config blocks switch them
+on."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Any
 from classy_vision.hooks.classy_hook import ClassyHook
 from vissl.hooks import LogLossMetricsCheckpointHook, SSLTensorboardHook, default_hook_generator
 
-from convit_ssl.vissl import analysis_hook, knn_hook
-from convit_ssl.vissl.hook_utils import metrics_file
-from convit_ssl.vissl.stop_hook import StopHook
-from convit_ssl.vissl.unreadable_hook import UnreadableImagesHook
+from convit_ssl.vissl.hooks import analysis as analysis_hook
+from convit_ssl.vissl.hooks import knn as knn_hook
+from convit_ssl.vissl.hooks.common import metrics_file
+from convit_ssl.vissl.hooks.unreadable import UnreadableImagesHook
+from convit_ssl.vissl.run.stop import StopHook
 
 
 def validate_hook_configs(config: Any) -> None:

@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 from vissl.data.dataset_catalog import VisslDatasetCatalog
 
-import convit_ssl.vissl.device_augment as device_augment
+import convit_ssl.vissl.training.device_augment as device_augment
 from convit_ssl.data.subsets import MODES
 from convit_ssl.files import is_image
 from convit_ssl.vissl.configs import used_splits
-from convit_ssl.vissl.hooks import validate_hook_configs
-from convit_ssl.vissl.llrd import validate_layer_decay
-from convit_ssl.vissl.task import TASK_NAME
-from convit_ssl.vissl.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
+from convit_ssl.vissl.model.trunk import TRUNK_NAME, parse_feature_names, validate_trunk_config
+from convit_ssl.vissl.run.hooks import validate_hook_configs
+from convit_ssl.vissl.training.llrd import validate_layer_decay
+from convit_ssl.vissl.training.task import TASK_NAME
 
 
 def _folder_classes(path: str, where: str) -> list[str]:

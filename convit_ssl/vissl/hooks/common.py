@@ -22,7 +22,7 @@ from vissl.utils.checkpoint import get_checkpoint_folder
 from convit_ssl.analysis.collect import evaluating
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.files import atomic_write_text
-from convit_ssl.vissl.trunk import TRUNK_NAME
+from convit_ssl.vissl.model.trunk import TRUNK_NAME
 
 # config key -> (default, accepted type, condition, what the condition says)
 BlockKeys = dict[str, tuple[Any, type, Callable[[Any], bool], str]]

@@ -13,10 +13,10 @@ The one part for a module most runs never load (VISSL's low-shot SVM trainer,
 which loads scikit-learn) is applied where that module is used
 (`low_shot_trainer()`, called by the low-shot benchmark).
 docs/STACK.md lists this table (`markdown_table()`, checked by
-tests/vissl_adapter/test_patches.py). Run `python -m convit_ssl.vissl.patches` to print it.
+tests/vissl_adapter/test_patches.py). Run `python -m convit_ssl.vissl.compat.patches` to print it.
 
 Every replacement goes through `_replace`, which marks it (one idempotence
-mark); methods replaced whole are copies in `convit_ssl.vissl.upstream`, each
+mark); methods replaced whole are copies in `convit_ssl.vissl.compat.upstream`, each
 naming the upstream lines and what differs.
 """
 
@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-import ctypes
 import functools
 import importlib.metadata
 import importlib.resources
 import importlib.util
-import multiprocessing
 import os
-import signal
 import sys
 import types
 from collections.abc import Callable
@@ -42,24 +39,33 @@ import numpy as np
 import torch
 from PIL import ImageOps
 
-import convit_ssl.vissl.upstream as upstream
+import convit_ssl.vissl.compat.upstream as upstream
 from convit_ssl.checkpoints.io import atomic_torch_save
-from convit_ssl.processes import STOP_SIGNALS, Stopped
+from convit_ssl.vissl.run import ranks
 
 _APPLIED: list[str] = []
 
 
 # ------------------------------------------------------------------ before VISSL is imported
+def _resource_path(package: str, resource: str) -> str:
+    """Where `resource` of `package` lies, as setuptools' `pkg_resources` says: next
+    to the package's `__init__`, or to the file of a plain module (VISSL's tests
+    name their own module)."""
+    module = sys.modules.get(package) or importlib.import_module(package)
+    if getattr(module, "__path__", None) is None:  # a plain module: its folder
+        return os.path.join(os.path.dirname(module.__file__), resource)
+    return str(importlib.resources.files(package).joinpath(resource))
+
+
 def _pkg_resources_standin() -> types.ModuleType:
-    """A minimal `pkg_resources` with the two calls VISSL makes."""
+    """A minimal `pkg_resources`: the calls VISSL makes (`resource_filename`,
+    `get_distribution`) and those its test suite makes (`resource_isdir`,
+    `resource_listdir`, `resource_exists`)."""
     module = types.ModuleType("pkg_resources")
     module.__doc__ = "convit_ssl stand-in for the pkg_resources removed from setuptools >= 81"
 
     class DistributionNotFound(ImportError):
         pass
-
-    def resource_filename(package: str, resource: str) -> str:
-        return str(importlib.resources.files(package).joinpath(resource))
 
     def get_distribution(name: str) -> types.SimpleNamespace:
         try:
@@ -68,8 +74,11 @@ def _pkg_resources_standin() -> types.ModuleType:
             raise DistributionNotFound(name) from e
 
     module.DistributionNotFound = DistributionNotFound  # type: ignore[attr-defined]
-    module.resource_filename = resource_filename  # type: ignore[attr-defined]
     module.get_distribution = get_distribution  # type: ignore[attr-defined]
+    module.resource_filename = _resource_path  # type: ignore[attr-defined]
+    module.resource_exists = lambda package, resource: os.path.exists(_resource_path(package, resource))  # type: ignore[attr-defined]
+    module.resource_isdir = lambda package, resource: os.path.isdir(_resource_path(package, resource))  # type: ignore[attr-defined]
+    module.resource_listdir = lambda package, resource: sorted(os.listdir(_resource_path(package, resource)))  # type: ignore[attr-defined]
     return module
 
 
@@ -247,59 +256,6 @@ def patch_phase_garbage_collection() -> bool:
     return _replace(SelfSupervisionTask, "recreate_data_iterator", upstream.recreate_data_iterator)
 
 
-def _rank_worker(*args: Any, **kwargs: Any) -> None:
-    """VISSL's `_distributed_worker` in a rank that torch.multiprocessing.spawn
-    started. Pickled by reference to this module, so a fresh rank imports
-    `convit_ssl.vissl` (patches, registration) before it unpickles anything of
-    VISSL's: no entry point has to set VISSL up at its top level. A spawned rank
-    gets SIGTERM if its launcher dies, and one stopped by a signal
-    (`stop_hook`, a checkpoint saved) exits 0: the launcher reports the stop."""
-    cfg = kwargs["cfg"] if "cfg" in kwargs else args[1]
-    spawned = cfg.DISTRIBUTED.NUM_NODES * cfg.DISTRIBUTED.NUM_PROC_PER_NODE > 1  # VISSL's rule for spawning
-    if spawned:
-        _terminate_with_parent()
-    try:
-        _rank_worker.upstream(*args, **kwargs)  # type: ignore[attr-defined]
-    except Stopped:
-        if not spawned:  # one process: the launcher itself, which reports the stop
-            raise
-
-
-def _terminate_with_parent() -> None:
-    """SIGTERM to this process when its parent exits (Linux's PR_SET_PDEATHSIG)."""
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() == 1:  # the parent had already gone
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _set_up_then_rebuild(rebuild: Callable[..., Any], args: tuple[Any, ...], state: Any) -> Any:
-    """Unpickles a dataset in a data-loader worker. Its pickle starts with this
-    function, so the worker imports `convit_ssl.vissl` before the dataset's
-    classes. The worker ignores the stop signals (a process group's SIGTERM
-    would otherwise kill it under its rank, which then fails before it can save
-    its checkpoint); it ends with its rank."""
-    if multiprocessing.parent_process() is not None:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-    dataset = rebuild(*args)
-    if isinstance(state, tuple):  # (__dict__, slots)
-        state, slots = state
-        for name, value in (slots or {}).items():
-            setattr(dataset, name, value)
-    dataset.__dict__.update(state or {})
-    return dataset
-
-
-def _dataset_reduce(self: Any, protocol: int) -> tuple[Any, ...]:
-    rebuild, args, state = object.__reduce_ex__(self, protocol)[:3]
-    return _set_up_then_rebuild, (rebuild, args, state)
-
-
 def patch_resume_from_preemption() -> bool:
     # patch order: VISSL is imported by apply(), after the shims above
     from vissl.utils import distributed_launcher
@@ -308,8 +264,8 @@ def patch_resume_from_preemption() -> bool:
 
     @functools.wraps(original)
     def get_resume_checkpoint(cfg: Any, checkpoint_folder: str) -> Any:
-        # patch order: stop_hook imports ClassyVision, so it loads after the patches
-        from convit_ssl.vissl.stop_hook import resume_checkpoint
+        # patch order: run.stop imports ClassyVision, so it loads after the patches
+        from convit_ssl.vissl.run.stop import resume_checkpoint
 
         return resume_checkpoint(cfg, checkpoint_folder, original(cfg, checkpoint_folder))
 
@@ -322,10 +278,10 @@ def patch_spawned_processes() -> bool:
     from vissl.utils import distributed_launcher
 
     if not getattr(distributed_launcher._distributed_worker, _MARK, False):
-        _rank_worker.upstream = distributed_launcher._distributed_worker  # type: ignore[attr-defined]
+        ranks.rank_worker.upstream = distributed_launcher._distributed_worker  # type: ignore[attr-defined]
     changed = [
-        _replace(distributed_launcher, "_distributed_worker", _rank_worker),
-        _replace(GenericSSLDataset, "__reduce_ex__", _dataset_reduce),
+        _replace(distributed_launcher, "_distributed_worker", ranks.rank_worker),
+        _replace(GenericSSLDataset, "__reduce_ex__", ranks.dataset_reduce),
     ]
     return any(changed)
 
@@ -369,7 +325,8 @@ PATCHES: tuple[Patch, ...] = (
         "pkg_resources stand-in",
         "sys.modules['pkg_resources']",
         "vissl/utils/misc.py:16,233; vissl/utils/collect_env.py:12,125",
-        "setuptools >= 81 no longer ships pkg_resources; VISSL calls only resource_filename and get_distribution",
+        "setuptools >= 81 no longer ships pkg_resources; VISSL calls only resource_filename and get_distribution, "
+        "its test suite also resource_isdir, resource_listdir (and resource_filename of a plain module)",
         shim_pkg_resources,
     ),
     Patch(
@@ -488,7 +445,7 @@ PATCHES: tuple[Patch, ...] = (
         "vissl.utils.distributed_launcher.get_resume_checkpoint",
         "vissl/utils/checkpoint.py:566-572; vissl/utils/distributed_launcher.py:106-114",
         "VISSL resumes from iteration checkpoints only when CHECKPOINT_ITER_FREQUENCY > 0, so the checkpoint a "
-        "stopped run wrote (convit_ssl.vissl.stop_hook) would be skipped; when checkpoint.torch points at an "
+        "stopped run wrote (convit_ssl.vissl.run.stop) would be skipped; when checkpoint.torch points at an "
         "iteration checkpoint (the last one written), the run resumes from it",
         patch_resume_from_preemption,
     ),
