@@ -10,6 +10,8 @@
 - `ssl_quality`: each self-supervised method against the same trunk at
   random init (kNN and linear probes).
 - `demo`: `make demo`.
+- `vissl_selftest`: VISSL's own test suite, file by file, under convit_ssl's
+  patches (tools/vissl_selftest.py).
 
 Each run is its own process (VISSL initialises a process group per run); this
 package composes configs and reads run folders (`convit_ssl.vissl.configs`,

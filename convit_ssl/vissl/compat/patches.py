@@ -59,8 +59,8 @@ def _resource_path(package: str, resource: str) -> str:
 
 def _pkg_resources_standin() -> types.ModuleType:
     """A minimal `pkg_resources`: the calls VISSL makes (`resource_filename`,
-    `get_distribution`) and those its test suite makes (`resource_isdir`,
-    `resource_listdir`, `resource_exists`)."""
+    `get_distribution`), those its test suite makes (`resource_isdir`,
+    `resource_listdir`, `resource_exists`) and pytest's `fixup_namespace_packages`."""
     module = types.ModuleType("pkg_resources")
     module.__doc__ = "convit_ssl stand-in for the pkg_resources removed from setuptools >= 81"
 
@@ -79,6 +79,9 @@ def _pkg_resources_standin() -> types.ModuleType:
     module.resource_exists = lambda package, resource: os.path.exists(_resource_path(package, resource))  # type: ignore[attr-defined]
     module.resource_isdir = lambda package, resource: os.path.isdir(_resource_path(package, resource))  # type: ignore[attr-defined]
     module.resource_listdir = lambda package, resource: sorted(os.listdir(_resource_path(package, resource)))  # type: ignore[attr-defined]
+    # pytest's monkeypatch.syspath_prepend calls it whenever a pkg_resources is loaded; no
+    # pkg_resources-style namespace package exists without setuptools' own, so nothing to fix up
+    module.fixup_namespace_packages = lambda path_item, parent=None: None  # type: ignore[attr-defined]
     return module
 
 
@@ -326,7 +329,8 @@ PATCHES: tuple[Patch, ...] = (
         "sys.modules['pkg_resources']",
         "vissl/utils/misc.py:16,233; vissl/utils/collect_env.py:12,125",
         "setuptools >= 81 no longer ships pkg_resources; VISSL calls only resource_filename and get_distribution, "
-        "its test suite also resource_isdir, resource_listdir (and resource_filename of a plain module)",
+        "its test suite also resource_isdir, resource_listdir and resource_filename of a plain module, pytest's "
+        "monkeypatch.syspath_prepend fixup_namespace_packages",
         shim_pkg_resources,
     ),
     Patch(
