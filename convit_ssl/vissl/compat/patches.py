@@ -41,6 +41,7 @@ from PIL import ImageOps
 
 import convit_ssl.vissl.compat.upstream as upstream
 from convit_ssl.checkpoints.io import atomic_torch_save
+from convit_ssl.vissl.compat import rng
 from convit_ssl.vissl.run import ranks
 
 _APPLIED: list[str] = []
@@ -289,6 +290,62 @@ def patch_spawned_processes() -> bool:
     return any(changed)
 
 
+def patch_rng_states() -> bool:
+    # patch order: VISSL is imported by apply(), after the shims above
+    from vissl.hooks.log_hooks import LogLossMetricsCheckpointHook
+    from vissl.trainer.train_task import SelfSupervisionTask
+    from vissl.trainer.trainer_main import SelfSupervisionTrainer
+    from vissl.utils.checkpoint import is_checkpoint_phase
+
+    hook = LogLossMetricsCheckpointHook
+    on_phase_end, on_step = hook.on_phase_end, hook.on_step
+    get_classy_state, set_classy_state = SelfSupervisionTask.get_classy_state, SelfSupervisionTask._set_classy_state
+    advance_phase = SelfSupervisionTrainer._advance_phase
+
+    @functools.wraps(on_phase_end)
+    def on_phase_end_carrying(self: Any, task: Any) -> None:
+        """Upstream `on_phase_end`; a phase checkpoint carries the ranks' generators."""
+        frequency = task.config["CHECKPOINT"]["CHECKPOINT_FREQUENCY"]
+        saving = task.train and is_checkpoint_phase(
+            task.train_phase_idx, frequency, task.train_phase_idx, task.num_train_phases, "phase"
+        )
+        with rng.carried(task, saving):
+            on_phase_end(self, task)
+
+    @functools.wraps(on_step)
+    def on_step_carrying(self: Any, task: Any) -> None:
+        """Upstream `on_step`; an iteration checkpoint carries the ranks' generators."""
+        frequency = task.config["CHECKPOINT"]["CHECKPOINT_ITER_FREQUENCY"]
+        with rng.carried(task, frequency > 0 and task.iteration % frequency == 0):
+            on_step(self, task)
+
+    @functools.wraps(get_classy_state)
+    def get_classy_state_carrying(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return rng.add_to_state(self, get_classy_state(self, *args, **kwargs))
+
+    @functools.wraps(set_classy_state)
+    def set_classy_state_keeping(self: Any, state: dict[str, Any]) -> None:
+        set_classy_state(self, state)
+        rng.keep_for_resume(self, state)
+
+    @functools.wraps(advance_phase)
+    def advance_phase_restoring(self: Any, task: Any) -> None:
+        """Upstream `_advance_phase`; the first after a resume sets the checkpoint's
+        generators before it (a phase checkpoint) or after it (an iteration one)."""
+        rng.restore(task, mid_phase=False)
+        advance_phase(self, task)
+        rng.restore(task, mid_phase=True)
+
+    changed = [
+        _replace(hook, "on_phase_end", on_phase_end_carrying),
+        _replace(hook, "on_step", on_step_carrying),
+        _replace(SelfSupervisionTask, "get_classy_state", get_classy_state_carrying),
+        _replace(SelfSupervisionTask, "_set_classy_state", set_classy_state_keeping),
+        _replace(SelfSupervisionTrainer, "_advance_phase", advance_phase_restoring),
+    ]
+    return any(changed)
+
+
 def low_shot_trainer() -> type:
     """VISSL's `SVMLowShotTrainer`, patched (the last part of the patch "SVM
     average precision as a scalar"). Its module loads scikit-learn and SciPy
@@ -452,6 +509,18 @@ PATCHES: tuple[Patch, ...] = (
         "stopped run wrote (convit_ssl.vissl.run.stop) would be skipped; when checkpoint.torch points at an "
         "iteration checkpoint (the last one written), the run resumes from it",
         patch_resume_from_preemption,
+    ),
+    Patch(
+        "random-number states carried in checkpoints",
+        "LogLossMetricsCheckpointHook.on_phase_end, .on_step; SelfSupervisionTask.get_classy_state, "
+        "._set_classy_state; SelfSupervisionTrainer._advance_phase",
+        "vissl/utils/misc.py:166-178; vissl/engines/train.py:106; vissl/hooks/log_hooks.py:341-370; "
+        "vissl/trainer/train_task.py:566; vissl/trainer/trainer_main.py:177-182,280",
+        "each rank is seeded at start and no generator state is saved, so a resumed run drew other crops, flips "
+        "and stochastic-depth masks than the uninterrupted one from its first step (2.1e-3 apart after 40 epochs); "
+        "the ranks gather their Python, NumPy and torch states where a checkpoint is written and each rank sets "
+        "its own where the uninterrupted run stood (convit_ssl.vissl.compat.rng)",
+        patch_rng_states,
     ),
     Patch(
         "SVM average precision as a scalar",

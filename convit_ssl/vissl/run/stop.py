@@ -27,6 +27,7 @@ from vissl.hooks import LogLossMetricsCheckpointHook
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.processes import STOP_SIGNALS, Stopped
+from convit_ssl.vissl.compat import rng
 
 SYMLINK = run_folder.CHECKPOINT_LINK
 
@@ -119,7 +120,8 @@ def _save_iteration_checkpoint(task: Any) -> None:
     hook = next((h for h in task.hooks if isinstance(h, LogLossMetricsCheckpointHook)), None)
     if hook is None:
         hook = LogLossMetricsCheckpointHook(world_size=dist.get_world_size() if dist.is_initialized() else 1)
-    hook._checkpoint_model(task, mode_frequency=1, mode_num=task.iteration, mode="iteration")
+    with rng.carried(task):  # every rank is here: they agreed to stop after this iteration
+        hook._checkpoint_model(task, mode_frequency=1, mode_num=task.iteration, mode="iteration")
 
 
 def resume_checkpoint(cfg: Any, checkpoint_folder: str, upstream: str | None) -> str | None:
