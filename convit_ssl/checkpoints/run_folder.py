@@ -7,6 +7,7 @@ Layout (VISSL 0.1.6, vissl/utils/checkpoint.py and hooks/log_hooks.py)::
 
     model_phase{N}.torch                 every CHECKPOINT_FREQUENCY phases
     model_final_checkpoint_phase{N}.torch  at the end of the run (N = last phase)
+    model_iteration{N}.torch             every CHECKPOINT_ITER_FREQUENCY iterations, and at a stop
     checkpoint.torch                     a link to the latest of them
     stdout.json                          one JSON record per logged iteration ({"loss": ...})
     metrics.json                         one JSON record per phase ({"train_accuracy_list_meter": ...}), and
@@ -30,6 +31,7 @@ TRAIN_CONFIG = "train_config.yaml"  # VISSL: the composed config
 KNN_RECORDS = "convit_knn.jsonl"  # convit_ssl.vissl.hooks.knn
 ANALYSIS_RECORDS = "convit_analysis.jsonl"  # convit_ssl.vissl.hooks.analysis
 FINAL_PATTERN = "model_final_checkpoint_phase*.torch"
+CHECKPOINT_PATTERN = "model_*.torch"  # every checkpoint VISSL writes
 _PHASE = re.compile(r"phase(\d+)\.torch$")
 
 
@@ -49,6 +51,11 @@ def final_checkpoint(folder: os.PathLike) -> Path | None:
     or None if the run wrote none."""
     found = sorted(Path(folder).glob(FINAL_PATTERN), key=phase_of)
     return found[-1] if found else None
+
+
+def checkpoints(folder: os.PathLike) -> list[Path]:
+    """Every checkpoint in the folder (phase, iteration and final ones), by name."""
+    return sorted(Path(folder).glob(CHECKPOINT_PATTERN))
 
 
 def require_final_checkpoint(folder: os.PathLike) -> Path:

@@ -48,6 +48,7 @@ from convit_ssl.files import atomic_write_text
 from convit_ssl.vissl.compat.patches import low_shot_trainer
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.model.weights_init import prepare_weights_init
+from convit_ssl.vissl.run import output_folder
 from convit_ssl.vissl.run.launcher import launch_local
 from convit_ssl.vissl.run.validate import validate
 
@@ -284,6 +285,9 @@ def prepare(benchmark: str, overrides: Sequence[str]) -> tuple[Callable[[Any, in
     args, config = compose(overrides)
     _check_benchmark_config(config)
     validate(config)
+    output_folder.check_writable(output_folder.output_folder(config), "config.CHECKPOINT.DIR")
+    if config.EXTRACT_FEATURES.OUTPUT_DIR:
+        output_folder.check_writable(config.EXTRACT_FEATURES.OUTPUT_DIR, "config.EXTRACT_FEATURES.OUTPUT_DIR")
     return RUNNERS[benchmark], config, int(args.node_id)
 
 

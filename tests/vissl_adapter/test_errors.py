@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from convit_ssl.vissl.configs import compose
+from convit_ssl.vissl.run import launcher, output_folder
 from convit_ssl.vissl.run.validate import validate
 from helpers import folder_overrides, run_engine
 
@@ -269,3 +270,70 @@ def test_missing_filelist(digits_filelists, tmp_path):
 def _check_folder(root, *overrides):
     _, config = compose([FOLDER, *folder_overrides(root), *overrides])
     validate(config)
+
+
+# The run folder: writable, and not another run's.
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only file system (root writes through permission bits, not through this)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_output_folder_refused_before_launch(read_only_folder, tmp_path):
+    proc = run_engine(
+        [MICRO, f"config.CHECKPOINT.DIR={read_only_folder}/ck"], cwd=tmp_path, check=False, timeout=120
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines() == [
+        f"convit-ssl run: error: config.CHECKPOINT.DIR={read_only_folder}/ck cannot be written (Read-only file "
+        "system): expected a folder this user can create and write"
+    ]
+
+
+def test_output_folder_through_a_file_refused(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    _, config = compose([MICRO, f"config.CHECKPOINT.DIR={tmp_path}/a_file/ck"])
+    with pytest.raises(ValueError, match=r"a_file/ck cannot be written \(Not a directory\): expected a folder"):
+        output_folder.check(config)
+
+
+def test_missing_output_folder_is_created(tmp_path):
+    _, config = compose([MICRO, f"config.CHECKPOINT.DIR={tmp_path}/new/ck"])
+    output_folder.check(config)
+    assert (tmp_path / "new" / "ck").is_dir() and not any((tmp_path / "new" / "ck").iterdir())  # no probe left
+
+
+def test_relaunch_into_another_runs_folder_refused(tmp_path):
+    """A folder with checkpoints and the train_config.yaml of a run: the same run
+    relaunches (auto-resume), a run of another model or method is refused and
+    writes nothing."""
+    checkpoint_dir = tmp_path / "ck"
+    first = [MICRO, f"config.CHECKPOINT.DIR={checkpoint_dir}"]
+    launcher.prepare(first)  # writes train_config.yaml, as a launch does
+    (checkpoint_dir / "model_phase0.torch").write_bytes(b"a checkpoint of that run")
+    saved = (checkpoint_dir / "train_config.yaml").read_text()
+
+    launcher.prepare([*first, "config.OPTIMIZER.num_epochs=4", f"{TRUNK}.DROP_PATH_RATE=0.0"])  # the same run, longer
+    for change, named in [
+        (f"{TRUNK}.DEPTH=4", r"MODEL\.TRUNK\.CONVIT_SSL\.DEPTH: 3 there, 4 here"),
+        (
+            "config.MODEL.HEAD.PARAMS=[[mlp,{dims:[48,7]}]]",
+            r"MODEL\.HEAD\.PARAMS: .*\[48, 10\].* there, .*\[48, 7\].* here",
+        ),
+        ("config.TRAINER.TASK_NAME=convit_ssl_task", r"TRAINER\.TASK_NAME: 'self_supervision_task' there"),
+    ]:
+        (checkpoint_dir / "train_config.yaml").write_text(saved)
+        with pytest.raises(
+            ValueError, match=rf"config\.CHECKPOINT\.DIR=.*/ck holds the checkpoints of another run \({named}"
+        ):
+            launcher.prepare([*first, change])
+        assert (checkpoint_dir / "train_config.yaml").read_text() == saved  # nothing overwritten
+    assert (checkpoint_dir / "model_phase0.torch").read_bytes() == b"a checkpoint of that run"

@@ -32,6 +32,7 @@ from convit_ssl.checkpoints import run_folder
 from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.model.weights_init import prepare_weights_init
+from convit_ssl.vissl.run import output_folder
 from convit_ssl.vissl.run.hooks import hook_generator
 from convit_ssl.vissl.run.ranks import spawns_ranks
 from convit_ssl.vissl.run.validate import validate
@@ -108,10 +109,12 @@ def save_config(config: Any) -> None:
 
 
 def prepare(overrides: Sequence[str]) -> tuple[Any, Any]:
-    """Compose and validate, resample the weights-init file if its grid differs,
-    save train_config.yaml; returns VISSL's (args, config)."""
+    """Compose and validate, check the run folder (writable, not another run's),
+    resample the weights-init file if its grid differs, save train_config.yaml;
+    returns VISSL's (args, config)."""
     args, config = compose(overrides)
     validate(config)
+    output_folder.check(config)
     prepare_weights_init(config)
     save_config(config)
     return args, config
