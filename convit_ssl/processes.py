@@ -36,6 +36,13 @@ class Stopped(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}" + (f": {detail}" if detail else ""))
 
 
+class Failed(Exception):
+    """A run that ended on a fault of its environment (a full disk) with its work
+    kept; the command reports it in one line (exit code 1)."""
+
+    exit_code = 1
+
+
 def grace_seconds() -> float:
     return float(os.environ.get("CONVIT_SSL_STOP_GRACE_S", DEFAULT_GRACE_S))
 

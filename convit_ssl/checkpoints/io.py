@@ -11,6 +11,7 @@ only when asked.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import re
@@ -32,6 +33,34 @@ def _first_line(error: BaseException) -> str:
 
 class CheckpointError(ValueError):
     """A checkpoint file or dict that cannot be used as asked."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (the disk full, an I/O error); the
+    file it would have replaced, if any, is untouched and no partial file is left."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_LOW_SPACE_BYTES = 1 << 20  # free space under which a failed write is taken for a full disk
+
+
+def _write_failure(path: Path, partial: Path, error: BaseException) -> CheckpointWriteError:
+    """What went wrong, in one line. torch.save's C++ writer reports a full disk as
+    "file write failed" without an errno: the file system's free space, read while
+    the partial file still holds what did fit, says whether it was full."""
+    code = getattr(error, "errno", None)
+    try:
+        usage = os.statvfs(path.parent)
+        free = usage.f_bavail * usage.f_frsize
+    except OSError:
+        free = None
+    if code in _NO_SPACE or (code is None and free is not None and free < _LOW_SPACE_BYTES):
+        written = partial.stat().st_size if partial.exists() else 0
+        reason = f"no space left on device ({written} bytes written, {free} bytes free)"
+        code = errno.ENOSPC
+    else:
+        reason = _first_line(error)
+    return CheckpointWriteError(code or errno.EIO, f"writing {path} failed: {reason}; nothing was replaced")
 
 
 # Harmless classes that checkpoints people hold contain. The official ConViT (and
@@ -127,13 +156,17 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """torch.save to `path` through a temporary file in the same folder, flushed
     to disk, then renamed into place. torch.save is given a file name (its C++
     writer is several times faster than writing through a Python file object)."""
+    path = Path(path)
     with atomic_path(path) as partial:
-        torch.save(obj, str(partial))
-        fd = os.open(partial, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            torch.save(obj, str(partial))
+            fd = os.open(partial, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (OSError, RuntimeError) as e:  # RuntimeError: torch's C++ writer
+            raise _write_failure(path, partial, e) from e
 
 
 def save_checkpoint(obj: Any, path: PathLike, overwrite: bool = False) -> Path:

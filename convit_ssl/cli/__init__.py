@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from convit_ssl.processes import Stopped
+from convit_ssl.processes import Failed, Stopped
 
 BENCHMARK_COMMANDS = {"knn": "knn", "svm": "svm", "low-shot": "low_shot"}
 # Set to show the traceback of a user error instead of its one line.
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as e:
         print(e, file=sys.stderr)
         return 2
-    except Stopped as e:  # a stop signal: everything the command started has ended
+    except (Stopped, Failed) as e:  # a stop signal or a full disk: everything the command started has ended
         command = (sys.argv[1:] if argv is None else argv)[:1] or ["?"]
         print(f"convit-ssl {command[0]}: {e}", file=sys.stderr)
         return e.exit_code

@@ -284,7 +284,7 @@ def read_only_folder(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
     yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 def test_read_only_output_folder_refused_before_launch(read_only_folder, tmp_path):

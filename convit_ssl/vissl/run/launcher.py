@@ -18,18 +18,21 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import signal
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.multiprocessing import ProcessRaisedException
 from vissl.utils.checkpoint import get_checkpoint_folder
 from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
 from vissl.utils.hydra_config import save_attrdict_to_disk
 from vissl.utils.io import makedir
 
 from convit_ssl.checkpoints import run_folder
-from convit_ssl.processes import Stopped, forward_stop_signals, stop_children
+from convit_ssl.checkpoints.io import CheckpointWriteError
+from convit_ssl.processes import Failed, Stopped, forward_stop_signals, stop_children
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.model.weights_init import prepare_weights_init
 from convit_ssl.vissl.run import output_folder
@@ -124,8 +127,21 @@ def _stopped_detail(config: Any) -> str:
     """Where a stopped run's work is: the checkpoint `checkpoint.torch` points at."""
     link = os.path.join(get_checkpoint_folder(config), run_folder.CHECKPOINT_LINK)
     if not os.path.exists(link):
-        return "no checkpoint written yet"
+        return "no checkpoint written yet: the relaunched command starts over"
     return f"the relaunched command resumes from {os.path.realpath(link)}"
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The message of a checkpoint that could not be written, raised in this
+    process or in a spawned rank (whose traceback torch passes on as text)."""
+    if isinstance(error, CheckpointWriteError):
+        return error.strerror
+    if isinstance(error, ProcessRaisedException):
+        marker = f"{CheckpointWriteError.__name__}: "
+        last = next((line for line in reversed(error.msg.splitlines()) if marker in line), None)
+        if last is not None:
+            return re.sub(r"^\[Errno \d+\] ", "", last.split(marker, 1)[1].strip())
+    return None
 
 
 def launch_local(config: Any, node_id: int, engine_name: str) -> None:
@@ -133,13 +149,17 @@ def launch_local(config: Any, node_id: int, engine_name: str) -> None:
     stoppable: with ranks spawned (more than one process in the job), a stop
     signal is passed on to them (`convit_ssl.processes.forward_stop_signals`);
     a single process stops where it is, at the end of an iteration while it
-    trains. Raises `Stopped` once everything has ended."""
+    trains. Raises `Stopped` once everything has ended, and `Failed` when a
+    checkpoint could not be written (a full disk)."""
     with forward_stop_signals(multiprocessing.active_children if spawns_ranks(config) else None) as stop:
         try:
             launch_distributed(cfg=config, node_id=node_id, engine_name=engine_name, hook_generator=hook_generator)
         except Stopped:  # this process trained and stopped (run.stop)
             raise
         except Exception as e:  # torch's ProcessExitedException: a rank killed after the grace period
+            written = _write_failure(e)
+            if written is not None:  # a full disk: the run ends, its last checkpoint kept
+                raise Failed(f"{written}; free space, then {_stopped_detail(config)}") from None
             if stop.received is None:
                 raise
             raise Stopped(stop.received, f"{e}; {_stopped_detail(config)}") from None
