@@ -86,3 +86,33 @@ def test_a_missing_path_is_found(tmp_path):
 
 def test_every_named_path_exists():
     assert missing_references(named_files()) == []
+
+
+TEST_NAME = re.compile(r"(tests/[\w/]+\.py)::(test_\w+)")
+
+
+def missing_tests(files: list[Path]) -> list[str]:
+    """`tests/FILE.py::test_NAME` references (the docs' fault table) whose test function does not exist."""
+    missing = []
+    for path in files:
+        for row, line in prose(path):
+            for match in TEST_NAME.finditer(line):
+                if any(part.isupper() for part in Path(match.group(1)).with_suffix("").parts):
+                    continue  # a placeholder
+                test_file = REPO / match.group(1)
+                defined = test_file.is_file() and re.search(
+                    rf"^def {match.group(2)}\(", test_file.read_text(), re.MULTILINE
+                )
+                if not defined:
+                    missing.append(f"{path.relative_to(REPO)}:{row}: {match.group(0)}")
+    return missing
+
+
+def test_every_named_test_exists():
+    probe = REPO / "docs" / ".references_probe.md"
+    probe.write_text("tests/test_references.py::test_every_named_test_exists, tests/test_references.py::test_nope\n")
+    try:
+        assert missing_tests([probe]) == [f"docs/{probe.name}:1: tests/test_references.py::test_nope"]
+    finally:
+        probe.unlink()
+    assert missing_tests(named_files()) == []
