@@ -36,6 +36,8 @@ class PatchedTest(unittest.TestCase):
 FAILING = """
 import unittest
 
+from vissl.utils.test_utils import gpu_test
+
 
 class FailingTest(unittest.TestCase):
     def test_ok(self):
@@ -51,6 +53,10 @@ class FailingTest(unittest.TestCase):
     @unittest.skip("Test only runs on GPU")
     def test_gpu_too(self):
         pass
+
+    @gpu_test(gpu_count=64)  # VISSL's: returns None (a pass) without the GPUs, unless the tool makes it skip
+    def test_on_64_gpus(self):
+        raise AssertionError("ran without its GPUs")
 """
 BROKEN = "import a_module_that_does_not_exist\n"
 HANGING = "import time\n\ndef test_sleeps():\n    time.sleep(600)\n"
@@ -81,15 +87,15 @@ def test_selftest_counts_each_outcome_with_its_reason(tmp_path):
 
     passing, failing, broken = rows.values()
     assert (passing["passed"], passing["failed"], passing["skipped"]) == (2, 0, 0), passing
-    assert (failing["passed"], failing["failed"], failing["skipped"]) == (1, 1, 2)
+    assert (failing["passed"], failing["failed"], failing["skipped"]) == (1, 1, 3)
     assert failing["failures"] == ["test_wrong: AssertionError: 1 != 2 : one is not two"]
-    assert failing["skips"] == {"Test only runs on GPU": 2}
+    assert failing["skips"] == {"Test only runs on GPU": 2, "needs 64 GPU(s)": 1}
     assert broken["failed"] == 1 and "a_module_that_does_not_exist" in broken["failures"][0]
 
     table = done.stdout[done.stdout.index("| file |") :]
-    assert "| test_b_failing.py | 1 | 1 | 2 |" in table
+    assert "| test_b_failing.py | 1 | 1 | 3 |" in table
     assert "skipped 2: Test only runs on GPU" in table
-    assert "| all 3 files | 3 | 2 | 2 |" in table
+    assert "| all 3 files | 3 | 2 | 3 |" in table
 
 
 def test_selftest_reports_a_file_that_does_not_finish(tmp_path):

@@ -29,11 +29,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The child: set VISSL up as convit_ssl does, then pytest on one file.
+# The child: set VISSL up as convit_ssl does, then pytest on one file. VISSL's
+# `gpu_test` and `augly_test` decorators return None without running the test
+# when there is no GPU or no AugLy, which pytest counts as a pass: here they
+# skip it, with the reason, so that the table says what did not run.
 _CHILD = (
-    "import sys\n"
+    "import sys, unittest\n"
     "import convit_ssl.vissl  # the patches, before VISSL is imported\n"
-    "import pytest\n"
+    "import torch, pytest, vissl.utils.test_utils as test_utils\n"
+    "from vissl.utils.misc import is_augly_available\n"
+    "test_utils.gpu_test = lambda gpu_count=1: unittest.skipIf(\n"
+    "    torch.cuda.device_count() < gpu_count, f'needs {gpu_count} GPU(s)')\n"
+    "test_utils.augly_test = lambda: unittest.skipIf(not is_augly_available(), 'needs AugLy')\n"
     "sys.exit(pytest.main([sys.argv[1], '-q', '-p', 'no:cacheprovider', '--import-mode=importlib',\n"
     "                      '--rootdir', sys.argv[2], '--junitxml', sys.argv[3], '-o', 'junit_family=xunit1']))\n"
 )

@@ -24,18 +24,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import yaml
 from torch.multiprocessing import ProcessRaisedException
-from vissl.utils.checkpoint import get_checkpoint_folder
+from vissl.utils import distributed_launcher
+from vissl.utils.checkpoint import get_checkpoint_folder, is_training_finished
 from vissl.utils.distributed_launcher import _ResumableSlurmJob, launch_distributed
-from vissl.utils.hydra_config import save_attrdict_to_disk
 from vissl.utils.io import makedir
+from vissl.utils.logger import setup_logging
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.checkpoints.io import CheckpointWriteError
+from convit_ssl.files import atomic_write_text
 from convit_ssl.processes import Failed, Stopped, forward_stop_signals, stop_children
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.model.weights_init import prepare_weights_init
-from convit_ssl.vissl.run import output_folder
+from convit_ssl.vissl.run import output_folder, torchrun
 from convit_ssl.vissl.run.hooks import hook_generator
 from convit_ssl.vissl.run.ranks import spawns_ranks
 from convit_ssl.vissl.run.validate import validate
@@ -99,22 +102,27 @@ def launch_on_slurm(config: Any, engine_name: str):
 
 
 def save_config(config: Any) -> None:
-    """Write train_config.yaml as VISSL does. VISSL saves before it turns
-    FSDP's compute_dtype into a torch dtype, which YAML cannot represent; we
-    validate first, so the string is restored for the dump."""
+    """Write train_config.yaml as VISSL does (`save_attrdict_to_disk`: yaml.dump
+    of the config), atomically: under torchrun every rank writes it while the
+    others may read it (`output_folder.check_same_run`). VISSL saves before it
+    turns FSDP's compute_dtype into a torch dtype, which YAML cannot represent;
+    we validate first, so the string is restored for the dump."""
     fsdp = config.MODEL.FSDP_CONFIG
     dtype = fsdp["compute_dtype"]
     fsdp["compute_dtype"] = "float32" if dtype == torch.float32 else "float16"
     try:
-        save_attrdict_to_disk(config)
+        text = yaml.dump(config.to_dict())
     finally:
         fsdp["compute_dtype"] = dtype
+    atomic_write_text(os.path.join(get_checkpoint_folder(config), run_folder.TRAIN_CONFIG), text)
 
 
 def prepare(overrides: Sequence[str]) -> tuple[Any, Any]:
     """Compose and validate, check the run folder (writable, not another run's),
     resample the weights-init file if its grid differs, save train_config.yaml;
     returns VISSL's (args, config)."""
+    if torchrun.started_by_torchrun():
+        overrides = torchrun.derived_overrides(overrides)
     args, config = compose(overrides)
     validate(config)
     output_folder.check(config)
@@ -167,11 +175,43 @@ def launch_local(config: Any, node_id: int, engine_name: str) -> None:
         raise Stopped(stop.received, f"{config.DISTRIBUTED.NUM_PROC_PER_NODE} ranks stopped; {_stopped_detail(config)}")
 
 
+def launch_rank(config: Any, node_id: int, engine_name: str) -> None:
+    """One rank of a run whose processes torchrun (or another launcher setting
+    torch's environment) started: VISSL's per-node set-up (a finished run ends
+    here; the checkpoint to resume from), then VISSL's worker in this process,
+    its process group meeting at torchrun's store (``env://``). A stop signal
+    stops this rank as it stops a single-process run (`run.stop`: the ranks
+    agree on an iteration and save it); a full disk raises `Failed`."""
+    setup_logging(__name__)  # as VISSL's launch_distributed does
+    checkpoint_folder = get_checkpoint_folder(config)
+    if is_training_finished(config, checkpoint_folder=checkpoint_folder):
+        logging.info(f"Training already finished in {checkpoint_folder}")
+        return
+    link = os.path.join(checkpoint_folder, run_folder.CHECKPOINT_LINK)
+    if config.CHECKPOINT.USE_SYMLINK_CHECKPOINT_FOR_RESUME and os.path.exists(link):
+        checkpoint_path = link
+        logging.info(f"Resume from file: {checkpoint_path}")  # VISSL's line, as get_resume_checkpoint logs it
+    else:
+        checkpoint_path = distributed_launcher.get_resume_checkpoint(config, checkpoint_folder=checkpoint_folder)
+    run = torchrun.shape()
+    with forward_stop_signals(None):
+        try:
+            torchrun.init_process_group(config.DISTRIBUTED.BACKEND, run)
+            distributed_launcher._distributed_worker(
+                run.local_rank, config, node_id, "", engine_name, checkpoint_path, checkpoint_folder, hook_generator
+            )
+        except CheckpointWriteError as e:
+            raise Failed(f"{e.strerror}; free space, then {_stopped_detail(config)}") from None
+
+
 def launch(args: Any, config: Any) -> None:
-    """Launch a prepared run locally (`launch_local`) or on SLURM, with VISSL's
-    default hooks plus convit_ssl's (`run.hooks.hook_generator`)."""
+    """Launch a prepared run on SLURM, as this rank of a torchrun run
+    (`launch_rank`), or locally (`launch_local`), with VISSL's default hooks plus
+    convit_ssl's (`run.hooks.hook_generator`)."""
     if config.SLURM.USE_SLURM:
         launch_on_slurm(config, args.engine_name)
+    elif torchrun.started_by_torchrun():
+        launch_rank(config, args.node_id, args.engine_name)
     else:
         logging.getLogger(__name__).info("launching %s", args.engine_name)
         launch_local(config, args.node_id, args.engine_name)

@@ -24,22 +24,25 @@ from collections.abc import Callable
 from typing import Any
 
 from convit_ssl.processes import STOP_SIGNALS, Stopped
+from convit_ssl.vissl.run.torchrun import started_by_torchrun
 
 
 def spawns_ranks(config: Any) -> bool:
     """Whether VISSL's launcher starts the ranks as child processes (more than
-    one process in the job) rather than training in the launching process."""
-    return config.DISTRIBUTED.NUM_NODES * config.DISTRIBUTED.NUM_PROC_PER_NODE > 1
+    one process in the job, and no torchrun that started each rank itself)
+    rather than training in the launching process."""
+    world = config.DISTRIBUTED.NUM_NODES * config.DISTRIBUTED.NUM_PROC_PER_NODE
+    return world > 1 and not started_by_torchrun()
 
 
 def rank_worker(*args: Any, **kwargs: Any) -> None:
     """VISSL's `_distributed_worker` (`rank_worker.upstream`, set by the patch)
-    in a rank. A spawned rank gets SIGTERM if its launcher dies, and one stopped
-    by a signal (`run.stop`, a checkpoint saved) exits 0: the launcher reports
-    the stop."""
+    in a rank. A rank gets SIGTERM if its launcher (VISSL's, or torchrun's agent)
+    dies; a spawned rank stopped by a signal (`run.stop`, a checkpoint saved)
+    exits 0: the launcher reports the stop."""
     cfg = kwargs["cfg"] if "cfg" in kwargs else args[1]
     spawned = spawns_ranks(cfg)
-    if spawned:
+    if spawned or started_by_torchrun():
         terminate_with_parent()
     try:
         rank_worker.upstream(*args, **kwargs)  # type: ignore[attr-defined]
