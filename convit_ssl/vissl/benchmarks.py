@@ -48,7 +48,7 @@ from convit_ssl.files import atomic_write_text
 from convit_ssl.vissl.compat.patches import low_shot_trainer
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.model.weights_init import prepare_weights_init
-from convit_ssl.vissl.run import output_folder
+from convit_ssl.vissl.run import output_folder, torchrun
 from convit_ssl.vissl.run.launcher import launch_local
 from convit_ssl.vissl.run.validate import validate
 
@@ -282,6 +282,11 @@ def prepare(benchmark: str, overrides: Sequence[str]) -> tuple[Callable[[Any, in
     user error (unknown benchmark, config, data path) is raised here, before any work."""
     if benchmark not in RUNNERS:
         raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(RUNNERS)}")
+    if torchrun.started_by_torchrun():
+        raise ValueError(
+            "the feature benchmarks run under VISSL's launcher (config.DISTRIBUTED.NUM_PROC_PER_NODE), not under "
+            "torchrun: start the command without torchrun"
+        )
     args, config = compose(overrides)
     _check_benchmark_config(config)
     validate(config)
