@@ -4,14 +4,17 @@ overrides for the digits, runners of real VISSL jobs, model helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+import pytest
 import torch
 
 import warm
@@ -249,3 +252,19 @@ def assert_started_from_resampled(pos_embed, pretrained, old_grid=(4, 4), new_gr
     ).pos_embed.detach()
     moved = (pos_embed - resampled).abs().max().item()
     assert moved < 0.2 * (fresh - resampled).abs().max().item(), moved
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `folder` with `options` (`ro`, `size=2m`): a real read-only
+    or full file system (root writes through permission bits, not through these).
+    Skips the test where mounting is not allowed; unmounted lazily after (a
+    traceback may still hold a file open in it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)

@@ -17,6 +17,7 @@ import torch
 
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.checkpoints.io import CheckpointWriteError, atomic_torch_save
+from helpers import tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +30,8 @@ RUN = [
 
 @pytest.fixture
 def small_disk(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield disk
-    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a traceback may still hold a file open
+    with tmpfs(tmp_path / "disk", "size=2m") as disk:
+        yield disk
 
 
 def _run(checkpoint_dir: Path, cwd: Path) -> subprocess.CompletedProcess:

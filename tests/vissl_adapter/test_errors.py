@@ -11,7 +11,7 @@ import pytest
 from convit_ssl.vissl.configs import compose
 from convit_ssl.vissl.run import launcher, output_folder
 from convit_ssl.vissl.run.validate import validate
-from helpers import folder_overrides, run_engine
+from helpers import folder_overrides, run_engine, tmpfs
 
 MICRO = "config=test/convit_ssl/supervised_micro_synthetic"
 TRUNK = "config.MODEL.TRUNK.CONVIT_SSL"
@@ -277,14 +277,8 @@ def _check_folder(root, *overrides):
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A read-only file system (root writes through permission bits, not through this)."""
-    folder = tmp_path / "read_only"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+    with tmpfs(tmp_path / "read_only", "ro,size=1m") as folder:
+        yield folder
 
 
 def test_read_only_output_folder_refused_before_launch(read_only_folder, tmp_path):
