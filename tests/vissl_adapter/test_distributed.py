@@ -2,7 +2,9 @@
 machine (CPU, gloo): the same numbers on 1 process and on 2 for the supervised
 recipe and every self-supervised method; two nodes on loopback and across two
 network namespaces; a killed rank or node ends the job; relaunching resumes to
-the weights of an uninterrupted run. docs/RECIPES.md ("What is the same on 1
+the weights of an uninterrupted run, random augmentation included; torchrun as
+the launcher (the same weights, two agents in two namespaces, SIGTERM to the
+agent, a rank killed under --max-restarts). docs/RECIPES.md ("What is the same on 1
 and on N processes") states the results for users.
 
 What has to be held fixed for 1 and N processes to agree: VISSL seeds each
