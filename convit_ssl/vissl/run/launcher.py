@@ -7,8 +7,10 @@ worker (the patch "ranks and data workers set up as their parent"), so the
 patches and the trunk registration exist in every rank, whatever `__main__` is.
 A local launch is stoppable (`launch_local`): a stop signal to this process
 reaches the ranks, which save a checkpoint of their iteration and exit
-(`stop`); the launch then raises `convit_ssl.processes.Stopped`.
-SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
+(`stop`); the launch then raises `convit_ssl.processes.Stopped`, and
+`convit_ssl.processes.Failed` when a checkpoint could not be written (a full
+disk). Under torchrun (`run.torchrun`) no process is spawned: each process
+torchrun started trains as its rank (`launch_rank`). SLURM jobs are submitted as a `ConViTSlurmJob`, a subclass of VISSL's job
 whose unpickling imports this module, and so `convit_ssl.vissl`, on the
 compute nodes.
 """
