@@ -44,19 +44,28 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _LOW_SPACE_BYTES = 1 << 20  # free space under which a failed write is taken for a full disk
 
 
-def _write_failure(path: Path, partial: Path, error: BaseException) -> CheckpointWriteError:
-    """What went wrong, in one line. torch.save's C++ writer reports a full disk as
-    "file write failed" without an errno: the file system's free space, read while
-    the partial file still holds what did fit, says whether it was full."""
-    code = getattr(error, "errno", None)
+def _free_bytes(folder: Path) -> int | None:
     try:
-        usage = os.statvfs(path.parent)
-        free = usage.f_bavail * usage.f_frsize
+        usage = os.statvfs(folder)
     except OSError:
-        free = None
-    if code in _NO_SPACE or (code is None and free is not None and free < _LOW_SPACE_BYTES):
+        return None
+    return usage.f_bavail * usage.f_frsize
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system is full: torch.save's C++ writer reports a full disk
+    as a RuntimeError without an errno ("file write failed", "unexpected pos ...");
+    read while the partial file still holds what did fit."""
+    free = _free_bytes(folder)
+    return free is not None and free < _LOW_SPACE_BYTES
+
+
+def _write_failure(path: Path, partial: Path, error: BaseException) -> CheckpointWriteError:
+    """What went wrong, in one line."""
+    code = getattr(error, "errno", None)
+    if code in _NO_SPACE or _disk_full(path.parent):
         written = partial.stat().st_size if partial.exists() else 0
-        reason = f"no space left on device ({written} bytes written, {free} bytes free)"
+        reason = f"no space left on device ({written} bytes written, {_free_bytes(path.parent)} bytes free)"
         code = errno.ENOSPC
     else:
         reason = _first_line(error)
@@ -165,7 +174,11 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except (OSError, RuntimeError) as e:  # RuntimeError: torch's C++ writer
+        except OSError as e:
+            raise _write_failure(path, partial, e) from e
+        except RuntimeError as e:  # torch's C++ writer: "file write failed", "unexpected pos", ...
+            if not _disk_full(path.parent):
+                raise  # not the disk: an object that cannot be saved, say
             raise _write_failure(path, partial, e) from e
 
 
