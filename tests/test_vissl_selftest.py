@@ -94,6 +94,7 @@ def test_selftest_counts_each_outcome_with_its_reason(tmp_path):
 
     table = done.stdout[done.stdout.index("| file |") :]
     assert "| test_b_failing.py | 1 | 1 | 3 |" in table
+    assert "1 failed: AssertionError: 1 != 2 : one is not two (test_wrong)" in table
     assert "skipped 2: Test only runs on GPU" in table
     assert "| all 3 files | 3 | 2 | 3 |" in table
 

@@ -11,7 +11,8 @@ the tests folder on ``sys.path`` (they import ``utils`` and
 write checkpoints there). The results come from pytest's JUnit XML.
 
 `markdown_table(results)` is the table of docs/STACK.md: file, passed,
-failed, skipped, seconds, and each failure's one-line reason.
+failed, skipped, seconds, and the failures' one-line reasons (grouped: "11
+failed: <reason> (<first test>, ...)") and the skips'.
 
 Imports nothing of VISSL: the children do.
 """
@@ -150,11 +151,22 @@ def run_suite(
     return results
 
 
+def _failure_groups(failures: Sequence[str]) -> list[str]:
+    """Failures grouped by their reason: "N failed: reason (first test, ...)"."""
+    groups: dict[str, list[str]] = {}
+    for failure in failures:
+        test, _, why = failure.partition(": ")
+        groups.setdefault(why, []).append(test)
+    return [
+        f"{len(tests)} failed: {why} ({tests[0]}{', ...' if len(tests) > 1 else ''})" for why, tests in groups.items()
+    ]
+
+
 def markdown_table(results: Sequence[FileResult]) -> str:
-    """file | passed | failed | skipped | s | failures (one line each) and skip reasons."""
+    """file | passed | failed | skipped | s | failures (grouped by reason) and skip reasons."""
     rows = ["| file | passed | failed | skipped | s | failures; skip reasons |", "|---|---|---|---|---|---|"]
     for r in results:
-        notes = list(r.failures) + [f"skipped {n}: {reason}" for reason, n in sorted(r.skips.items())]
+        notes = _failure_groups(r.failures) + [f"skipped {n}: {reason}" for reason, n in sorted(r.skips.items())]
         rows.append(
             f"| {r.file} | {r.passed} | {r.failed} | {r.skipped} | {r.seconds:.0f} | "
             + "<br>".join(n.replace("|", "\\|") for n in notes)
