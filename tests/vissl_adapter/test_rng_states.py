@@ -22,12 +22,12 @@ def test_saved_states_set_every_generator_back_after_a_weights_only_load(tmp_pat
     np.random.seed(2)
     torch.manual_seed(3)
     _draws()
-    torch.save({"rng_states": [rng.rank_state(task)]}, tmp_path / "state.torch")
+    torch.save({"rng_states": [rng.rank_state(task.device)]}, tmp_path / "state.torch")
     expected = [_draws() for _ in range(3)]
 
     _draws()  # elsewhere in the streams
     state = torch.load(tmp_path / "state.torch", weights_only=True)["rng_states"][0]
-    rng.set_rank_state(task, state)
+    rng.set_rank_state(state, task.device)
     assert [_draws() for _ in range(3)] == expected
 
 
@@ -42,7 +42,7 @@ def test_carried_only_while_saving():
 
 def test_unusable_states_are_reported_and_not_set(caplog):
     task = types.SimpleNamespace(device=torch.device("cpu"))
-    state = rng.rank_state(task)
+    state = rng.rank_state(task.device)
     with caplog.at_level(logging.WARNING):
         rng.keep_for_resume(task, {})
         rng.keep_for_resume(task, {rng.KEY: [state, state]})  # 2 ranks saved, 1 resumes
@@ -59,7 +59,7 @@ def test_restored_at_the_point_the_checkpoint_was_written():
             device=torch.device("cpu"), _compute_start_iter_from_checkpoint=lambda _, n=start_iter: n
         )
         torch.manual_seed(0)
-        rng.keep_for_resume(task, {rng.KEY: [rng.rank_state(task)]})
+        rng.keep_for_resume(task, {rng.KEY: [rng.rank_state(task.device)]})
         expected = float(torch.rand(1))
         rng.restore(task, mid_phase=False)
         assert (float(torch.rand(1)) == expected) == restored_before

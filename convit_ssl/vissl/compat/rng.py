@@ -44,33 +44,28 @@ _STASH = "_convit_ssl_rng_states"  # on the task: gathered, for the checkpoint b
 _PENDING = "_convit_ssl_resume_rng_states"  # on the task: loaded, to set when training restarts
 
 
-def _cuda_device(task: Any) -> torch.device | None:
-    device = getattr(task, "device", None)
-    return device if isinstance(device, torch.device) and device.type == "cuda" else None
-
-
-def rank_state(task: Any) -> dict[str, Any]:
-    """This rank's generators, in the types a `weights_only` load accepts
-    (tensors, tuples, numbers: NumPy's key array as an int64 tensor)."""
+def rank_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's generators (and `device`'s, a CUDA device), in the types a
+    `weights_only` load accepts (tensors, tuples, numbers: NumPy's key array as an
+    int64 tensor)."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
     }
-    device = _cuda_device(task)
-    if device is not None:
+    if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rank_state(task: Any, state: dict[str, Any]) -> None:
+def set_rank_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Set the generators `rank_state` read."""
     name, key, pos, has_gauss, gauss = state["numpy"]
     random.setstate(state["python"])
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    device = _cuda_device(task)
-    if device is not None and "cuda" in state:
+    if device is not None and device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -80,7 +75,7 @@ def _distributed() -> bool:
 
 def gather_states(task: Any) -> list[dict[str, Any]]:
     """Every rank's state, in rank order (a collective: every rank calls it)."""
-    state = rank_state(task)
+    state = rank_state(task.device)
     if not _distributed() or torch.distributed.get_world_size() == 1:
         return [state]
     states: list[Any] = [None] * torch.distributed.get_world_size()
@@ -136,5 +131,5 @@ def restore(task: Any, mid_phase: bool) -> None:
     if state is None:
         return
     if mid_phase == bool(task._compute_start_iter_from_checkpoint("train") > 0):
-        set_rank_state(task, state)
+        set_rank_state(state, task.device)
         del task.__dict__[_PENDING]

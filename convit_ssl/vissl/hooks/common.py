@@ -8,11 +8,9 @@ import contextlib
 import json
 import logging
 import os
-import random
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from classy_vision.generic.distributed_util import is_primary as primary
 from classy_vision.hooks.classy_hook import ClassyHook
@@ -22,6 +20,7 @@ from vissl.utils.checkpoint import get_checkpoint_folder
 from convit_ssl.analysis.collect import evaluating
 from convit_ssl.checkpoints import run_folder
 from convit_ssl.files import atomic_write_text
+from convit_ssl.vissl.compat import rng
 from convit_ssl.vissl.model.trunk import TRUNK_NAME
 
 # config key -> (default, accepted type, condition, what the condition says)
@@ -65,14 +64,11 @@ def read_block(config: Any, name: str, keys: BlockKeys) -> dict[str, Any] | None
 def preserved_rng(device: torch.device) -> Iterator[None]:
     """Restore Python's, NumPy's and torch's (CPU and `device`'s CUDA) RNG states
     after the block, so that a measurement leaves training's random streams as they were."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
+    state = rng.rank_state(device)
     try:
-        with torch.random.fork_rng(devices=devices):
-            yield
+        yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        rng.set_rank_state(state, device)
 
 
 @contextlib.contextmanager

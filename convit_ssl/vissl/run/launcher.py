@@ -141,17 +141,19 @@ def _stopped_detail(config: Any) -> str:
     return f"the relaunched command resumes from {os.path.realpath(link)}"
 
 
-def _write_failure(error: BaseException) -> str | None:
-    """The message of a checkpoint that could not be written, raised in this
-    process or in a spawned rank (whose traceback torch passes on as text)."""
+def _disk_full(error: BaseException, config: Any) -> Failed | None:
+    """A checkpoint that could not be written (`CheckpointWriteError`, raised in
+    this process or in a spawned rank, whose traceback torch passes on as text)
+    as the `Failed` the command reports; None for any other error."""
+    message = None
     if isinstance(error, CheckpointWriteError):
-        return error.strerror
-    if isinstance(error, ProcessRaisedException):
+        message = error.strerror
+    elif isinstance(error, ProcessRaisedException):
         marker = f"{CheckpointWriteError.__name__}: "
         last = next((line for line in reversed(error.msg.splitlines()) if marker in line), None)
         if last is not None:
-            return re.sub(r"^\[Errno \d+\] ", "", last.split(marker, 1)[1].strip())
-    return None
+            message = re.sub(r"^\[Errno \d+\] ", "", last.split(marker, 1)[1].strip())
+    return None if message is None else Failed(f"{message}; free space, then {_stopped_detail(config)}")
 
 
 def launch_local(config: Any, node_id: int, engine_name: str) -> None:
@@ -167,9 +169,9 @@ def launch_local(config: Any, node_id: int, engine_name: str) -> None:
         except Stopped:  # this process trained and stopped (run.stop)
             raise
         except Exception as e:  # torch's ProcessExitedException: a rank killed after the grace period
-            written = _write_failure(e)
-            if written is not None:  # a full disk: the run ends, its last checkpoint kept
-                raise Failed(f"{written}; free space, then {_stopped_detail(config)}") from None
+            failed = _disk_full(e, config)
+            if failed is not None:  # the run ends, its last checkpoint kept
+                raise failed from None
             if stop.received is None:
                 raise
             raise Stopped(stop.received, f"{e}; {_stopped_detail(config)}") from None
@@ -203,7 +205,7 @@ def launch_rank(config: Any, node_id: int, engine_name: str) -> None:
                 run.local_rank, config, node_id, "", engine_name, checkpoint_path, checkpoint_folder, hook_generator
             )
         except CheckpointWriteError as e:
-            raise Failed(f"{e.strerror}; free space, then {_stopped_detail(config)}") from None
+            raise _disk_full(e, config) from None
 
 
 def launch(args: Any, config: Any) -> None:
